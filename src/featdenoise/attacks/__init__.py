@@ -1,0 +1,1 @@
+"""featdenoise.attacks"""

@@ -1,0 +1,8 @@
+"""Sub-commands of the ``featdenoise`` CLI, one module each (``register(subparsers)``).
+
+Add a command by writing ``commands/NAME.py`` with a ``register`` function and listing it here.
+"""
+
+from __future__ import annotations
+
+COMMANDS: list = []

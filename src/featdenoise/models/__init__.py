@@ -1,0 +1,1 @@
+"""Networks of the paper: denoising ops and blocks, ImageNet ResNet/ResNeXt, small-image nets."""
