@@ -5,4 +5,8 @@ Add a command by writing ``commands/NAME.py`` with a ``register`` function and l
 
 from __future__ import annotations
 
-COMMANDS: list = []
+from featdenoise.commands import bench
+
+COMMANDS: list = [
+    bench.register,
+]
