@@ -1,1 +1,16 @@
-"""Networks of the paper: denoising ops and blocks, ImageNet ResNet/ResNeXt, small-image nets."""
+"""Networks of the paper: denoising ops and blocks, ImageNet ResNet/ResNeXt, small-image nets.
+
+``create_model(name, **kwargs)`` builds any named model (``list_models()``); every model takes
+float RGB (or gray) pixels in [0, 1], NCHW, and returns logits ``[N, num_classes]``.
+"""
+
+from featdenoise.models.denoise import DenoisingBlock
+from featdenoise.models.registry import (
+    create_model,
+    list_models,
+    model_from_metadata,
+    model_metadata,
+)
+
+__all__ = ["DenoisingBlock", "create_model", "list_models", "model_from_metadata",
+           "model_metadata"]

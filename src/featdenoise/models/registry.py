@@ -1,0 +1,108 @@
+"""Model registry: every named model is a dict of arguments plus one builder call.
+
+``create_model("resnet152_denoise")`` is the paper's best ImageNet model (ResNet-152 with four
+non-local Gaussian denoising blocks, Sec. 6); keyword arguments override the variant's
+defaults, e.g. ``create_model("resnet152_denoise", denoise="mean", blocks=[1, 1, 1, 1])``.
+
+Variants of each ImageNet backbone (``resnet50``, ``resnet101``, ``resnet152``,
+``resnext101_32x8d``) and of ``small_resnet``:
+
+* ``<base>``: no denoising;
+* ``<base>_denoise``: one denoising block after the last residual block of each stage,
+  default op ``nonlocal_gaussian`` (paper's "+4 denoise");
+* ``<base>_denoise_all``: one after every residual block, default op ``nonlocal_dot`` without
+  embedding (the official ResNeXt101-32x8d "DenoiseAll", Sec. 6.2);
+* ``<base>_bottleneck``: the "+4 bottleneck" control of Fig. 7 (an extra residual block of the
+  network's own kind at the ``_denoise`` places).
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+import json
+from collections.abc import Callable
+
+from torch import nn
+
+from featdenoise.models.resnet import NUM_BLOCKS, ResNet
+from featdenoise.models.small import SmallResNet
+
+_BACKBONES: dict[str, tuple[Callable[..., nn.Module], dict]] = {
+    "resnet50": (ResNet, dict(blocks=NUM_BLOCKS[50])),
+    "resnet101": (ResNet, dict(blocks=NUM_BLOCKS[101])),
+    "resnet152": (ResNet, dict(blocks=NUM_BLOCKS[152])),
+    "resnext101_32x8d": (ResNet, dict(blocks=NUM_BLOCKS[101], groups=32, res2_bottleneck=8)),
+    "small_resnet": (SmallResNet, dict(in_channels=3, num_classes=10, width=16,
+                                       blocks=[1, 1, 1])),
+}
+
+_VARIANTS = {
+    "": dict(placement="none"),
+    "_denoise": dict(placement="stages", denoise="nonlocal_gaussian"),
+    "_denoise_all": dict(placement="all", denoise="nonlocal_dot"),
+    "_bottleneck": dict(placement="bottleneck"),
+}
+
+_MODELS: dict[str, tuple[Callable[..., nn.Module], dict]] = {
+    base + suffix: (builder, {**args, **variant})
+    for base, (builder, args) in _BACKBONES.items()
+    for suffix, variant in _VARIANTS.items()
+}
+
+
+def list_models() -> list[str]:
+    """Names accepted by :func:`create_model`, sorted."""
+    return sorted(_MODELS)
+
+
+def model_defaults(name: str) -> dict:
+    """The keyword arguments the variant ``name`` passes to its builder."""
+    return dict(_lookup(name)[1])
+
+
+def _lookup(name: str) -> tuple[Callable[..., nn.Module], dict]:
+    if name not in _MODELS:
+        close = difflib.get_close_matches(name, _MODELS, n=3)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        raise ValueError(f"unknown model {name!r}.{hint} Available: {', '.join(list_models())}")
+    return _MODELS[name]
+
+
+def create_model(name: str, **kwargs) -> nn.Module:
+    """Build the model called ``name`` (see :func:`list_models`) with kwargs overriding defaults.
+
+    Common kwargs: ``num_classes``, ``blocks`` (4 counts for ImageNet nets, 3 for small nets),
+    ``denoise`` (op name), ``placement`` (none/stages/all/bottleneck); small nets also take
+    ``in_channels`` and ``width``. Every model takes float RGB (or gray) in [0, 1], NCHW, and
+    returns logits ``[N, num_classes]``; it has ``num_classes``, ``feature_modules()``, and
+    ``model_name`` / ``model_kwargs`` (what rebuilds it: ``create_model(name, **kwargs)``).
+    """
+    builder, defaults = _lookup(name)
+    accepted = inspect.signature(builder).parameters
+    unknown = sorted(set(kwargs) - set(accepted))
+    if unknown:
+        raise ValueError(f"model {name!r} does not take {', '.join(unknown)}; it takes "
+                         f"{', '.join(accepted)}")
+    args = {**defaults, **kwargs}
+    model = builder(**args)
+    model.model_name = name
+    model.model_kwargs = {k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()}
+    return model
+
+
+def model_metadata(model: nn.Module) -> dict[str, str]:
+    """String metadata (safetensors-style) that rebuilds ``model`` with :func:`model_from_metadata`.
+
+    Keys: ``model`` (registry name) and ``model_kwargs`` (JSON object).
+    """
+    if not hasattr(model, "model_name"):
+        raise ValueError("model was not built by create_model, so its name/kwargs are unknown")
+    return {"model": model.model_name, "model_kwargs": json.dumps(model.model_kwargs)}
+
+
+def model_from_metadata(meta: dict[str, str]) -> nn.Module:
+    """Inverse of :func:`model_metadata`: a freshly initialised model of that name and kwargs."""
+    if "model" not in meta:
+        raise ValueError(f"metadata has no 'model' entry (keys: {', '.join(sorted(meta))})")
+    return create_model(meta["model"], **json.loads(meta.get("model_kwargs", "{}")))
