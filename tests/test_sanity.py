@@ -1,0 +1,195 @@
+"""Evaluation sanity checks (Athalye et al. 2018; Carlini et al. 2019): they must FAIL on a
+gradient-masked model and PASS on a normally trained one."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from featdenoise.evaluation.sanity import CheckResult, format_report, run_sanity
+
+NUM_CLASSES = 4
+EPS = 0.12
+
+
+def _synthetic(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Separable 1x8x8 images whose pixels sit on the levels {0, 1/3, 2/3, 1} +- 0.02.
+
+    The classes share a random pattern of levels and differ in one row of 4 pixels each.
+    Every pixel stays >= 0.14 away from the rounding boundaries of a 4-level quantiser, so
+    noise of size EPS (0.12) never changes the quantised image: for the masked model, random
+    noise and PGD give exactly the same result.
+    """
+    gen = torch.Generator().manual_seed(1234)
+    base = torch.randint(1, 3, (1, 8, 8), generator=gen).float()  # levels 1 or 2 (of 0..3)
+    patterns = base.repeat(NUM_CLASSES, 1, 1, 1)  # [K, 1, 8, 8]
+    for c in range(NUM_CLASSES):
+        # Class c differs from the others in one row of 4 pixels, by one level.
+        row = patterns[c, 0, 2 * c, 2:6]
+        patterns[c, 0, 2 * c, 2:6] = torch.where(row > 1, row - 1, row + 1)
+    patterns = patterns / 3
+    gen = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % NUM_CLASSES
+    jitter = (torch.rand((n, 1, 8, 8), generator=gen) * 2 - 1) * 0.02
+    x = (patterns[y] + jitter).clamp(0, 1)
+    return x, y
+
+
+class _Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.num_classes = NUM_CLASSES
+        self.body = nn.Sequential(
+            nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, NUM_CLASSES)
+        )
+
+    def forward(self, x):
+        return self.body(x)
+
+
+class _Rounded(nn.Module):
+    """The gradient-masking defence of the tests: quantise the input to 4 levels, then classify.
+
+    ``torch.round`` has a zero gradient everywhere, so gradient attacks see nothing.
+    """
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+        self.num_classes = net.num_classes
+
+    def forward(self, x):
+        return self.net(torch.round(x * 3) / 3)
+
+
+class _NaNGrad(nn.Module):
+    """A model whose input gradient is NaN/inf: sqrt of exactly zero on the backward path."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+        self.num_classes = net.num_classes
+
+    def forward(self, x):
+        return self.net(x) + torch.sqrt(x - x.detach()).sum(dim=(1, 2, 3))[:, None]
+
+
+@pytest.fixture(scope="module")
+def trained() -> nn.Module:
+    torch.manual_seed(0)
+    net = _Net()
+    x, y = _synthetic(256, seed=1)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    for _ in range(150):
+        opt.zero_grad()
+        nn.functional.cross_entropy(net(x), y).backward()
+        opt.step()
+    net.eval()
+    with torch.no_grad():
+        assert (net(x).argmax(1) == y).float().mean() == 1.0
+    return net
+
+
+def _loader(n: int = 64, batch: int = 32):
+    x, y = _synthetic(n, seed=2)
+    return [(x[i : i + batch], y[i : i + batch]) for i in range(0, n, batch)]
+
+
+def _by_name(results: list[CheckResult]) -> dict[str, CheckResult]:
+    return {r.name: r for r in results}
+
+
+def test_checks_pass_on_a_normal_model(trained):
+    trained.train()  # the caller's mode must come back
+    results = run_sanity(trained, _loader(), eps=EPS, steps=8, restarts=2)
+    assert trained.training
+    by = _by_name(results)
+    assert set(by) == {
+        "gradient",
+        "more_iterations",
+        "larger_eps",
+        "unbounded",
+        "pgd_vs_noise",
+        "restarts",
+    }
+    assert all(r.passed for r in results), format_report(results)
+    assert by["gradient"].numbers["usable"] == 64
+    # The checks are meaningful: PGD really hurts this model while noise of the same size does not.
+    assert by["pgd_vs_noise"].numbers["pgd"] < 0.5 <= by["pgd_vs_noise"].numbers["uniform_noise"]
+    assert by["larger_eps"].numbers["acc_eps_0.03"] > by["larger_eps"].numbers["acc_eps_0.24"]
+    assert by["unbounded"].numbers["accuracy"] <= 0.05
+    assert by["unbounded"].numbers["success"] >= 0.95
+    assert (
+        by["pgd_vs_noise"].numbers["loss_gain_pgd"] > by["pgd_vs_noise"].numbers["loss_gain_noise"]
+    )
+
+
+def test_checks_fail_on_a_gradient_masked_model(trained):
+    masked = _Rounded(trained)
+    # The masked model is still a perfect classifier of clean images ...
+    x, y = _synthetic(64, seed=2)
+    with torch.no_grad():
+        assert (masked(x).argmax(1) == y).all()
+    results = run_sanity(masked, _loader(), eps=EPS, steps=8, restarts=2)
+    by = _by_name(results)
+    report = format_report(results)
+    # ... but the checks expose why PGD cannot hurt it.
+    assert not by["gradient"].passed, report
+    assert by["gradient"].numbers["zero"] == 64
+    assert not by["unbounded"].passed, report
+    assert by["unbounded"].numbers["accuracy"] > 0.05
+    assert not by["pgd_vs_noise"].passed, report
+    assert by["pgd_vs_noise"].numbers["pgd"] == 1.0
+    assert "FAIL" in report and "should not be trusted" in report.splitlines()[-1]
+
+
+def test_gradient_check_counts_nan_gradients(trained):
+    results = run_sanity(_NaNGrad(trained), _loader(32), eps=EPS, steps=2, restarts=2)
+    grad = _by_name(results)["gradient"]
+    assert not grad.passed
+    assert grad.numbers["nonfinite"] == 32
+    assert "NaN/inf" in grad.message
+
+
+def test_report_is_printable_with_numbers():
+    results = [
+        CheckResult("gradient", True, {"fraction": 1.0}, "64/64 images (100.0%) usable"),
+        CheckResult("unbounded", False, {"accuracy": 0.3}, "eps=1: accuracy 30.0%"),
+    ]
+    text = format_report(results)
+    lines = text.splitlines()
+    assert lines[0].startswith("PASS") and "gradient" in lines[0] and "100.0%" in lines[0]
+    assert lines[1].startswith("FAIL") and "30.0%" in lines[1]
+    assert "1 of 2 checks FAILED (unbounded)" in lines[2]
+
+
+@pytest.mark.parametrize(
+    "kwargs, words",
+    [
+        ({"eps": 0.0, "steps": 5}, "eps=0.0"),
+        ({"eps": 1.5, "steps": 5}, "eps=1.5"),
+        ({"eps": float("nan"), "steps": 5}, "eps=nan"),
+        ({"eps": 0.1, "steps": 0}, "steps=0"),
+        ({"eps": 0.1, "steps": 5, "restarts": 1}, "restarts=1"),
+    ],
+)
+def test_bad_settings_are_one_line_errors(trained, kwargs, words):
+    with pytest.raises(ValueError, match=words) as err:
+        run_sanity(trained, _loader(8), **kwargs)
+    assert "\n" not in str(err.value)
+
+
+def test_empty_loader_is_a_clear_error(trained):
+    with pytest.raises(ValueError, match="no images"):
+        run_sanity(trained, [], eps=EPS, steps=2)
+
+
+def test_monotone_check_flags_a_rise_beyond_the_slack():
+    from featdenoise.evaluation.sanity import _monotone_check
+
+    ok = _monotone_check("more_iterations", "steps", [2, 4, 8], [0.5, 0.51, 0.3], 0.02, "d")
+    bad = _monotone_check("more_iterations", "steps", [2, 4, 8], [0.5, 0.3, 0.4], 0.02, "d")
+    assert ok.passed and not bad.passed
+    assert bad.numbers["max_rise"] == pytest.approx(0.1)
+    assert "rises by 10.0%" in bad.message
