@@ -6,7 +6,7 @@
   number, official ``compute_attack_success``).
 
 Rates carry their denominator: ``str(accuracy(correct))`` reads ``"41.2% (412/1000)"``, and rates
-of several batches add up (``sum(rates, Rate(0, 0))``).
+of several batches add up (``sum(rates)``).
 """
 
 from __future__ import annotations
@@ -62,7 +62,10 @@ class Rate:
             return NotImplemented
         return Rate(self.count + other.count, self.total + other.total)
 
-    __radd__ = __add__
+    def __radd__(self, other) -> Rate:
+        if isinstance(other, int) and other == 0:  # lets sum(rates) start from 0
+            return self
+        return self.__add__(other)
 
     def __str__(self) -> str:
         return f"{self.percent:.1f}% ({self.count}/{self.total})"
