@@ -156,8 +156,8 @@ def _resolve_blocks(path: Path, variables: dict, depth: int | None,
         return blocks
     if depth is not None:
         if depth not in NUM_BLOCKS:
-            raise ValueError(f"depth must be one of {sorted(NUM_BLOCKS)} (or give blocks=[a,b,c,d]),"
-                             f" got {depth}")
+            raise ValueError(f"depth must be one of {sorted(NUM_BLOCKS)} "
+                             f"(or give blocks=[a,b,c,d]), got {depth}")
         return list(NUM_BLOCKS[depth])
     _, found = guess_arch(list(variables))
     if found is None:

@@ -5,8 +5,9 @@ Add a command by writing ``commands/NAME.py`` with a ``register`` function and l
 
 from __future__ import annotations
 
-from featdenoise.commands import bench
+from featdenoise.commands import bench, convert
 
 COMMANDS: list = [
     bench.register,
+    convert.register,
 ]
