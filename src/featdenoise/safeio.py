@@ -1,0 +1,166 @@
+"""Reading files without running code from them: "nothing runs code from a file".
+
+A pickle can name any importable function and have it called while it loads; ``torch.load``
+without ``weights_only``, ``np.load(allow_pickle=True)`` and ``pickle.load`` all do that. Every
+reader in featdenoise goes through one of these helpers instead:
+
+- :func:`safe_torch_load`: ``torch.load(weights_only=True)`` (tensors, numbers, strings and
+  plain containers only), errors turned into one line naming the file;
+- :func:`read_npz`: ``np.load(allow_pickle=False)``; object arrays are refused;
+- :func:`restricted_pickle_load`: for formats that *are* pickles of plain data (the CIFAR-10
+  python folder): an unpickler that can rebuild dicts, lists, strings, numbers and numpy arrays
+  and nothing else.
+
+All raise ``FileNotFoundError`` for a missing file and ``ValueError`` (one line: the file, what
+is wrong, what to do) for anything refused or unreadable.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import zipfile
+from typing import Any
+
+import numpy as np
+import torch
+
+
+def _first_line(err: BaseException, limit: int = 160) -> str:
+    text = str(err).strip().splitlines()
+    line = text[0] if text else type(err).__name__
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def safe_torch_load(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
+    """``torch.load(path, weights_only=True)``; never executes code stored in the file.
+
+    Args:
+        path: a ``.pt``/``.pth`` file written by ``torch.save`` of tensors and plain containers.
+        map_location: as for ``torch.load`` (default ``"cpu"``).
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ValueError: one line naming the file, when it holds other Python objects (a pickle that
+            could run code), is truncated, or is not a torch file at all.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} not found; check the path")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise ValueError(
+            f"{path}: refused to load: it holds Python objects other than tensors and plain "
+            f"containers, which could run code ({_first_line(err)}); re-save it as a plain "
+            "state dict or safetensors"
+        ) from None
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, AttributeError) as err:
+        raise ValueError(
+            f"{path}: not a readable torch checkpoint (truncated or another format: "
+            f"{_first_line(err)}); re-create or re-download it"
+        ) from None
+
+
+def read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """All arrays of an ``.npz`` (or ``.npy``) file, read with ``allow_pickle=False``.
+
+    Returns:
+        ``{name: array}`` in the file's order (an ``.npy`` file gives ``{"arr_0": array}``).
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ValueError: one line naming the file and the array, for an object (pickled) array, or
+            for a file that is not a valid npz.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} not found; check the path")
+    try:
+        data = np.load(path, allow_pickle=False)
+        if isinstance(data, np.ndarray):
+            return {"arr_0": data}
+        with data:
+            out = {}
+            for name in data.files:
+                try:
+                    out[name] = data[name]
+                except ValueError as err:
+                    raise ValueError(
+                        f"{path}: array {name!r} holds Python objects (pickled), which could run "
+                        f"code; refused ({_first_line(err)}). Store plain numeric arrays only"
+                    ) from None
+            return out
+    except ValueError as err:
+        if str(err).startswith(f"{path}:"):
+            raise
+        raise ValueError(
+            f"{path}: not a readable npz file ({_first_line(err)}); it may hold pickled "
+            "objects (refused) or be corrupt"
+        ) from None
+    except (OSError, EOFError, zipfile.BadZipFile) as err:
+        raise ValueError(
+            f"{path}: not a readable npz file (truncated or another format: {_first_line(err)})"
+        ) from None
+
+
+# The only globals a pickle of plain data and numpy arrays needs. Each only builds an array
+# or a dtype from bytes; none can call anything else.
+_ALLOWED_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.numeric", "_frombuffer"),
+    ("numpy._core.numeric", "_frombuffer"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("_codecs", "encode"),
+}
+
+
+class _PlainUnpickler(pickle.Unpickler):
+    def __init__(self, file, name: str, **kwargs):
+        super().__init__(file, **kwargs)
+        self._name = name
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in _ALLOWED_GLOBALS:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(
+            f"{self._name}: refused to load: the pickle asks for {module}.{name}, which could run "
+            "code; only plain data and numpy arrays are accepted"
+        )
+
+
+def restricted_pickle_load(
+    file: str | os.PathLike | io.BufferedIOBase, encoding: str = "bytes"
+) -> Any:
+    """Unpickle plain data (dict, list, str, bytes, numbers, numpy arrays) and nothing else.
+
+    For data formats that are pickles by definition (CIFAR-10 ``cifar-10-batches-py``); a file
+    naming any other function or class is refused before anything is called.
+
+    Args:
+        file: a path or a binary file object.
+        encoding: how Python 2 strings are decoded (``"bytes"`` keeps them as bytes, as the
+            CIFAR-10 readers expect).
+
+    Raises:
+        ValueError: one line naming the file and the refused global, or for a corrupt pickle.
+    """
+    if isinstance(file, (str, os.PathLike)):
+        path = os.fspath(file)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path} not found; check the path")
+        with open(path, "rb") as f:
+            return restricted_pickle_load(f, encoding)
+    name = getattr(file, "name", "<pickle>")
+    try:
+        return _PlainUnpickler(file, str(name), encoding=encoding).load()
+    except pickle.UnpicklingError as err:
+        msg = _first_line(err, limit=300)
+        if msg.startswith(f"{name}:"):
+            raise ValueError(msg) from None
+        raise ValueError(f"{name}: corrupt pickle ({msg}); re-extract the dataset") from None
+    except (EOFError, ValueError, TypeError, IndexError) as err:
+        raise ValueError(f"{name}: corrupt pickle ({_first_line(err)}); re-extract it") from None
