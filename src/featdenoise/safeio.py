@@ -1,7 +1,7 @@
 """Reading files without running code from them: "nothing runs code from a file".
 
 A pickle can name any importable function and have it called while it loads; ``torch.load``
-without ``weights_only``, ``np.load(allow_pickle=True)`` and ``pickle.load`` all do that. Every
+without ``weights_only``, ``np.load`` with pickles allowed, and ``pickle.load`` all do that. Every
 reader in featdenoise goes through one of these helpers instead:
 
 - :func:`safe_torch_load`: ``torch.load(weights_only=True)`` (tensors, numbers, strings and
