@@ -1,0 +1,165 @@
+"""Image preprocessing: the official ImageNet augmentation and evaluation, and small-image ones.
+
+All transforms end in float RGB tensors ``[3, H, W]`` (or ``[1, H, W]`` for Fashion-MNIST) in
+``[0, 1]``; normalisation is a layer of each model. Randomness comes from ``torch``'s global
+generator, which :class:`featdenoise.data.datasets.SeededDataset` seeds per (epoch, index) so that a
+resumed run sees exactly the same augmented images.
+
+ImageNet training (official ``third_party/imagenet_utils.py`` ``fbresnet_augmentor``, after
+fb.resnet.torch): GoogLeNet random-resized crop (8%-100% area, aspect 3/4-4/3, bilinear to 224),
+then brightness x U(0.6, 1.4), contrast x U(0.6, 1.4) about the per-channel mean, saturation
+1 + U(-0.4, 0.4) towards the grey image, and PCA lighting with std 0.1, in random order and without
+clipping in between, then a horizontal flip. Evaluation: shortest edge to 256 (bicubic), centre crop
+224.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torchvision.transforms.v2 as v2
+from PIL import Image
+from torchvision.transforms import InterpolationMode
+
+# ImageNet PCA of RGB pixels in [0, 1] (fb.resnet.torch; the official code flips them for BGR).
+IMAGENET_EIGVAL = (0.2175, 0.0188, 0.0045)
+IMAGENET_EIGVEC = (
+    (-0.5675, 0.7192, 0.4009),
+    (-0.5808, -0.0045, -0.8140),
+    (-0.5836, -0.6948, 0.4203),
+)
+# ITU-R 601 luma, as OpenCV's RGB2GRAY used by the official saturation augmentor.
+_LUMA = (0.299, 0.587, 0.114)
+
+
+class GoogleNetResize:
+    """Random crop of 8%-100% of the area with aspect ratio in [3/4, 4/3], resized to ``size``.
+
+    As tensorpack's ``GoogleNetRandomCropAndResize``: area fraction and aspect ratio are uniform
+    (not log-uniform), width and height are swapped with probability 1/2, 10 tries, then a fallback
+    of shortest-edge resize + centre crop. Input and output are PIL images.
+    """
+
+    def __init__(self, size: int = 224, area: tuple = (0.08, 1.0), ratio: tuple = (0.75, 1.333),
+                 interpolation=Image.BILINEAR):
+        self.size, self.area, self.ratio, self.interpolation = size, area, ratio, interpolation
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        w, h = img.size
+        for _ in range(10):
+            u = torch.rand(3).tolist()
+            target = (self.area[0] + u[0] * (self.area[1] - self.area[0])) * w * h
+            aspect = self.ratio[0] + u[1] * (self.ratio[1] - self.ratio[0])
+            ww = int(math.sqrt(target * aspect) + 0.5)
+            hh = int(math.sqrt(target / aspect) + 0.5)
+            if u[2] < 0.5:
+                ww, hh = hh, ww
+            if hh <= h and ww <= w:
+                x1 = 0 if w == ww else int(torch.randint(0, w - ww, ()).item())
+                y1 = 0 if h == hh else int(torch.randint(0, h - hh, ()).item())
+                crop = img.crop((x1, y1, x1 + ww, y1 + hh))
+                return crop.resize((self.size, self.size), self.interpolation)
+        scale = self.size / min(w, h)
+        img = img.resize((max(self.size, round(w * scale)), max(self.size, round(h * scale))),
+                         self.interpolation)
+        w, h = img.size
+        left, top = (w - self.size) // 2, (h - self.size) // 2
+        return img.crop((left, top, left + self.size, top + self.size))
+
+
+def _uniform(lo: float, hi: float) -> float:
+    return lo + (hi - lo) * float(torch.rand(()))
+
+
+class Brightness:
+    """``x * U(lo, hi)`` on a float image ``[3, H, W]`` (no clipping, as the official code)."""
+
+    def __init__(self, lo: float = 0.6, hi: float = 1.4):
+        self.lo, self.hi = lo, hi
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return x * _uniform(self.lo, self.hi)
+
+
+class Contrast:
+    """``(x - mean) * r + mean``, mean per channel, ``r ~ U(lo, hi)`` (tensorpack ``Contrast``)."""
+
+    def __init__(self, lo: float = 0.6, hi: float = 1.4):
+        self.lo, self.hi = lo, hi
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        r = _uniform(self.lo, self.hi)
+        mean = x.mean(dim=(-2, -1), keepdim=True)  # [3, 1, 1]
+        return x * r + mean * (1 - r)
+
+
+class Saturation:
+    """``x * a + grey * (1 - a)`` with ``a = 1 + U(-alpha, alpha)`` and grey the luma image."""
+
+    def __init__(self, alpha: float = 0.4):
+        self.alpha = alpha
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        a = 1 + _uniform(-self.alpha, self.alpha)
+        luma = torch.tensor(_LUMA, dtype=x.dtype).view(3, 1, 1)
+        grey = (x * luma).sum(dim=0, keepdim=True)  # [1, H, W]
+        return x * a + grey * (1 - a)
+
+
+class Lighting:
+    """AlexNet PCA lighting: add ``eigvec @ (N(0, std^2) * eigval)`` to every pixel (RGB)."""
+
+    def __init__(self, std: float = 0.1, eigval=IMAGENET_EIGVAL, eigvec=IMAGENET_EIGVEC):
+        self.std = std
+        self.eigval = torch.tensor(eigval)
+        self.eigvec = torch.tensor(eigvec)  # [3 channels, 3 eigenvectors]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        v = torch.randn(3) * self.std * self.eigval  # [3]
+        inc = self.eigvec @ v  # [3]
+        return x + inc.to(x.dtype).view(3, 1, 1)
+
+
+class Clamp01:
+    """Clip to the valid pixel range [0, 1]."""
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return x.clamp_(0.0, 1.0)
+
+
+def imagenet_train(size: int = 224) -> v2.Compose:
+    """Official training augmentation (module docstring); PIL image -> float ``[3, size, size]``."""
+    return v2.Compose([
+        GoogleNetResize(size),
+        v2.PILToTensor(),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.RandomOrder([Brightness(), Contrast(), Saturation(), Lighting()]),
+        Clamp01(),
+        v2.RandomHorizontalFlip(),
+    ])
+
+
+def imagenet_eval(size: int = 224, resize: int | None = None) -> v2.Compose:
+    """Shortest edge to ``resize`` (256 for 224) bicubic, centre crop ``size``; -> float [0, 1]."""
+    resize = resize if resize is not None else round(size * 256 / 224)
+    return v2.Compose([
+        v2.Resize(resize, interpolation=InterpolationMode.BICUBIC, antialias=True),
+        v2.CenterCrop(size),
+        v2.PILToTensor(),
+        v2.ToDtype(torch.float32, scale=True),
+    ])
+
+
+def small_train(size: int, padding: int, flip: bool = True) -> v2.Compose:
+    """CIFAR-style augmentation on a uint8 tensor ``[C, H, W]``: pad-and-crop (+ flip)."""
+    steps = [v2.RandomCrop(size, padding=padding)]
+    if flip:
+        steps.append(v2.RandomHorizontalFlip())
+    steps.append(v2.ToDtype(torch.float32, scale=True))
+    return v2.Compose(steps)
+
+
+def small_eval() -> v2.Compose:
+    """uint8 ``[C, H, W]`` -> float in [0, 1]."""
+    return v2.Compose([v2.ToDtype(torch.float32, scale=True)])

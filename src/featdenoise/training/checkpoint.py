@@ -1,0 +1,163 @@
+"""Atomic, resumable checkpoints and the exported weights.
+
+``checkpoint.pt`` is a plain dict loadable with ``torch.load(path, weights_only=True)``:
+``model`` (state dict of the unwrapped model), ``model_name``, ``model_kwargs``, ``optimizer``,
+``schedule`` (``{"step": int}``), ``epoch`` / ``step_in_epoch`` / ``step`` (the position to resume
+from), ``rng`` (torch, CUDA, numpy and python generator states as tensors and plain types) and
+``config`` (the resolved config as a nested dict). Files are written to a temporary file, flushed,
+fsynced and renamed over the old one, so a kill at any moment leaves the last good checkpoint.
+
+``model.safetensors`` holds the final weights with metadata ``model`` (name) and ``model_kwargs``
+(JSON); :func:`load_model` rebuilds a network from either file or from a run directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+
+import numpy as np
+import torch
+from torch import nn
+
+CHECKPOINT = "checkpoint.pt"
+WEIGHTS = "model.safetensors"
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_save(obj, path: str) -> None:
+    """``torch.save`` to ``path`` via a temporary file + fsync + ``os.replace``."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(folder)
+
+
+def rng_state() -> dict:
+    """All generator states as tensors and plain Python types (safe for ``weights_only``)."""
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"name": np_state[0], "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+                  "pos": int(np_state[2]), "has_gauss": int(np_state[3]),
+                  "cached_gaussian": float(np_state[4])},
+        "python": {"version": py_state[0], "state": list(py_state[1]), "gauss": py_state[2]},
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what :func:`rng_state` returned."""
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"],
+                         n["has_gauss"], n["cached_gaussian"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["state"]), p["gauss"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save_checkpoint(path: str, *, model: nn.Module, model_name: str, model_kwargs: dict,
+                    optimizer: torch.optim.Optimizer, schedule_step: int, epoch: int,
+                    step_in_epoch: int, step: int, config: dict, rng: dict | None = None,
+                    extra: dict | None = None) -> None:
+    """Write a resumable checkpoint atomically (see the module docstring for the keys)."""
+    state = {
+        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "model_name": model_name,
+        "model_kwargs": dict(model_kwargs),
+        "optimizer": optimizer.state_dict(),
+        "schedule": {"step": int(schedule_step)},
+        "epoch": int(epoch),
+        "step_in_epoch": int(step_in_epoch),
+        "step": int(step),
+        "rng": rng if rng is not None else rng_state(),
+        "config": config,
+        "extra": extra or {},
+    }
+    atomic_save(state, path)
+
+
+def load_checkpoint(path: str, map_location="cpu") -> dict:
+    """``torch.load(path, weights_only=True)`` with a clear error for a missing file."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {path} not found")
+    return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def save_weights(path: str, model: nn.Module, model_name: str, model_kwargs: dict,
+                 extra_metadata: dict | None = None) -> None:
+    """Export the weights as safetensors with ``model`` and ``model_kwargs`` (JSON) metadata."""
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+    meta = {"model": model_name, "model_kwargs": json.dumps(model_kwargs, sort_keys=True),
+            "format": "pt"}
+    meta.update({k: str(v) for k, v in (extra_metadata or {}).items()})
+    tmp = f"{path}.tmp.{os.getpid()}"
+    save_file(tensors, tmp, metadata=meta)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _build(name: str, kwargs: dict) -> nn.Module:
+    from featdenoise.models import create_model
+
+    return create_model(name, **kwargs)
+
+
+def load_model(path: str | os.PathLike, map_location="cpu") -> nn.Module:
+    """Rebuild a trained network (eval mode) from ``model.safetensors``, ``checkpoint.pt`` or a run
+    directory holding either (the safetensors file is preferred)."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        for name in (WEIGHTS, CHECKPOINT):
+            if os.path.isfile(os.path.join(path, name)):
+                path = os.path.join(path, name)
+                break
+        else:
+            raise FileNotFoundError(f"run directory {path} holds neither {WEIGHTS} nor "
+                                    f"{CHECKPOINT}")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"model file {path} not found")
+    if path.endswith(".safetensors"):
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+        if "model" not in meta:
+            raise ValueError(f"{path} has no 'model' metadata; it was not written by featdenoise")
+        model = _build(meta["model"], json.loads(meta.get("model_kwargs", "{}")))
+        state = load_file(path, device=str(map_location))
+    else:
+        ckpt = load_checkpoint(path, map_location)
+        if "model_name" not in ckpt:
+            raise ValueError(f"{path} is not a featdenoise training checkpoint (no model_name)")
+        model = _build(ckpt["model_name"], ckpt.get("model_kwargs", {}))
+        state = ckpt["model"]
+    model.load_state_dict(state)
+    return model.eval()

@@ -1,0 +1,379 @@
+"""The adversarial training loop (paper Sec. 5), as small functions with one comment per step.
+
+:func:`train` runs a whole job from a :class:`featdenoise.config.Config`: it joins the process
+group (torchrun) if there is one, builds data, model, optimizer and attack, resumes from the run
+directory's checkpoint when asked, trains with per-step learning rates, evaluates clean and PGD
+accuracy every ``run.eval_every`` epochs and with ``run.final_eval_steps`` at the end, and writes
+``config.yaml``, ``metrics.jsonl``, TensorBoard logs, ``checkpoint.pt`` and ``model.safetensors``
+into ``run.out_dir`` (main process only).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from featdenoise.config import Config, load_config, save_config
+from featdenoise.data.datasets import SeededDataset, build_dataset, drop_skipped
+from featdenoise.training import checkpoint as ckpt
+from featdenoise.training import distributed as dist
+from featdenoise.training import recipe
+from featdenoise.training.logging import MetricsLogger
+
+
+class NonFiniteLossError(ValueError):
+    """The training loss became NaN or infinite; the last good checkpoint is left untouched."""
+
+
+@dataclass
+class State:
+    """Where training stands: the next step to run is ``step`` (global), ``step_in_epoch`` of
+    ``epoch``; counters for the running averages since the last log line."""
+
+    epoch: int = 0
+    step_in_epoch: int = 0
+    step: int = 0
+    sums: dict = field(default_factory=lambda: {"loss": 0.0, "correct": 0.0, "hit": 0.0,
+                                                "n": 0.0, "skipped": 0.0})
+    epoch_skipped: int = 0
+    tick: float = field(default_factory=time.perf_counter)
+
+
+# ---------------------------------------------------------------------------------------------
+# Set-up
+
+
+def _as_config(config) -> Config:
+    if isinstance(config, Config):
+        return config
+    if isinstance(config, dict):
+        return load_config(base=config)
+    return load_config(config)
+
+
+def _build_data(cfg: Config):
+    d = cfg.data
+    train_set = build_dataset(d.name, d.root, "train", augment=d.augment,
+                              image_size=d.image_size, strict=d.strict, subset=d.train_subset,
+                              subset_seed=cfg.run.seed)
+    val_set = build_dataset(d.name, d.root, "val", augment=False, image_size=d.image_size,
+                            strict=d.strict, subset=d.val_subset, subset_seed=cfg.run.seed)
+    return SeededDataset(train_set, cfg.run.seed), val_set
+
+
+def _loaders(cfg: Config, train_set, val_set, device):
+    d = cfg.data
+    sampler = dist.TrainSampler(train_set, seed=cfg.run.seed)
+    if sampler.num_samples < d.batch_size:
+        raise ValueError(f"data.batch_size={d.batch_size} exceeds the {sampler.num_samples} "
+                         f"training images of this process; lower it or raise data.train_subset")
+    pin = device.type == "cuda"
+    # A private generator: the loader's base seed must not consume the training RNG.
+    gen = torch.Generator().manual_seed(cfg.run.seed)
+    train_loader = DataLoader(train_set, batch_size=d.batch_size, sampler=sampler,
+                              num_workers=d.workers, drop_last=True, pin_memory=pin,
+                              generator=gen)
+    val_loader = DataLoader(val_set, batch_size=d.eval_batch_size or d.batch_size,
+                            sampler=dist.ShardSampler(len(val_set)), num_workers=d.workers,
+                            pin_memory=pin)
+    return train_loader, val_loader, sampler
+
+
+def _build_model(cfg: Config, device):
+    from featdenoise.models import create_model
+
+    torch.manual_seed(cfg.run.seed)  # identical initial weights on every process
+    model = create_model(cfg.model.name, **dict(cfg.model.kwargs)).to(device)
+    if cfg.run.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def _autocast(cfg: Config, device):
+    if not cfg.run.bf16:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def _to_device(x, y, cfg: Config, device):
+    x = x.to(device, non_blocking=True)
+    if cfg.run.channels_last and x.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x, y.to(device, non_blocking=True)
+
+
+def _resume_path(cfg: Config) -> str | None:
+    r = cfg.run.resume
+    if r == "never":
+        return None
+    if r == "auto":
+        path = os.path.join(cfg.run.out_dir, ckpt.CHECKPOINT)
+        return path if os.path.isfile(path) else None
+    if not os.path.isfile(r):
+        raise FileNotFoundError(f"run.resume={r}: no such checkpoint file")
+    return r
+
+
+def _check_compatible(saved: dict, cfg: Config, path: str) -> None:
+    now = cfg.to_dict()
+    for section in ("model", "optim", "attack"):
+        if saved.get(section) != now[section]:
+            raise ValueError(f"checkpoint {path} was written with a different '{section}' config; "
+                             f"use a new run.out_dir or run.resume=never")
+    if saved["data"]["batch_size"] != now["data"]["batch_size"]:
+        raise ValueError(f"checkpoint {path} used data.batch_size={saved['data']['batch_size']}; "
+                         f"resume with the same batch size")
+
+
+# ---------------------------------------------------------------------------------------------
+# Steps
+
+
+def train_step(model, attack, criterion, optimizer, schedule, x, y, state: State, cfg: Config,
+               device) -> None:
+    """One synchronized SGD step on an adversarial-only minibatch."""
+    # Attack randomness (coin, targets, random start) is a function of (seed, step, rank), so a
+    # resumed run, whatever its world size, draws exactly what the interrupted one would have.
+    torch.manual_seed((cfg.run.seed * 1_000_003 + state.step) * 4099 + dist.rank())
+    # Learning rate for this global step (warm-up and milestones are functions of the step).
+    schedule.apply(state.step)
+    # Craft the adversarial batch: targeted PGD, BN in inference mode (the attack switches it).
+    with _autocast(cfg, device):
+        x_adv, target, _ = attack(x, y)
+    # Update on the adversarial images only, BN in training mode.
+    model.train()
+    with _autocast(cfg, device):
+        logits = model(x_adv)
+        loss = criterion(logits.float(), y)
+    # Stop on a NaN/inf loss before it reaches the weights (all ranks agree on the value).
+    mean_loss = dist.all_reduce_mean([loss.item()], device)[0]
+    if not math.isfinite(mean_loss):
+        raise NonFiniteLossError(
+            f"non-finite training loss ({mean_loss}) at step {state.step} (epoch {state.epoch}, "
+            f"batch {state.step_in_epoch}); the last good checkpoint in {cfg.run.out_dir} is "
+            f"intact: lower optim.lr or check the data")
+    # Backward (DDP averages gradients across processes) and SGD step.
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    # Accumulate running metrics for the progress bar and the log.
+    with torch.no_grad():
+        pred = logits.argmax(1)
+        s = state.sums
+        s["loss"] += loss.item() * len(y)
+        s["correct"] += (pred == y).sum().item()
+        s["hit"] += (pred == target).sum().item() if target is not None else 0.0
+        s["n"] += len(y)
+
+
+def evaluate(model, loader, *, steps: int, eps: float, step_size: float, cfg: Config, device,
+             seed: int = 0, desc: str = "eval") -> dict:
+    """Clean and targeted-PGD accuracy over the whole validation set, each image counted once.
+
+    Returns ``{"clean_acc", "adv_acc", "attack_success", "n"}`` (fractions; ``adv_*`` only when
+    ``steps > 0``), all-reduced over processes. PGD starts at a random point (official eval).
+    """
+    net = dist.unwrap(model)
+    was_training = net.training
+    net.eval()
+    pgd = None
+    if steps > 0:
+        from featdenoise.attacks import PGD
+
+        pgd = PGD(net, eps=eps, step_size=step_size, steps=steps, targeted=cfg.attack.targeted,
+                  random_start=True)
+    sums = [0.0, 0.0, 0.0, 0.0]  # clean correct, adv correct, target hits, images
+    bar = tqdm(loader, desc=desc, leave=False, disable=not (dist.is_main() and cfg.run.progress))
+    # Private RNG so evaluation neither depends on nor disturbs the training random stream.
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed * 1000 + dist.rank())
+        for x, y in bar:
+            x, y, _ = drop_skipped(x, y)
+            if len(y) == 0:
+                continue
+            x, y = _to_device(x, y, cfg, device)
+            with torch.no_grad(), _autocast(cfg, device):
+                sums[0] += (net(x).argmax(1) == y).sum().item()
+            if pgd is not None:
+                with _autocast(cfg, device):
+                    x_adv = pgd(x, y)
+                with torch.no_grad(), _autocast(cfg, device):
+                    pred = net(x_adv).argmax(1)
+                sums[1] += (pred == y).sum().item()
+                sums[2] += (pred == pgd.last_target).sum().item()
+            sums[3] += len(y)
+    net.train(was_training)
+    clean, adv, hit, n = dist.all_reduce_sum(sums, device)
+    out = {"clean_acc": clean / max(n, 1), "n": int(n)}
+    if pgd is not None:
+        out.update(adv_acc=adv / max(n, 1), attack_success=hit / max(n, 1), attack_steps=steps)
+    return out
+
+
+def _log_train(state: State, schedule, logger: MetricsLogger, bar, device) -> None:
+    """All-reduce the running sums, write one train record, update the bar, reset the sums."""
+    s = state.sums
+    loss, correct, hit, n, skipped = dist.all_reduce_sum(
+        [s["loss"], s["correct"], s["hit"], s["n"], s["skipped"]], device)
+    now = time.perf_counter()
+    state.epoch_skipped += int(skipped)
+    state.sums = {k: 0.0 for k in s}
+    if n == 0:
+        return
+    values = {"loss": loss / max(n, 1), "adv_acc": correct / max(n, 1),
+              "attack_success": hit / max(n, 1), "lr": schedule.lr(),
+              "img_per_s": n / max(now - state.tick, 1e-9)}
+    logger.log("train", state.step, state.epoch, values)
+    bar.set_postfix({"img/s": f"{values['img_per_s']:.0f}", "loss": f"{values['loss']:.3f}",
+                     "adv_acc": f"{values['adv_acc']:.3f}", "lr": f"{values['lr']:.3g}"})
+    state.tick = now
+
+
+def _save(path, model, cfg, optimizer, schedule, state: State) -> None:
+    """Checkpoint from the unwrapped model, on the main process only."""
+    if dist.is_main():
+        ckpt.save_checkpoint(path, model=dist.unwrap(model), model_name=cfg.model.name,
+                             model_kwargs=dict(cfg.model.kwargs), optimizer=optimizer,
+                             schedule_step=schedule.step, epoch=state.epoch,
+                             step_in_epoch=state.step_in_epoch, step=state.step,
+                             config=cfg.to_dict())
+    dist.barrier()
+
+
+# ---------------------------------------------------------------------------------------------
+# The job
+
+
+def fit(cfg: Config, device) -> str:
+    """Train by ``cfg`` on ``device`` (process group already joined); see :func:`train`."""
+    run_dir = cfg.run.out_dir
+    # Run directory: resolved config, metrics and TensorBoard logs (main process only).
+    if dist.is_main():
+        save_config(cfg, run_dir)
+    logger = MetricsLogger(run_dir, enabled=dist.is_main(), tensorboard=cfg.run.tensorboard)
+    # Data: seeded augmentation, sharded samplers.
+    train_set, val_set = _build_data(cfg)
+    train_loader, val_loader, sampler = _loaders(cfg, train_set, val_set, device)
+    steps_per_epoch = recipe.steps_per_epoch_for(sampler.num_samples, cfg.data.batch_size)
+    total_steps = steps_per_epoch * cfg.optim.epochs
+    global_batch = cfg.data.batch_size * dist.world_size()
+    # Model, optimizer (decay on conv/fc weights only), per-step schedule, loss.
+    model = _build_model(cfg, device)
+    optimizer = recipe.build_optimizer(model, cfg.optim)
+    schedule = recipe.LRSchedule(optimizer, steps_per_epoch, cfg.optim, global_batch)
+    criterion = recipe.loss_fn(cfg.optim.label_smoothing)
+    state = State()
+    # Resume: weights, optimizer, schedule, position and RNG states from the last checkpoint.
+    resume = _resume_path(cfg)
+    if resume is not None:
+        saved = ckpt.load_checkpoint(resume)
+        _check_compatible(saved["config"], cfg, resume)
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        schedule.load_state_dict(saved["schedule"])
+        state.epoch, state.step_in_epoch, state.step = (saved["epoch"], saved["step_in_epoch"],
+                                                        saved["step"])
+        if dist.world_size() == 1:
+            ckpt.set_rng_state(saved["rng"])
+        logger.log("resume", state.step, state.epoch, {"from": resume})
+    # Wrappers: DDP for the update, torch.compile if asked; the attack sees the plain module.
+    net = dist.wrap_model(model, device)
+    attack_net = model
+    if cfg.run.compile:
+        net, attack_net = torch.compile(net), torch.compile(model)
+    eps, step = cfg.attack.eps / 255, cfg.attack.step_size / 255
+    attack = recipe.TrainAttack(attack_net, cfg.attack.steps, eps, step,
+                                cfg.attack.clean_start_prob, cfg.attack.targeted)
+    path = os.path.join(run_dir, ckpt.CHECKPOINT)
+    bar = tqdm(total=total_steps, initial=state.step, unit="step", dynamic_ncols=True,
+               disable=not (dist.is_main() and cfg.run.progress))
+    stopped = False
+    while state.epoch < cfg.optim.epochs and not stopped:
+        # Epoch order: shuffle by (seed, epoch), skip the batches a resumed run already did.
+        sampler.set_epoch(state.epoch)
+        sampler.set_start(state.step_in_epoch * cfg.data.batch_size)
+        train_set.set_epoch(state.epoch)
+        bar.set_description(f"epoch {state.epoch + 1}/{cfg.optim.epochs}")
+        for x, y in train_loader:
+            # Drop unreadable files (counted and reported at the end of the epoch).
+            x, y, n_bad = drop_skipped(x, y)
+            state.sums["skipped"] += n_bad
+            if len(y) > 0:
+                x, y = _to_device(x, y, cfg, device)
+                train_step(net, attack, criterion, optimizer, schedule, x, y, state, cfg, device)
+            state.step += 1
+            state.step_in_epoch += 1
+            bar.update(1)
+            if state.step % cfg.run.log_every == 0:
+                _log_train(state, schedule, logger, bar, device)
+            if cfg.run.checkpoint_every and state.step % cfg.run.checkpoint_every == 0:
+                _save(path, model, cfg, optimizer, schedule, state)
+            if cfg.run.stop_after and cfg.run.stop_after <= state.step < total_steps:
+                stopped = True
+                break
+        if stopped and state.step_in_epoch < steps_per_epoch:
+            _save(path, model, cfg, optimizer, schedule, state)
+            break
+        # End of epoch: flush metrics, report skipped files, evaluate, checkpoint.
+        _log_train(state, schedule, logger, bar, device)
+        if state.epoch_skipped and dist.is_main():
+            tqdm.write(f"epoch {state.epoch + 1}: skipped {state.epoch_skipped} unreadable "
+                       f"image file(s)")
+        logger.log("epoch", state.step, state.epoch + 1, {"skipped_files": state.epoch_skipped})
+        state.epoch_skipped = 0
+        done = state.epoch + 1
+        if cfg.run.eval_every and done % cfg.run.eval_every == 0 and done < cfg.optim.epochs:
+            metrics = evaluate(net, val_loader, steps=cfg.run.eval_attack_steps, eps=eps,
+                               step_size=step, cfg=cfg, device=device, seed=cfg.run.seed,
+                               desc=f"eval epoch {done}")
+            logger.log("eval", state.step, done, metrics)
+            if dist.is_main():
+                tqdm.write(f"epoch {done}: " + _fmt(metrics))
+        state.epoch, state.step_in_epoch = state.epoch + 1, 0
+        _save(path, model, cfg, optimizer, schedule, state)
+    bar.close()
+    if not stopped:
+        # Final weights and the final evaluation (clean + PGD-final_eval_steps).
+        if dist.is_main():
+            ckpt.save_weights(os.path.join(run_dir, ckpt.WEIGHTS), model, cfg.model.name,
+                              dict(cfg.model.kwargs), {"step": state.step})
+        metrics = evaluate(net, val_loader, steps=cfg.run.final_eval_steps, eps=eps,
+                           step_size=step, cfg=cfg, device=device, seed=cfg.run.seed,
+                           desc="final eval")
+        logger.log("final", state.step, state.epoch, metrics)
+        if dist.is_main():
+            tqdm.write("final: " + _fmt(metrics))
+    logger.close()
+    return run_dir
+
+
+def _fmt(metrics: dict) -> str:
+    parts = [f"clean acc {metrics['clean_acc']:.4f}"]
+    if "adv_acc" in metrics:
+        parts.append(f"PGD-{metrics['attack_steps']} acc {metrics['adv_acc']:.4f} "
+                     f"(attack success {metrics['attack_success']:.4f})")
+    return ", ".join(parts) + f" on {metrics['n']} images"
+
+
+def train(config) -> str:
+    """Run a training job and return its run directory.
+
+    ``config``: a :class:`featdenoise.config.Config`, a nested dict of overrides of the defaults,
+    or a YAML path. Works as a single process or under ``torchrun`` (one process per GPU or CPU
+    worker); the process group is joined here and left at the end if this call created it.
+    """
+    cfg = _as_config(config)
+    created = not dist.is_dist()
+    device = dist.init(cfg.run.device)
+    try:
+        return fit(cfg, device)
+    finally:
+        if created:
+            dist.shutdown()
