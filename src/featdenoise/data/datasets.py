@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import gzip
 import os
-import pickle
 import warnings
 
 import numpy as np
@@ -29,6 +28,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset, Subset
 
 from featdenoise.data import transforms as T
+from featdenoise.safeio import restricted_pickle_load
 
 DEFAULT_ROOTS = {
     "fashion_mnist": "/usr/share/datasets/fashion-mnist",
@@ -112,8 +112,9 @@ def cifar10(root: str, split: str, augment: bool) -> ArrayDataset:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"CIFAR-10 file {name} not found in {folder}; point data.root "
                                     f"at the extracted cifar-10-batches-py folder")
-        with open(path, "rb") as f:
-            batch = pickle.load(f, encoding="bytes")
+        batch = restricted_pickle_load(path)  # plain data only: never runs code from the file
+        if not isinstance(batch, dict) or b"data" not in batch or b"labels" not in batch:
+            raise ValueError(f"{path} is not a CIFAR-10 batch (no data/labels entries)")
         xs.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
         ys.append(np.asarray(batch[b"labels"], dtype=np.int64))
     x = torch.from_numpy(np.concatenate(xs))  # [N, 3, 32, 32]

@@ -101,10 +101,13 @@ def save_checkpoint(path: str, *, model: nn.Module, model_name: str, model_kwarg
 
 
 def load_checkpoint(path: str, map_location="cpu") -> dict:
-    """``torch.load(path, weights_only=True)`` with a clear error for a missing file."""
+    """``torch.load(path, weights_only=True)`` (never runs code from the file); one-line errors
+    for a missing, truncated or refused file."""
+    from featdenoise.safeio import safe_torch_load
+
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path} not found")
-    return torch.load(path, map_location=map_location, weights_only=True)
+    return safe_torch_load(path, map_location=map_location)
 
 
 def save_weights(path: str, model: nn.Module, model_name: str, model_kwargs: dict,
