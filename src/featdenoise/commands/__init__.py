@@ -6,8 +6,10 @@ Add a command by writing ``commands/NAME.py`` with a ``register`` function and l
 from __future__ import annotations
 
 from featdenoise.commands import bench, convert
+from featdenoise.commands import train
 
 COMMANDS: list = [
     bench.register,
     convert.register,
+    train.register,
 ]
