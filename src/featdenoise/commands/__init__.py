@@ -5,11 +5,13 @@ Add a command by writing ``commands/NAME.py`` with a ``register`` function and l
 
 from __future__ import annotations
 
-from featdenoise.commands import bench, convert
-from featdenoise.commands import train
+from featdenoise.commands import bench, blackbox, convert, evaluate, predict, train
 
 COMMANDS: list = [
     bench.register,
     convert.register,
+    evaluate.register,
+    blackbox.register,
+    predict.register,
     train.register,
 ]

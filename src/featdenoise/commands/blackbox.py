@@ -1,0 +1,148 @@
+"""``featdenoise blackbox``: accuracy per attacker and all-or-nothing accuracy (paper Sec. 6.2).
+
+Attackers: transfer attacks crafted on ``--source`` models (registered model names or
+checkpoints) with ``--source-attacks`` at ``--eps`` (default 32 on the 0..255 scale, the CAAD
+black-box setting), and folders of adversarial images (``--adv-dirs``) matched to the clean images
+by file name. The clean images are a dataset (``--data``) or a folder (``--clean-dir`` with
+``--labels``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from torch import nn
+
+from featdenoise.commands.evaluate import (
+    add_data_args,
+    add_model_args,
+    dataset_from_args,
+    load_checkpoint_model,
+    load_official_model,
+    models_from_args,
+    print_table,
+    resolve_device,
+)
+
+
+def source_model(spec: str, num_classes: int, in_channels: int) -> tuple[str, nn.Module]:
+    """A source model from ``spec``: a checkpoint path / run directory, ``FILE.npz:ARCH[:DEPTH]``
+    (an official checkpoint), or a registered model name (built untrained, with a warning)."""
+    path, _, rest = spec.partition(":") if ".npz:" in spec else (spec, "", "")
+    if path.endswith(".npz"):
+        arch, _, depth = rest.partition(":")
+        model = load_official_model(path, arch or None, int(depth) if depth else None, None)
+        return os.path.splitext(os.path.basename(path))[0], model
+    if os.path.exists(spec):
+        from featdenoise.commands.evaluate import _model_name_from_path
+
+        return _model_name_from_path(spec), load_checkpoint_model(spec)
+    from featdenoise.models import create_model, list_models
+
+    if spec not in list_models():
+        raise ValueError(f"--source {spec!r} is neither an existing checkpoint nor a registered "
+                         f"model ({', '.join(list_models())})")
+    print(f"featdenoise blackbox: warning: source {spec} is a registered model with random "
+          "weights (no checkpoint); its transfer attacks are weak")
+    try:
+        model = create_model(spec, num_classes=num_classes, in_channels=in_channels)
+    except TypeError:
+        model = create_model(spec, num_classes=num_classes)
+    return spec, model.eval()
+
+
+def _run(args: argparse.Namespace) -> int:
+    from featdenoise.data.files import ImageFiles, dataset_image_ids, read_labels_csv
+    from featdenoise.evaluation import blackbox as bb
+    from featdenoise.evaluation.predict import model_in_channels
+    from featdenoise.evaluation.whitebox import model_num_classes
+    from featdenoise.training import distributed
+
+    device = resolve_device(args.device)
+    try:
+        ((name, model, source),) = models_from_args(args)
+        channels = model_in_channels(model)
+        if args.clean_dir:
+            if args.data:
+                raise ValueError("give the clean images as --data or as --clean-dir, not both")
+            if not args.labels:
+                raise ValueError("--clean-dir needs --labels CSV (filename,label lines)")
+            dataset = ImageFiles(args.clean_dir, labels=read_labels_csv(args.labels),
+                                 channels=channels)
+            missing = [n for n, y in zip(dataset.names, dataset.labels, strict=True) if y < 0]
+            if missing:
+                raise ValueError(f"{args.labels} has no label for {len(missing)} images of "
+                                 f"{args.clean_dir} (e.g. {missing[0]}); add them")
+        elif args.data:
+            dataset = dataset_from_args(args, channels)
+        else:
+            raise ValueError("give the clean images: --data NAME or --clean-dir DIR --labels CSV")
+        attackers = []
+        k = model_num_classes(model)
+        for spec in args.source:
+            src_name, src = source_model(spec, k, channels)
+            attackers += bb.transfer_attackers(
+                [(src_name, src)], args.source_attacks, steps=args.source_steps,
+                step_size=args.source_step_size / 255, targeted=args.targeted)
+        if args.adv_dirs:
+            ids = dataset_image_ids(dataset)
+            attackers += bb.folder_attackers(args.adv_dirs, ids, allow_missing=args.allow_missing)
+        summary = bb.evaluate_blackbox(
+            model, dataset, args.out, attackers, eps=args.eps / 255, clip_eps=args.clip_eps,
+            seed=args.seed, batch_size=args.batch_size, limit=args.limit,
+            name=args.name or name, device=device, num_workers=args.workers,
+            progress=not args.no_progress,
+            extra={"source": source, "data": args.data or os.path.abspath(args.clean_dir)})
+        if summary is not None and distributed.is_main():
+            print_table(os.path.join(args.out, "table.md"))
+            print(f"results: {args.out}")
+        return 0
+    finally:
+        distributed.shutdown()
+
+
+def _str_list(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "blackbox", help="black-box defence: accuracy per attacker and all-or-nothing (Table 2)",
+        description="Accuracy of the defended model against each attacker and the all-or-nothing "
+                    "accuracy (an image counts only if every attacker's version is classified "
+                    "correctly; paper Sec. 6.2). eps on the 0..255 scale.")
+    add_model_args(p)
+    add_data_args(p, required=False)
+    p.add_argument("--clean-dir", metavar="DIR",
+                   help="clean images as a flat folder (with --labels) instead of --data")
+    a = p.add_argument_group("attackers")
+    a.add_argument("--source", type=_str_list, default=[], metavar="MODEL[,MODEL...]",
+                   help="source models for transfer attacks: checkpoints / run directories, "
+                        "FILE.npz:ARCH[:DEPTH], or registered model names")
+    a.add_argument("--source-attacks", type=_str_list, default=["pgd", "fgsm", "ifgsm", "mifgsm"],
+                   metavar="A[,A...]", help="attacks run on each source (default all four)")
+    a.add_argument("--source-steps", type=int, default=10, help="iterations (default 10)")
+    a.add_argument("--source-step-size", type=float, default=1.0,
+                   help="step on the 0..255 scale; max(step, eps/steps) is used (default 1)")
+    a.add_argument("--targeted", action="store_true",
+                   help="targeted transfer attacks (default untargeted, the CAAD 2017 "
+                        "non-targeted track the paper's attackers come from)")
+    a.add_argument("--eps", type=float, default=32.0,
+                   help="L-inf radius on the 0..255 scale (default 32, CAAD black-box setting)")
+    a.add_argument("--adv-dirs", nargs="+", default=[], metavar="DIR",
+                   help="folders of adversarial images named like the clean images")
+    a.add_argument("--allow-missing", action="store_true",
+                   help="a clean image stands in where an --adv-dirs folder lacks a file")
+    a.add_argument("--clip-eps", action="store_true",
+                   help="clip --adv-dirs images into the eps-box of the clean image")
+    r = p.add_argument_group("run")
+    r.add_argument("--out", required=True, metavar="DIR", help="output folder (reused to resume)")
+    r.add_argument("--name", help="label of the defended model")
+    r.add_argument("--batch-size", type=int, default=32)
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    r.add_argument("--workers", type=int, default=0, help="data loader workers")
+    r.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_run)
+

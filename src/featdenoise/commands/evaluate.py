@@ -1,0 +1,270 @@
+"""``featdenoise eval``: white-box robustness sweep (paper Sec. 6.1, Fig. 6) or a merge of sweeps.
+
+Also holds the argument helpers shared by ``blackbox`` and ``predict`` (model and data options).
+eps and step size are given on the 0..255 pixel scale, as in the paper and the official flags
+(``--eps 16`` is 16/255 on the [0, 1] pixels the library uses).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+from torch import nn
+
+
+# --------------------------------------------------------------------------- shared helpers
+def add_model_args(p: argparse.ArgumentParser, multiple: bool = False) -> None:
+    """``--checkpoint`` (repeatable when ``multiple``) or ``--official NPZ --arch [--depth]``."""
+    g = p.add_argument_group("model (one of --checkpoint or --official)")
+    if multiple:
+        g.add_argument("--checkpoint", action="append", default=[], metavar="PATH",
+                       help="run directory, checkpoint.pt or model.safetensors; repeat to "
+                            "evaluate several models into one table and plot")
+    else:
+        g.add_argument("--checkpoint", metavar="PATH",
+                       help="run directory, checkpoint.pt or model.safetensors")
+    g.add_argument("--official", metavar="NPZ",
+                   help="an official tensorpack checkpoint (R152.npz, R152-Denoise.npz, ...)")
+    g.add_argument("--arch", choices=["ResNet", "ResNetDenoise", "ResNeXtDenoiseAll"],
+                   help="official --arch of the --official checkpoint")
+    g.add_argument("--depth", type=int, choices=[50, 101, 152],
+                   help="official -d of the --official checkpoint")
+    g.add_argument("--blocks", type=_int_list, metavar="A,B,C,D",
+                   help="blocks per group of the --official checkpoint instead of --depth")
+
+
+def add_data_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument("--data", required=required,
+                   help="fashion_mnist, cifar10, imagenet, or 'folder' (a flat folder of images "
+                        "given by --data-root, labels from --labels)")
+    g.add_argument("--data-root", metavar="DIR",
+                   help="dataset folder (default: the dataset's own)")
+    g.add_argument("--split", default="val", help="train or val (default val)")
+    g.add_argument("--labels", metavar="CSV", help="filename,label lines for --data folder")
+    g.add_argument("--image-size", type=int, default=224,
+                   help="ImageNet crop size (default 224; resize 256 + centre crop)")
+    g.add_argument("--limit", type=int, default=None, metavar="N",
+                   help="evaluate a fixed random subset of N images (same subset every run)")
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}") from None
+
+
+def _model_name_from_path(path: str) -> str:
+    path = os.path.normpath(path)
+    if os.path.isdir(path):
+        return os.path.basename(path)
+    base, _ = os.path.splitext(os.path.basename(path))
+    if base in ("checkpoint", "model"):
+        return os.path.basename(os.path.dirname(os.path.abspath(path))) or base
+    return base
+
+
+def load_checkpoint_model(path: str) -> nn.Module:
+    """A trained model from a run directory, ``checkpoint.pt`` or ``.safetensors`` (eval mode)."""
+    from featdenoise.training.checkpoint import load_model
+
+    return load_model(path).eval()
+
+
+def load_official_model(path: str, arch: str | None, depth: int | None,
+                        blocks: list[int] | None) -> nn.Module:
+    """An official tensorpack ``.npz`` checkpoint as our model (eval mode)."""
+    from featdenoise.pretrained import load_tensorpack
+
+    if not arch:
+        raise ValueError(f"--official {path} needs --arch (ResNet, ResNetDenoise or "
+                         "ResNeXtDenoiseAll; see the official model zoo)")
+    return load_tensorpack(path, arch, depth=depth, blocks=blocks).eval()
+
+
+def models_from_args(args: argparse.Namespace) -> list[tuple[str, nn.Module, dict]]:
+    """``[(name, model, source facts)]`` from ``--checkpoint`` / ``--official``."""
+    ckpts = args.checkpoint or []
+    if isinstance(ckpts, str):
+        ckpts = [ckpts]
+    if bool(ckpts) == bool(args.official):
+        raise ValueError("give the model as --checkpoint PATH or as --official NPZ --arch ARCH "
+                         "(exactly one of them)")
+    out = []
+    for path in ckpts:
+        out.append((_model_name_from_path(path), load_checkpoint_model(path),
+                    {"checkpoint": os.path.abspath(path)}))
+    if args.official:
+        model = load_official_model(args.official, args.arch, args.depth, args.blocks)
+        out.append((_model_name_from_path(args.official), model,
+                    {"official": os.path.abspath(args.official), "arch": args.arch,
+                     "depth": args.depth}))
+    names = [n for n, _, _ in out]
+    for i, n in enumerate(names):  # make names unique for output folders and legends
+        if names.count(n) > 1:
+            names[i] = f"{n}-{i + 1}"
+    return [(n, m, src) for n, (_, m, src) in zip(names, out, strict=True)]
+
+
+def dataset_from_args(args: argparse.Namespace, channels: int = 3):
+    """The evaluation dataset of ``--data`` (a named dataset, or ``folder`` + ``--labels``)."""
+    if args.data == "folder":
+        from featdenoise.data.files import ImageFiles, read_labels_csv
+
+        if not args.data_root:
+            raise ValueError("--data folder needs --data-root DIR (the folder of images)")
+        if not args.labels:
+            raise ValueError("--data folder needs --labels CSV (filename,label lines)")
+        labels = read_labels_csv(args.labels)
+        ds = ImageFiles(args.data_root, labels=labels, channels=channels)
+        missing = [n for n, y in zip(ds.names, ds.labels, strict=True) if y < 0]
+        if missing:
+            raise ValueError(f"{args.labels} has no label for {len(missing)} images of "
+                             f"{args.data_root} (e.g. {missing[0]}); add them")
+        return ds
+    from featdenoise.data.datasets import build_dataset
+
+    return build_dataset(args.data, args.data_root, args.split, augment=False,
+                         image_size=args.image_size)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> this process's GPU when there is one, else the CPU (joins torchrun's group)."""
+    from featdenoise.training import distributed
+
+    return distributed.init(name)
+
+
+def print_table(path: str) -> None:
+    with open(path) as f:
+        print(f.read(), end="")
+
+
+# --------------------------------------------------------------------------- eval
+def _run(args: argparse.Namespace) -> int:
+    from featdenoise.evaluation import report
+
+    if args.plot:
+        paths = report.merge_runs(args.plot, args.out, title=args.title)
+        print_table(paths["table"])
+        print(f"plot: {paths['plot']}")
+        return 0
+    if args.data is None:
+        raise ValueError("--data is required (or --plot RUN ... to merge finished evaluations)")
+    device = resolve_device(args.device)
+    try:
+        return _evaluate(args, device)
+    finally:
+        from featdenoise.training import distributed
+
+        distributed.shutdown()
+
+
+def _evaluate(args: argparse.Namespace, device: torch.device) -> int:
+    from featdenoise.evaluation import report
+    from featdenoise.evaluation.predict import model_in_channels
+    from featdenoise.evaluation.whitebox import evaluate_whitebox
+    from featdenoise.training import distributed
+
+    models = models_from_args(args)
+    several = len(models) > 1
+    summaries = []
+    code = 0
+    for name, model, source in models:
+        dataset = dataset_from_args(args, model_in_channels(model))
+        if args.sanity:
+            ok = _sanity(model, dataset, args, device)
+            if not ok:
+                print(f"featdenoise eval: sanity checks failed for {name}; its robustness "
+                      "numbers would not be trustworthy, so it is not evaluated", file=sys.stderr)
+                code = 1
+                continue
+        out = os.path.join(args.out, name) if several else args.out
+        summary = evaluate_whitebox(
+            model, dataset, out, steps=args.steps, attack=args.attack, eps=args.eps / 255,
+            step_size=args.step_size / 255, restarts=args.restarts, targeted=not args.untargeted,
+            step_rule=args.step_rule, seed=args.seed, batch_size=args.batch_size,
+            limit=args.limit, name=args.name if (args.name and not several) else name,
+            device=device, num_workers=args.workers, progress=not args.no_progress,
+            extra={"source": source, "data": args.data, "split": args.split},
+        )
+        if summary is not None:
+            summaries.append(summary)
+            if not several:
+                print_table(os.path.join(out, report.TABLE_FILE))
+                print(f"results: {out}")
+    if several and summaries and distributed.is_main():
+        paths = report.write_report(summaries, args.out, title=args.title)
+        print_table(paths["table"])
+        print(f"plot: {paths['plot']}")
+    return code
+
+
+def _sanity(model: nn.Module, dataset, args: argparse.Namespace, device: torch.device) -> bool:
+    """Run :func:`featdenoise.evaluation.sanity.run_sanity` on a few images; print its report."""
+    try:
+        from featdenoise.evaluation import sanity
+    except ImportError as err:
+        raise ValueError(f"--sanity needs featdenoise.evaluation.sanity ({err})") from None
+    if not hasattr(sanity, "run_sanity"):
+        raise ValueError("--sanity needs featdenoise.evaluation.sanity.run_sanity, which this "
+                         "installation lacks")
+    from torch.utils.data import DataLoader, Subset
+
+    from featdenoise.evaluation.whitebox import subset_indices
+
+    idx = subset_indices(len(dataset), args.limit, args.seed)[: args.sanity_images]
+    loader = DataLoader(Subset(dataset, idx), batch_size=args.batch_size)
+    model.to(device)
+    results = sanity.run_sanity(
+        model, loader, args.eps / 255, min(args.steps), device, targeted=not args.untargeted,
+        max_images=args.sanity_images, seed=args.seed)
+    fmt = getattr(sanity, "format_report", None)
+    print(fmt(results) if fmt else "\n".join(str(r) for r in results))
+    return all(getattr(r, "passed", bool(r)) for r in results)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "eval", help="white-box PGD evaluation: accuracy and attack success vs iterations (Fig. 6)",
+        description="Clean top-1/top-5, then accuracy and targeted attack success rate for each "
+                    "attack iteration count (paper Sec. 6.1, Fig. 6). Per-image outcomes, "
+                    "summary.json, table.md and accuracy_vs_iterations.png go to --out. "
+                    "Resumable (rerun the same command) and distributed with torchrun.")
+    add_model_args(p, multiple=True)
+    add_data_args(p, required=False)
+    g = p.add_argument_group("attack (eps and step on the 0..255 scale)")
+    g.add_argument("--attack", default="pgd", choices=["pgd", "fgsm", "ifgsm", "mifgsm"])
+    g.add_argument("--steps", type=_int_list, default=[10, 100, 1000], metavar="N,N,...",
+                   help="attack iterations (default 10,100,1000)")
+    g.add_argument("--restarts", type=int, default=1, help="random restarts per attack (PGD)")
+    g.add_argument("--eps", type=float, default=16.0,
+                   help="L-inf radius on the 0..255 scale (default 16, the paper's)")
+    g.add_argument("--step-size", type=float, default=1.0,
+                   help="step on the 0..255 scale (default 1; see --step-rule)")
+    g.add_argument("--step-rule", default="paper", choices=["paper", "fixed"],
+                   help="paper: step = max(step, eps/steps), i.e. 1.6 for 10 steps (Sec. 6.1)")
+    g.add_argument("--untargeted", action="store_true",
+                   help="untargeted attack (default: the paper's targeted attack, random target)")
+    r = p.add_argument_group("run")
+    r.add_argument("--out", required=True, metavar="DIR", help="output folder (reused to resume)")
+    r.add_argument("--name", help="model label in the table and plot (default: from the path)")
+    r.add_argument("--batch-size", type=int, default=32, help="images per batch (per process)")
+    r.add_argument("--seed", type=int, default=0, help="seeds targets, random starts, --limit")
+    r.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    r.add_argument("--workers", type=int, default=0, help="data loader workers")
+    r.add_argument("--no-progress", action="store_true", help="no progress bar")
+    r.add_argument("--plot", nargs="+", metavar="RUN",
+                   help="instead of evaluating: merge finished evaluation folders into one table "
+                        "and plot in --out")
+    r.add_argument("--title", help="plot title")
+    r.add_argument("--sanity", action="store_true",
+                   help="first run the gradient-masking sanity checks on a few images; a model "
+                        "that fails them is not evaluated (exit status 1)")
+    r.add_argument("--sanity-images", type=int, default=64, help="images for --sanity")
+    p.set_defaults(func=_run)

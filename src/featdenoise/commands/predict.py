@@ -1,0 +1,54 @@
+"""``featdenoise predict DIR --out predictions.csv``: a label for every image of a folder.
+
+The official ``main.py --eval-directory``: every image directly in DIR, resized naively (bicubic,
+no crop) to ``--size`` (224 by default for ``--official`` models; checkpoints keep the files' size
+unless ``--size`` is given), classified; ``filename,label`` lines written without a header.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from featdenoise.commands.evaluate import add_model_args, models_from_args, resolve_device
+
+
+def _run(args: argparse.Namespace) -> int:
+    from featdenoise.evaluation.predict import predict_to_csv
+    from featdenoise.training import distributed
+
+    device = resolve_device(args.device)
+    try:
+        if distributed.world_size() > 1:
+            raise ValueError("predict runs in one process; start it without torchrun")
+        ((_, model, _),) = models_from_args(args)
+        size = args.size
+        if size is None and args.official:
+            size = 224
+        if size == 0:
+            size = None
+        out = predict_to_csv(model, args.dir, args.out, size=size, batch_size=args.batch_size,
+                             device=device, num_workers=args.workers,
+                             progress=not args.no_progress)
+        print(f"predictions: {out}")
+        return 0
+    finally:
+        distributed.shutdown()
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "predict", help="write filename,label for every image of a folder (--eval-directory)",
+        description="Classify every image directly inside DIR and write 'filename,label' lines "
+                    "(no header), as the official --eval-directory / --prediction-file.")
+    p.add_argument("dir", metavar="DIR", help="flat folder of images")
+    add_model_args(p)
+    p.add_argument("--out", default="predictions.csv",
+                   help="CSV to write (default predictions.csv)")
+    p.add_argument("--size", type=int, default=None,
+                   help="bicubic resize to SIZE x SIZE, no crop (default 224 with --official, "
+                        "else the files' own size; 0 keeps it)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_run)

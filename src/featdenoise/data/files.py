@@ -1,0 +1,196 @@
+"""Flat folders of image files matched by file name (CAAD / official ``--eval-directory`` format).
+
+Black-box attackers in the CAAD competitions (paper Sec. 6.2) deliver their adversarial images as a
+folder of files named like the clean images; defenders answer with a ``filename,label`` CSV. This
+module reads such folders into the library's pixel convention (float RGB in [0, 1], ``[C, H, W]``),
+reads and writes label CSVs, and matches adversarial files to clean images by name.
+
+Names are matched on the file *stem* (the name without its extension), so ``cat.jpg`` matches an
+adversarial ``cat.png``; an image without a file (an index of a built-in dataset) is called by its
+index, so ``00042.png`` or ``42.png`` matches image 42.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm")
+
+
+def list_images(folder: str) -> list[str]:
+    """Sorted file names (not paths) of the images directly inside ``folder`` (no recursion)."""
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"image folder {folder!r} does not exist; pass an existing folder")
+    names = sorted(
+        n for n in os.listdir(folder)
+        if n.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(folder, n))
+    )
+    if not names:
+        raise FileNotFoundError(
+            f"image folder {folder!r} holds no images ({', '.join(IMAGE_EXTENSIONS)}); "
+            "check the path")
+    return names
+
+
+def load_image(path: str, size: int | None = None, channels: int = 3) -> torch.Tensor:
+    """Read one image file as float pixels in [0, 1], shape ``[channels, H, W]``.
+
+    Args:
+        path: image file (any format Pillow reads).
+        size: if given, a plain bicubic resize to ``size x size`` (no crop, aspect ratio not kept),
+            exactly what the official ``--eval-directory`` does (``cv2.resize(..., (224, 224),
+            INTER_CUBIC)``); None keeps the file's own size.
+        channels: 3 for RGB, 1 for grey (Fashion-MNIST nets).
+    """
+    from PIL import Image
+
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 or 3, got {channels}")
+    with Image.open(path) as img:
+        img = img.convert("RGB" if channels == 3 else "L")
+        if size is not None:
+            img = img.resize((int(size), int(size)), Image.BICUBIC)
+        arr = np.asarray(img, dtype=np.uint8)
+    if arr.ndim == 2:
+        arr = arr[:, :, None]  # [H, W] -> [H, W, 1]
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float() / 255.0  # [H, W, C] -> [C, H, W]
+
+
+def save_image(x: torch.Tensor, path: str) -> None:
+    """Write ``x`` (``[C, H, W]`` in [0, 1], C = 1 or 3) as an 8-bit image (PNG: lossless)."""
+    from PIL import Image
+
+    arr = (x.detach().clamp(0, 1).cpu() * 255).round().to(torch.uint8)  # [C, H, W]
+    arr = arr.permute(1, 2, 0).numpy()  # [C, H, W] -> [H, W, C]
+    if arr.shape[2] == 1:
+        arr = arr[:, :, 0]
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    Image.fromarray(arr).save(path)
+
+
+def stem(name: str) -> str:
+    """File name without folder and extension: ``"a/cat.JPEG" -> "cat"``."""
+    return os.path.splitext(os.path.basename(str(name)))[0]
+
+
+def read_labels_csv(path: str) -> dict[str, int]:
+    """Read ``filename,label`` lines (a header line is allowed) into ``{stem: label}``.
+
+    Extra columns are ignored; file names may carry folders (the official predictions file writes
+    full paths), only the stem is kept.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"labels file {path!r} does not exist; expected 'filename,label' lines")
+    labels: dict[str, int] = {}
+    with open(path, newline="") as f:
+        for lineno, row in enumerate(csv.reader(f), 1):
+            if not row or not row[0].strip():
+                continue
+            if len(row) < 2:
+                raise ValueError(f"{path}:{lineno}: expected 'filename,label', got {row!r}")
+            try:
+                label = int(row[1])
+            except ValueError:
+                if lineno == 1:
+                    continue  # header
+                raise ValueError(
+                    f"{path}:{lineno}: label {row[1]!r} is not an integer class index") from None
+            labels[stem(row[0].strip())] = label
+    return labels
+
+
+def write_labels_csv(path: str, names: Sequence[str], labels: Sequence[int]) -> None:
+    """Write ``filename,label`` lines, no header (official ``--prediction-file``), atomically."""
+    if len(names) != len(labels):
+        raise ValueError(f"{len(names)} names but {len(labels)} labels")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", newline="") as f:
+        w = csv.writer(f, lineterminator="\n")
+        for n, y in zip(names, labels, strict=True):
+            w.writerow([n, int(y)])
+    os.replace(tmp, path)
+
+
+class ImageFiles(Dataset):
+    """A flat folder of images as a Dataset yielding ``(image [C, H, W] in [0, 1], label int)``.
+
+    ``names`` holds the file names in order (sorted), so results can be written per file.
+    Labels come from ``labels`` (``{stem: label}``, e.g. :func:`read_labels_csv`); images without a
+    label get -1 (allowed for prediction only; evaluation refuses them).
+
+    Args:
+        folder: the folder.
+        names: file names to use (default: every image in the folder, sorted).
+        labels: optional ``{stem: label}``.
+        size: optional bicubic resize to ``size x size`` (see :func:`load_image`).
+        channels: 3 (RGB) or 1 (grey).
+    """
+
+    def __init__(self, folder: str, names: Sequence[str] | None = None,
+                 labels: dict[str, int] | None = None, size: int | None = None,
+                 channels: int = 3) -> None:
+        self.folder = folder
+        self.names = list(names) if names is not None else list_images(folder)
+        self.size = size
+        self.channels = channels
+        self.labels = [int(labels.get(stem(n), -1)) if labels else -1 for n in self.names]
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        x = load_image(os.path.join(self.folder, self.names[i]), self.size, self.channels)
+        return x, self.labels[i]
+
+    def image_id(self, i: int) -> str:
+        """The id under which image ``i`` is recorded and matched: its file stem."""
+        return stem(self.names[i])
+
+
+def dataset_image_ids(dataset: Dataset) -> list[str]:
+    """One id per image of ``dataset``: file stems if the dataset knows its files, else indices.
+
+    Understands :class:`ImageFiles` (``names``), torchvision folder datasets (``samples`` /
+    ``imgs``), and ``torch.utils.data.Subset`` of those.
+    """
+    from torch.utils.data import Subset
+
+    if isinstance(dataset, Subset):
+        inner = dataset_image_ids(dataset.dataset)
+        return [inner[int(i)] for i in dataset.indices]
+    if isinstance(dataset, ImageFiles):
+        return [stem(n) for n in dataset.names]
+    samples = getattr(dataset, "samples", None) or getattr(dataset, "imgs", None)
+    if isinstance(samples, (list, tuple)) and len(samples) == len(dataset):
+        first = samples[0] if samples else None
+        if isinstance(first, (list, tuple)) and first and isinstance(first[0], str):
+            ids = [stem(s[0]) for s in samples]
+            if len(set(ids)) == len(ids):
+                return ids
+    return [str(i) for i in range(len(dataset))]
+
+
+def match_files(ids: Sequence[str], folder: str) -> dict[str, str]:
+    """Match image ids to the files of ``folder`` by stem; ``{id: file name}`` for those found.
+
+    A numeric id also matches a zero-padded file stem (``"42"`` matches ``00042.png``).
+    Raises ValueError if two files in the folder share a stem (``a.png`` and ``a.jpg``).
+    """
+    by_stem: dict[str, str] = {}
+    for n in list_images(folder):
+        s = stem(n)
+        if s in by_stem:
+            raise ValueError(
+                f"{folder!r} holds two files for image {s!r} ({by_stem[s]}, {n}); keep one")
+        by_stem[s] = n
+        if s.isdigit():
+            by_stem.setdefault(str(int(s)), n)
+    return {i: by_stem[i] for i in ids if i in by_stem}

@@ -1,0 +1,88 @@
+"""Predict a label for every image of a folder (the official ``main.py --eval-directory``).
+
+This is how a defence takes part in a black-box competition (CAAD, paper Sec. 6.2): the organisers'
+attackers write a folder of images, the defence writes ``filename,label`` for each.
+
+Preprocessing as the official code does it: each file is read as RGB (BGR there, which its model
+expects; ours take RGB), resized *naively* to ``size x size`` with bicubic interpolation (no crop,
+aspect ratio not kept; ``cv2.resize(..., (224, 224), INTER_CUBIC)``), scaled to [0, 1]. ``size``
+None keeps the files' own size (then they must all share it).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from featdenoise.data.files import ImageFiles, list_images, write_labels_csv
+
+
+def model_in_channels(model: nn.Module) -> int:
+    """Input channels the model expects: ``model.in_channels`` if set, else its first conv's."""
+    c = getattr(model, "in_channels", None)
+    if c is not None:
+        return int(c)
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            return int(m.in_channels)
+    return 3
+
+
+def predict_folder(model: nn.Module, folder: str, *, size: int | None = 224,
+                   batch_size: int = 32, device: torch.device | str | None = None,
+                   num_workers: int = 0, progress: bool = True) -> tuple[list[str], list[int]]:
+    """Top-1 predictions for every image directly inside ``folder``, in sorted file-name order.
+
+    Args:
+        model: classifier on ``[N, C, H, W]`` pixels in [0, 1]; run in eval mode (restored after).
+        folder: flat folder of image files (see :data:`featdenoise.data.files.IMAGE_EXTENSIONS`).
+        size: bicubic resize to ``size x size`` (official: 224); None keeps each file's size.
+        batch_size: images per forward pass.
+        device: default: the GPU if there is one, else the CPU.
+        num_workers: DataLoader workers decoding images.
+        progress: show a progress bar.
+
+    Returns:
+        ``(file names, predicted class indices)``.
+    """
+    from tqdm.auto import tqdm
+
+    from featdenoise.evaluation.whitebox import default_device
+
+    device = torch.device(device) if device is not None else default_device()
+    names = list_images(folder)
+    ds = ImageFiles(folder, names, size=size, channels=model_in_channels(model))
+    if size is None:
+        shapes = {}
+        for n in names:
+            from PIL import Image
+
+            with Image.open(os.path.join(folder, n)) as img:
+                shapes.setdefault(img.size, n)
+            if len(shapes) > 1:
+                (a, na), (b, nb) = list(shapes.items())[:2]
+                raise ValueError(f"images differ in size ({na}: {a}, {nb}: {b}); pass --size N "
+                                 "to resize them all")
+    loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    was_training = model.training
+    model.eval().to(device)
+    preds: list[int] = []
+    try:
+        with torch.no_grad():
+            for x, _ in tqdm(loader, desc="predict", unit="batch", disable=not progress,
+                             dynamic_ncols=True):
+                preds += model(x.to(device)).argmax(1).tolist()  # [N, K] -> [N]
+    finally:
+        model.train(was_training)
+    return names, preds
+
+
+def predict_to_csv(model: nn.Module, folder: str, out: str, **kwargs) -> str:
+    """Run :func:`predict_folder` and write ``filename,label`` lines to ``out`` (no header, like the
+    official ``--prediction-file``). Returns ``out``."""
+    names, preds = predict_folder(model, folder, **kwargs)
+    write_labels_csv(out, names, preds)
+    return out

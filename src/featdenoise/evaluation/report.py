@@ -1,0 +1,169 @@
+"""Evaluation summaries as markdown tables and the accuracy-vs-iterations plot (paper Fig. 6).
+
+A *summary* is the dict that :func:`featdenoise.evaluation.whitebox.evaluate_whitebox` writes to
+``summary.json``: ``name``, ``num_images``, ``targeted``, ``eps_255``, ``clean`` (``top1``,
+``top5``), and ``attacks``, a list of ``{"name", "steps", "accuracy", "success_rate", "n"}``
+(rates in [0, 1]).
+Everything here takes a list of such summaries, so several models (or the same model attacked
+targeted and untargeted) go into one table and one plot.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+
+TABLE_FILE = "table.md"
+PLOT_FILE = "accuracy_vs_iterations.png"
+
+
+def load_summary(path: str) -> dict:
+    """Read a summary from ``summary.json`` or from an evaluation folder holding one."""
+    file = os.path.join(path, "summary.json") if os.path.isdir(path) else path
+    if not os.path.isfile(file):
+        raise FileNotFoundError(
+            f"no evaluation summary at {file!r}; pass a finished `featdenoise eval` output folder")
+    with open(file) as f:
+        return json.load(f)
+
+
+def label(summary: dict) -> str:
+    """Legend/row label of a summary: its name, marked when the attack was untargeted."""
+    name = str(summary.get("name", "model"))
+    return name if summary.get("targeted", True) else f"{name} (untargeted)"
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100.0 * x:.1f}"
+
+
+def _attack_title(a: dict) -> str:
+    kind = str(a.get("attack", a["name"].rstrip("0123456789"))).upper()
+    return f"{kind}-{a['steps']}" if a.get("steps") is not None else a["name"]
+
+
+def markdown_table(summaries: Sequence[dict]) -> str:
+    """One row per summary: images, clean top-1/top-5, then ``accuracy / success`` per attack (%).
+
+    Columns are the union of the summaries' attacks, ordered by iteration count; a model without
+    that attack shows ``-``. Success is the targeted attack success rate (``pred == target``), or
+    the misclassification rate for untargeted rows. Like the official model zoo, both numbers are
+    shown: accuracy is the defender's metric, success the attacker's.
+    """
+    if not summaries:
+        raise ValueError("no summaries to tabulate")
+    cols: dict[str, dict] = {}
+    for s in summaries:
+        for a in s.get("attacks", []):
+            cols.setdefault(a["name"], {**a, "attack": s.get("attack", a.get("attack"))})
+    order = sorted(cols, key=lambda k: (cols[k].get("steps") or 0, k))
+    head = ["model", "images", "clean top-1", "clean top-5"]
+    head += [f"{_attack_title(cols[k])} acc / succ" for k in order]
+    rule = "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"
+    lines = ["| " + " | ".join(head) + " |", rule]
+    for s in summaries:
+        by = {a["name"]: a for a in s.get("attacks", [])}
+        row = [label(s), str(s.get("num_images", "")), _pct(s["clean"]["top1"]),
+               _pct(s["clean"].get("top5"))]
+        for k in order:
+            a = by.get(k)
+            row.append("-" if a is None else f"{_pct(a['accuracy'])} / {_pct(a['success_rate'])}")
+        lines.append("| " + " | ".join(row) + " |")
+    eps = {s.get("eps_255") for s in summaries}
+    note = ""
+    if len(eps) == 1 and None not in eps:
+        (e,) = eps
+        note = f"\n\nL-inf eps = {e:g} (0..255 scale); numbers in %.\n"
+    return "\n".join(lines) + (note or "\n")
+
+
+def plot_accuracy_vs_iterations(summaries: Sequence[dict], path: str,
+                                title: str | None = None) -> str:
+    """Plot accuracy (%) against attack iterations, log x axis, one line per summary (paper Fig. 6).
+
+    Returns ``path`` (a PNG). Uses matplotlib's Agg backend (no display needed).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 4.0), dpi=120)
+    all_steps: set[int] = set()
+    for s in summaries:
+        pts = sorted((a["steps"], a["accuracy"]) for a in s.get("attacks", [])
+                     if a.get("steps") is not None)
+        if not pts:
+            continue
+        xs, ys = zip(*pts, strict=True)
+        all_steps.update(xs)
+        ax.plot(xs, [100 * y for y in ys], marker="o", label=label(s))
+        for x, y in pts[-1:]:
+            ax.annotate(f"{100 * y:.1f}", (x, 100 * y), textcoords="offset points",
+                        xytext=(4, 4), fontsize=8)
+    ax.set_xscale("log")
+    if all_steps:
+        ticks = sorted(all_steps)
+        ax.set_xticks(ticks)
+        ax.set_xticklabels([str(t) for t in ticks])
+        ax.minorticks_off()
+    ax.set_xlabel("attack iterations")
+    ax.set_ylabel("accuracy (%)")
+    if title is None:
+        eps = {s.get("eps_255") for s in summaries}
+        kind = {str(s.get("attack", "pgd")).upper() for s in summaries}
+        title = f"{'/'.join(sorted(kind))} white-box attack"
+        if len(eps) == 1 and None not in eps:
+            title += f", eps = {next(iter(eps)):g}"
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def write_report(summaries: Sequence[dict], out_dir: str, title: str | None = None) -> dict:
+    """Write ``table.md`` and ``accuracy_vs_iterations.png`` for ``summaries`` into ``out_dir``.
+
+    Returns ``{"table": path, "plot": path}``.
+    """
+    os.makedirs(out_dir, exist_ok=True)
+    table = os.path.join(out_dir, TABLE_FILE)
+    tmp = f"{table}.tmp"
+    with open(tmp, "w") as f:
+        f.write(markdown_table(summaries))
+    os.replace(tmp, table)
+    plot = plot_accuracy_vs_iterations(summaries, os.path.join(out_dir, PLOT_FILE), title)
+    return {"table": table, "plot": plot}
+
+
+def merge_runs(runs: Sequence[str], out_dir: str, title: str | None = None) -> dict:
+    """Merge finished evaluations (folders or ``summary.json`` files) into one table and one plot.
+
+    Also writes ``summaries.json`` (the list). Returns ``{"table", "plot", "summaries"}``.
+    """
+    if not runs:
+        raise ValueError("give at least one evaluation folder to merge")
+    summaries = [load_summary(r) for r in runs]
+    paths = write_report(summaries, out_dir, title)
+    merged = os.path.join(out_dir, "summaries.json")
+    with open(merged, "w") as f:
+        json.dump(summaries, f, indent=2, sort_keys=True)
+    return {**paths, "summaries": merged}
+
+
+def blackbox_table(summary: dict) -> str:
+    """Markdown table of a black-box summary: accuracy per attacker, all-or-nothing (Table 2)."""
+    lines = ["| attacker | images | accuracy (%) |", "|---|---:|---:|"]
+    n = summary.get("num_images", "")
+    if summary.get("clean") is not None:
+        lines.append(f"| clean | {n} | {_pct(summary['clean'])} |")
+    for name, acc in summary["per_attacker"].items():
+        lines.append(f"| {name} | {n} | {_pct(acc)} |")
+    lines.append(f"| **all-or-nothing** ({len(summary['per_attacker'])} attackers) | {n} | "
+                 f"**{_pct(summary['all_or_nothing'])}** |")
+    return "\n".join(lines) + "\n"
