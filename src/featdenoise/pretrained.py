@@ -49,11 +49,15 @@ _BN_NAMES = {"weight": "gamma", "bias": "beta", "running_mean": "mean/EMA",
              "running_var": "variance/EMA"}
 
 
-def _model_name(arch: str, depth: int | None) -> str:
+def _check_arch(arch: str) -> None:
     if arch not in ARCHS:
         raise ValueError(f"unknown official arch {arch!r}; choose one of {', '.join(ARCHS)}")
-    # ResNet-like names need an official depth only as a name; counts come from ``blocks``.
-    return ARCHS[arch].format(depth=depth if depth in NUM_BLOCKS else 152)
+
+
+def _model_name(arch: str, blocks: list[int]) -> str:
+    # The registry name carries a depth; the actual counts always travel as ``blocks``.
+    depth = next((d for d, b in NUM_BLOCKS.items() if b == blocks), 152)
+    return ARCHS[arch].format(depth=depth)
 
 
 def _tensorpack_names(model: nn.Module) -> dict[str, tuple[str, str]]:
@@ -201,9 +205,10 @@ def load_tensorpack(path: str | os.PathLike, arch: str, depth: int | None = None
         ValueError: one error naming every missing, unexpected and mis-shaped variable.
     """
     path = Path(path)
-    name = _model_name(arch, depth)
+    _check_arch(arch)
     variables = read_npz(path)
     blocks = _resolve_blocks(path, variables, depth, blocks)
+    name = _model_name(arch, blocks)
     num_classes = 1000
     if "linear/b" in variables and variables["linear/b"].ndim == 1:
         num_classes = int(variables["linear/b"].shape[0])
