@@ -1,0 +1,233 @@
+"""Runs that survive: a NaN/inf loss stops training at a named step with the last good checkpoint
+intact; a full disk or a kill during a checkpoint write leaves the previous checkpoint loadable."""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+FMNIST = Path("/usr/share/datasets/fashion-mnist")
+
+
+def _tiny_config(out_dir: Path, **run) -> dict:
+    """A few steps of a 4-channel small ResNet on 16 Fashion-MNIST images."""
+    return {
+        "model": {"name": "small_resnet",
+                  "kwargs": {"in_channels": 1, "num_classes": 10, "width": 4, "blocks": [1, 1, 1]}},
+        "data": {"name": "fashion_mnist", "root": str(FMNIST), "train_subset": 16,
+                 "val_subset": 8, "batch_size": 4, "workers": 0},
+        "attack": {"steps": 1, "eps": 8.0, "step_size": 2.0},
+        "optim": {"epochs": 1, "lr": 0.05, "base_batch": 4, "warmup_epochs": 0,
+                  "milestones": [10]},
+        "run": {"out_dir": str(out_dir), "checkpoint_every": 1, "eval_every": 0,
+                "final_eval_steps": 0, "log_every": 1, "tensorboard": False,
+                "progress": False, "device": "cpu", **run},
+    }
+
+
+def _small_state(seed: int) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return {"model": {"w": torch.randn(64, 64, generator=g)}, "step": seed}
+
+
+# --------------------------------------------------------------------------- NaN / inf loss
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(
+        tmp_path, monkeypatch, bad):
+    if not (FMNIST / "train-images-idx3-ubyte.gz").is_file():
+        pytest.skip(f"Fashion-MNIST not installed at {FMNIST} (make data)")
+    from featdenoise.training import recipe, train
+    from featdenoise.training.checkpoint import CHECKPOINT, load_checkpoint
+
+    real_loss_fn = recipe.loss_fn
+    ckpt_path = tmp_path / CHECKPOINT
+    seen = {}
+
+    def poisoned_loss_fn(*args, **kwargs):
+        criterion = real_loss_fn(*args, **kwargs)
+        calls = {"n": 0}
+
+        def loss(logits, y):
+            out = criterion(logits, y)
+            calls["n"] += 1
+            if calls["n"] == 3:  # the third update (global step 2) diverges
+                seen["bytes"] = ckpt_path.read_bytes()  # the last good checkpoint, as it is now
+                return out * bad
+            return out
+
+        return loss
+
+    monkeypatch.setattr(recipe, "loss_fn", poisoned_loss_fn)
+    with pytest.raises(ValueError) as err:
+        train(_tiny_config(tmp_path))
+    text = str(err.value)
+    assert "\n" not in text and "step 2" in text, text
+    # The checkpoint written after step 1 (the last good one) is exactly as it was ...
+    assert ckpt_path.read_bytes() == seen["bytes"]
+    saved = load_checkpoint(str(ckpt_path))
+    assert saved["step"] == 2
+    assert all(torch.isfinite(v).all() for v in saved["model"].values() if v.is_floating_point())
+    # ... and no final weights were exported from the diverged model.
+    assert not (tmp_path / "model.safetensors").exists()
+
+
+# --------------------------------------------------------------------------- checkpoint writes
+def test_full_disk_during_a_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
+    from featdenoise.training import checkpoint as ckpt
+
+    path = tmp_path / "checkpoint.pt"
+    ckpt.atomic_save(_small_state(1), str(path))
+    before = path.read_bytes()
+    real_save = torch.save
+
+    def disk_full(obj, f, *args, **kwargs):
+        real_save(obj, f, *args, **kwargs)  # some bytes reach the disk, then it is full
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(OSError):
+        ckpt.atomic_save(_small_state(2), str(path))
+    monkeypatch.undo()
+    assert path.read_bytes() == before
+    assert ckpt.load_checkpoint(str(path))["step"] == 1
+    leftovers = sorted(p.name for p in tmp_path.iterdir() if p.name != "checkpoint.pt")
+    assert leftovers == [], f"a failed write left {leftovers} behind"
+
+
+def test_rename_never_reached_keeps_the_previous_one(tmp_path, monkeypatch):
+    from featdenoise.training import checkpoint as ckpt
+
+    path = tmp_path / "checkpoint.pt"
+    ckpt.atomic_save(_small_state(1), str(path))
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt  # the process is stopped between the write and the rename
+
+    monkeypatch.setattr(os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.atomic_save(_small_state(2), str(path))
+    monkeypatch.undo()
+    assert ckpt.load_checkpoint(str(path))["step"] == 1
+
+
+def test_sigkill_during_a_checkpoint_write_keeps_the_previous_one(tmp_path):
+    """A real SIGKILL half-way through writing: the process dies with its file half written."""
+    path = tmp_path / "checkpoint.pt"
+    script = textwrap.dedent(f"""
+        import os, signal, torch
+        from featdenoise.training import checkpoint as ckpt
+
+        ckpt.atomic_save({{"model": {{"w": torch.ones(256, 256)}}, "step": 1}}, {str(path)!r})
+        real_save = torch.save
+
+        def killed_half_way(obj, f, *args, **kwargs):
+            real_save(obj, f, *args, **kwargs)
+            f.flush()
+            f.truncate(f.tell() // 2)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        torch.save = killed_half_way
+        ckpt.atomic_save({{"model": {{"w": torch.zeros(256, 256)}}, "step": 2}}, {str(path)!r})
+    """)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                          timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
+    from featdenoise.training.checkpoint import load_checkpoint
+
+    saved = load_checkpoint(str(path))
+    assert saved["step"] == 1 and torch.equal(saved["model"]["w"], torch.ones(256, 256))
+
+
+def test_exported_weights_write_is_atomic_too(tmp_path, monkeypatch):
+    from featdenoise.models import create_model
+    from featdenoise.training import checkpoint as ckpt
+
+    kwargs = dict(in_channels=1, num_classes=10, width=4, blocks=[1, 1, 1])
+    model = create_model("small_resnet", **kwargs)
+    path = tmp_path / "model.safetensors"
+    ckpt.save_weights(str(path), model, "small_resnet", kwargs)
+    before = path.read_bytes()
+
+    def interrupted(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", interrupted)
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)
+    with pytest.raises(OSError):
+        ckpt.save_weights(str(path), model, "small_resnet", kwargs)
+    monkeypatch.undo()
+    assert path.read_bytes() == before
+    ckpt.load_model(str(path))  # still loadable
+
+
+# --------------------------------------------------------------------------- evaluation kill
+class _EvalNet(torch.nn.Module):
+    """A fixed random linear classifier of 1x6x6 images; optionally SIGKILLs its own process
+    at its ``kill_at``-th forward pass (the crash the test survives)."""
+
+    num_classes = 4
+
+    def __init__(self, kill_at: int | None = None):
+        super().__init__()
+        torch.manual_seed(0)
+        self.linear = torch.nn.Linear(36, 4)
+        self.kill_at, self.calls = kill_at, 0
+
+    def forward(self, x):
+        self.calls += 1
+        if self.kill_at is not None and self.calls >= self.kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return self.linear(x.flatten(1)) * 4.0
+
+
+def _eval_data() -> torch.utils.data.TensorDataset:
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(20, 1, 6, 6, generator=g)
+    return torch.utils.data.TensorDataset(x, torch.arange(20) % 4)
+
+
+EVAL_SETTINGS = dict(steps=[2, 4], eps=0.1, step_size=0.02, batch_size=4, seed=5,
+                     device="cpu", progress=False)
+
+
+def test_sigkill_during_evaluation_then_resume_gives_the_same_numbers(tmp_path):
+    """A real SIGKILL in the middle of the third batch of a white-box evaluation; rerunning the
+    same call finishes the remaining batches and reports exactly the uninterrupted numbers."""
+    from featdenoise.evaluation.whitebox import PARTS_DIR, evaluate_whitebox
+
+    cut = tmp_path / "cut"
+    # forward passes per batch: 1 clean + (2 + 1) + (4 + 1) for PGD-2 and PGD-4 -> 9
+    script = textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        from test_reliability_crash import EVAL_SETTINGS, _EvalNet, _eval_data
+        from featdenoise.evaluation.whitebox import evaluate_whitebox
+        evaluate_whitebox(_EvalNet(kill_at=2 * 9 + 5), _eval_data(), {str(cut)!r},
+                          **EVAL_SETTINGS)
+    """)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                          timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
+    assert not (cut / "summary.json").exists()
+    done = list((cut / PARTS_DIR).iterdir())
+    assert done and sum(len(p.read_text().splitlines()) for p in done) == 8  # 2 batches of 4
+
+    resumed = evaluate_whitebox(_EvalNet(), _eval_data(), str(cut), **EVAL_SETTINGS)
+    full = evaluate_whitebox(_EvalNet(), _eval_data(), str(tmp_path / "full"), **EVAL_SETTINGS)
+    assert resumed["num_images"] == full["num_images"] == 20
+    assert resumed["clean"] == full["clean"]
+    assert resumed["attacks"] == full["attacks"]
+    assert 0 < full["attacks"][-1]["accuracy"] < full["clean"]["top1"]  # the attack did work
+    outcomes = "outcomes.jsonl"
+    assert (cut / outcomes).read_text() == (tmp_path / "full" / outcomes).read_text()
