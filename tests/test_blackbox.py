@@ -166,3 +166,26 @@ def test_blackbox_cli_with_clean_and_adversarial_folders(tmp_path, capsys):
     assert s["eps_255"] == 32 and s["num_images"] == 5
     assert 0 <= s["all_or_nothing"] <= min(s["per_attacker"].values()) <= 1
     assert "all-or-nothing" in capsys.readouterr().out
+
+
+def test_saved_transfer_images_read_back_as_an_adversarial_folder(tmp_path):
+    """--save-adv writes one folder per transfer attacker, named by image id (here the dataset
+    index), which folder_attackers matches back to a dataset without file names."""
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(8) % K
+    margins = 0.2 + 0.3 * torch.rand(8, generator=g)
+    x = torch.stack([_image(int(c), float(m)) for c, m in zip(y, margins, strict=True)])
+    ds = torch.utils.data.TensorDataset(x, y)
+    att = transfer_attackers([("src", Quadrants())], ["ifgsm"], steps=3)
+    first = evaluate_blackbox(Quadrants(), ds, str(tmp_path / "a"), att, eps=0.2, device="cpu",
+                              progress=False, save_adv=str(tmp_path / "adv"))
+    saved = tmp_path / "adv" / "src_ifgsm"
+    assert sorted(os.listdir(saved)) == sorted(f"{i}.png" for i in range(8))
+    back = folder_attackers([str(saved)], [str(i) for i in range(8)])
+    again = evaluate_blackbox(Quadrants(), ds, str(tmp_path / "b"), back, eps=0.2,
+                              device="cpu", progress=False)
+    assert again["max_linf_255"]["dir:src_ifgsm"] <= 0.2 * 255 + 0.5 + 1e-6
+    a = [json.loads(r)["pred_src:ifgsm"] for r in open(tmp_path / "a" / "outcomes.jsonl")]
+    b = [json.loads(r)["pred_dir:src_ifgsm"] for r in open(tmp_path / "b" / "outcomes.jsonl")]
+    assert sum(p == q for p, q in zip(a, b, strict=True)) >= 7  # 8-bit rounding may flip one
+    assert first["per_attacker"]["src:ifgsm"] < 1.0

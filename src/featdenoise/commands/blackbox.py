@@ -92,7 +92,7 @@ def _run(args: argparse.Namespace) -> int:
             model, dataset, args.out, attackers, eps=args.eps / 255, clip_eps=args.clip_eps,
             seed=args.seed, batch_size=args.batch_size, limit=args.limit,
             name=args.name or name, device=device, num_workers=args.workers,
-            progress=not args.no_progress,
+            progress=not args.no_progress, save_adv=args.save_adv,
             extra={"source": source, "data": args.data or os.path.abspath(args.clean_dir)})
         if summary is not None and distributed.is_main():
             print_table(os.path.join(args.out, "table.md"))
@@ -136,6 +136,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="a clean image stands in where an --adv-dirs folder lacks a file")
     a.add_argument("--clip-eps", action="store_true",
                    help="clip --adv-dirs images into the eps-box of the clean image")
+    a.add_argument("--save-adv", metavar="DIR",
+                   help="also write the transfer attacks' images as PNG folders "
+                        "DIR/<source>_<attack>/<image id>.png (readable with --adv-dirs)")
     r = p.add_argument_group("run")
     r.add_argument("--out", required=True, metavar="DIR", help="output folder (reused to resume)")
     r.add_argument("--name", help="label of the defended model")

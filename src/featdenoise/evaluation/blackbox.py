@@ -143,6 +143,7 @@ def evaluate_blackbox(
     max_batches: int | None = None,
     num_workers: int = 0,
     progress: bool = True,
+    save_adv: str | None = None,
     extra: dict | None = None,
 ) -> dict | None:
     """Evaluate ``model`` against ``attackers``: per-attacker and all-or-nothing accuracy (6.2).
@@ -158,6 +159,10 @@ def evaluate_blackbox(
         seed: seeds the transfer attacks (random starts, targets if targeted).
         batch_size, limit, ids, name, device, rank, world_size, max_batches, num_workers,
         progress, extra: as in :func:`featdenoise.evaluation.whitebox.evaluate_whitebox`.
+        save_adv: if given, the transfer attackers' images are also written there as PNG,
+            ``<save_adv>/<source>_<attack>/<image id>.png``, a folder per attacker that
+            ``folder_attackers`` (``--adv-dirs``) reads back, e.g. to attack other defences with
+            the same images. 8-bit rounding may move a pixel by up to 0.5/255 past eps.
 
     Returns:
         The summary (``summary.json``) once every image is done, else None.
@@ -194,7 +199,7 @@ def evaluate_blackbox(
 
     def process(x, y, b, indices):
         return _blackbox_batch(model, x, y, b, indices, all_ids, attackers, eps=eps,
-                               clip_eps=clip_eps, seed=seed, device=device)
+                               clip_eps=clip_eps, seed=seed, device=device, save_adv=save_adv)
 
     records = wb.run_batches(out_dir, dataset, order, batch_size, f"blackbox {settings['name']}",
                              process, model=model, device=device, rank=rank,
@@ -203,6 +208,11 @@ def evaluate_blackbox(
     if records is None:
         return None
     return finalize_blackbox(out_dir, records, settings)
+
+
+def adv_folder_name(attacker: str) -> str:
+    """Folder name for an attacker's saved images: ``"src:pgd" -> "src_pgd"``."""
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in attacker)
 
 
 def _describe(a: TransferAttacker | FolderAttacker) -> dict:
@@ -221,7 +231,7 @@ def _check_settings(out_dir: str, settings: dict, write: bool) -> None:
 
 
 def _blackbox_batch(model, x, y, batch_index, indices, all_ids, attackers, *, eps, clip_eps,
-                    seed, device) -> list[dict]:
+                    seed, device, save_adv=None) -> list[dict]:
     """Clean and per-attacker predictions of one batch as per-image records."""
     from featdenoise.data.files import load_image
 
@@ -254,6 +264,12 @@ def _blackbox_batch(model, x, y, batch_index, indices, all_ids, attackers, *, ep
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
                 torch.manual_seed(s)
                 x_adv = atk.attack(x, y, target=target)
+            if save_adv:
+                from featdenoise.data.files import save_image
+
+                sub = os.path.join(save_adv, adv_folder_name(a.name))
+                for m, image_id in enumerate(batch_ids):
+                    save_image(x_adv[m], os.path.join(sub, f"{image_id}.png"))
         else:
             advs = []
             for m, image_id in enumerate(batch_ids):

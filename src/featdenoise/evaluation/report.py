@@ -82,6 +82,7 @@ def plot_accuracy_vs_iterations(summaries: Sequence[dict], path: str,
                                 title: str | None = None) -> str:
     """Plot accuracy (%) against attack iterations, log x axis, one line per summary (paper Fig. 6).
 
+    Untargeted runs are drawn dashed.
     Returns ``path`` (a PNG). Uses matplotlib's Agg backend (no display needed).
     """
     import matplotlib
@@ -98,7 +99,8 @@ def plot_accuracy_vs_iterations(summaries: Sequence[dict], path: str,
             continue
         xs, ys = zip(*pts, strict=True)
         all_steps.update(xs)
-        ax.plot(xs, [100 * y for y in ys], marker="o", label=label(s))
+        style = "-" if s.get("targeted", True) else "--"
+        ax.plot(xs, [100 * y for y in ys], marker="o", linestyle=style, label=label(s))
         for x, y in pts[-1:]:
             ax.annotate(f"{100 * y:.1f}", (x, 100 * y), textcoords="offset points",
                         xytext=(4, 4), fontsize=8)
