@@ -29,10 +29,14 @@ from featdenoise.commands.evaluate import (
 def source_model(spec: str, num_classes: int, in_channels: int) -> tuple[str, nn.Module]:
     """A source model from ``spec``: a checkpoint path / run directory, ``FILE.npz:ARCH[:DEPTH]``
     (an official checkpoint), or a registered model name (built untrained, with a warning)."""
-    path, _, rest = spec.partition(":") if ".npz:" in spec else (spec, "", "")
+    cut = spec.find(".npz:") + 4 if ".npz:" in spec else len(spec)
+    path, rest = spec[:cut], spec[cut + 1:]
     if path.endswith(".npz"):
         arch, _, depth = rest.partition(":")
-        model = load_official_model(path, arch or None, int(depth) if depth else None, None)
+        if not arch:
+            raise ValueError(f"--source {spec}: an official checkpoint needs its arch, "
+                             "as FILE.npz:ARCH[:DEPTH] (e.g. R152.npz:ResNet:152)")
+        model = load_official_model(path, arch, int(depth) if depth else None, None)
         return os.path.splitext(os.path.basename(path))[0], model
     if os.path.exists(spec):
         from featdenoise.commands.evaluate import _model_name_from_path
