@@ -1,7 +1,34 @@
-"""Feature-denoising operations and the denoising block (paper Sec. 4, Fig. 4).
+"""Feature-denoising operations and the denoising block (paper Sec. 4, Figs. 4-5, Table 1).
 
 Every op maps NCHW features ``[N, C, H, W]`` to the same shape and is built as
-``op_cls(channels, **kw)``; :func:`build_op` selects one by name.
+``op_cls(channels, **kw)``; :func:`build_op` selects one by name (:data:`OP_NAMES`) and
+:class:`DenoisingBlock` wraps one into ``y = x + BN(conv1x1(op(x)))``.
+
+Decisions the paper leaves open, and how they follow the authors' code (``resnet_model.py``,
+``non_local_op`` / ``denoising``) or are ours:
+
+* Gaussian non-local: ``f = exp(theta(x_i)^T phi(x_j) / sqrt(d))`` with ``d = C/2``, the number
+  of embedding channels (official ``tf.sqrt(theta.shape[1])``); theta, phi are bias-free 1x1 convs
+  initialised N(0, 0.01); the weighted mean is over ``x_j`` itself.
+* Dot-product non-local: ``f = x_i^T x_j``, ``C(x) = M``, the number of pixels ``j`` summed over
+  (``H*W``; with sub-sampling the number of pooled pixels, so the output stays a mean over the
+  set of ``j``). When ``C <= H*W`` the official association ``(phi g^T) theta`` is used: a
+  ``C x C`` matrix instead of ``HW x HW`` (cost ``HW*C^2`` rather than ``(HW)^2*C``).
+* Sub-sampling (Sec. 6.2, ``subsample=True``): keys and values ``x_j`` are 2x2 max-pooled with
+  stride 2 and ``ceil_mode=True`` (odd sizes keep their last row/column as a 1-pixel window, so
+  every pixel is represented); queries ``x_i`` stay full size.
+* Bilateral (Eq. 2) border rule: only in-image neighbours belong to ``Omega(i)``; the Gaussian
+  version takes its softmax over those, the dot version divides by ``|Omega(i)|`` (4, 6 or 9).
+* Mean: 3x3 average with stride 1 that counts in-image pixels only (``count_include_pad=False``,
+  TensorFlow's "SAME" average pooling, which tensorpack ``AvgPooling`` uses).
+* Median: 3x3 per channel with replicate ("nearest") padding (OpenCV ``medianBlur``'s border;
+  every window has 9 real values, so the median is always one of them); the gradient goes to
+  exactly one input element per output, the one whose value is the median.
+
+Speed and memory: the Gaussian non-local never materialises the ``HW x HW`` matrix for a whole
+batch; it runs a chunked, flash-attention-style softmax (:class:`_ChunkedSoftmaxAttention`) whose
+backward recomputes each chunk instead of storing it. ``featdenoise bench ops`` compares every op
+with its straightforward version.
 """
 
 from __future__ import annotations
@@ -11,6 +38,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 OP_NAMES = (
     "nonlocal_gaussian",
@@ -22,105 +50,290 @@ OP_NAMES = (
     "null",
 )
 
+ATTENTION_BACKENDS = ("chunked", "sdpa", "materialise")
+
+# Elements of one score chunk [batch, queries, keys]: 2^18 floats = 1 MiB stays in cache.
+CHUNK_ELEMENTS = 1 << 18
+
+
+def _embedding(channels: int) -> nn.Conv2d:
+    """Bias-free 1x1 conv ``C -> C/2``, init N(0, 0.01) (official ``embedding_theta/phi``)."""
+    conv = nn.Conv2d(channels, max(channels // 2, 1), 1, bias=False)
+    nn.init.normal_(conv.weight, std=0.01)
+    return conv
+
+
+# ---------------------------------------------------------------------------------------------
+# Softmax attention without the full score matrix
+# ---------------------------------------------------------------------------------------------
+
+
+def _chunks(n: int, length: int, keys: int, budget: int) -> list[tuple[slice, slice]]:
+    """(batch slice, query slice) pairs so that each [nb, nq, keys] chunk has ~budget elements."""
+    per_image = length * keys
+    if per_image <= budget:  # several whole images per chunk
+        nb = max(1, budget // per_image)
+        return [(slice(b, min(b + nb, n)), slice(0, length)) for b in range(0, n, nb)]
+    nq = max(1, budget // keys)
+    return [(slice(b, b + 1), slice(s, min(s + nq, length)))
+            for b in range(n) for s in range(0, length, nq)]
+
+
+class _ChunkedSoftmaxAttention(torch.autograd.Function):
+    """``softmax(scale * q k^T) v`` over chunks of (batch, queries); backward recomputes.
+
+    Shapes: q ``[N, L, d]``, k ``[N, M, d]``, v ``[N, M, C]`` -> ``[N, L, C]``. Saves only the
+    inputs, the output and the per-query log-sum-exp ``[N, L]`` (flash-attention bookkeeping), so
+    the extra memory is one chunk of ``CHUNK_ELEMENTS`` scores, never ``N x L x M``.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, scale: float, budget: int):
+        n, length, _ = q.shape
+        qs = q * scale  # [N, L, d]
+        kt = k.transpose(1, 2)  # [N, d, M]
+        out = v.new_empty(n, length, v.shape[2])  # [N, L, C]
+        lse = q.new_empty(n, length)  # [N, L]
+        for b, s in _chunks(n, length, k.shape[1], budget):
+            a = torch.bmm(qs[b, s], kt[b])  # [nb, nq, M] scores
+            m = a.amax(-1, keepdim=True)  # [nb, nq, 1]
+            a.sub_(m).exp_()
+            z = a.sum(-1, keepdim=True)  # [nb, nq, 1]
+            out[b, s] = torch.bmm(a, v[b]).div_(z)
+            lse[b, s] = (m + z.log()).squeeze(-1)
+        ctx.save_for_backward(qs, k, v, out, lse)
+        ctx.scale, ctx.budget = scale, budget
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        qs, k, v, out, lse = ctx.saved_tensors
+        n, length, _ = qs.shape
+        grad_out = grad_out.contiguous()
+        delta = (grad_out * out).sum(-1)  # [N, L]: rowsum(dO * O)
+        kt, vt = k.transpose(1, 2), v.transpose(1, 2)  # [N, d, M], [N, C, M]
+        dq = torch.empty_like(qs)
+        dk = torch.zeros_like(k)
+        dv = torch.zeros_like(v)
+        for b, s in _chunks(n, length, k.shape[1], ctx.budget):
+            p = torch.baddbmm(-lse[b, s].unsqueeze(-1), qs[b, s], kt[b]).exp_()  # [nb, nq, M]
+            dv[b] += torch.bmm(p.transpose(1, 2), grad_out[b, s])
+            ds = torch.baddbmm(-delta[b, s].unsqueeze(-1), grad_out[b, s], vt[b]).mul_(p)
+            dq[b, s] = torch.bmm(ds, k[b])
+            dk[b] += torch.bmm(ds.transpose(1, 2), qs[b, s])  # scale is inside qs
+        return dq.mul_(ctx.scale), dk, dv, None, None
+
+
+def softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                      backend: str = "chunked", budget: int = CHUNK_ELEMENTS) -> torch.Tensor:
+    """``softmax(scale * q k^T, dim=-1) v`` (the Gaussian weighting of Eq. 1, ``C = sum_j f``).
+
+    Args:
+        q: ``[N, L, d]`` queries (embedded ``x_i``); k: ``[N, M, d]`` keys (embedded ``x_j``);
+        v: ``[N, M, C]`` values (``x_j``). Returns ``[N, L, C]``.
+        backend: ``chunked`` (default; exact, memory ``O(budget)`` beyond in/outputs),
+            ``sdpa`` (``torch.nn.functional.scaled_dot_product_attention``; q and k are
+            zero-padded to C channels so a fused kernel applies), ``materialise`` (the
+            straightforward ``[N, L, M]`` softmax; reference and benchmark baseline).
+    """
+    if backend == "chunked":
+        return _ChunkedSoftmaxAttention.apply(q, k, v, scale, budget)
+    if backend == "sdpa":
+        d, c = q.shape[-1], v.shape[-1]
+        if d < c:  # fused kernels want equal head dims; zero channels leave q k^T unchanged
+            q, k = F.pad(q, (0, c - d)), F.pad(k, (0, c - d))
+        out = F.scaled_dot_product_attention(q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1),
+                                             scale=scale)  # [N, 1, L, C]
+        return out.squeeze(1)
+    if backend == "materialise":
+        return torch.softmax(torch.bmm(q, k.transpose(1, 2)) * scale, dim=-1).bmm(v)
+    raise ValueError(f"unknown attention backend {backend!r}; choose one of "
+                     f"{', '.join(ATTENTION_BACKENDS)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Operations
+# ---------------------------------------------------------------------------------------------
+
 
 class NonLocal(nn.Module):
-    """Non-local means, Eq. (1): ``y_i = 1/C(x) * sum_j f(x_i, x_j) * x_j`` over all pixels j.
+    """Non-local means, Eq. (1): ``y_i = 1/C(x) * sum_j f(x_i, x_j) x_j`` over all pixels j.
 
-    ``softmax=True`` (Gaussian): ``f = exp(theta(x_i)^T phi(x_j) / sqrt(d))``, ``C = sum_j f``;
-    with ``embed=True`` theta, phi are bias-free 1x1 convs to ``C/2`` channels, init N(0, 0.01).
-    ``softmax=False`` (dot product): ``f = x_i^T x_j``, ``C = N`` (number of pixels j).
-    ``subsample=True`` (Sec. 6.2): keys and values x_j are 2x2 max-pooled; queries x_i full size.
+    Shapes: ``[N, C, H, W] -> [N, C, H, W]``.
+
+    Args:
+        channels: C.
+        softmax: True = Gaussian, ``f = exp(theta(x_i)^T phi(x_j) / sqrt(d))``,
+            ``C(x) = sum_j f`` (a softmax over j), ``d = C/2``; False = dot product,
+            ``f = x_i^T x_j``, ``C(x) = M`` (pixels j: ``H*W``, or the pooled count).
+        embed: theta/phi 1x1 embeddings to ``C/2`` channels (default: ``softmax``, as the
+            official ``ResNetDenoise`` / ``ResNeXtDenoiseAll``). Without embedding
+            ``theta = phi = x`` and ``d = C``.
+        subsample: Sec. 6.2 trick: ``x_j`` (keys and values) 2x2 max-pooled, ``x_i`` full size.
+        backend: how the Gaussian softmax is computed (:func:`softmax_attention`).
     """
 
     def __init__(self, channels: int, softmax: bool = True, embed: bool | None = None,
-                 subsample: bool = False):
+                 subsample: bool = False, backend: str = "chunked"):
         super().__init__()
+        if backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"unknown attention backend {backend!r}; choose one of "
+                             f"{', '.join(ATTENTION_BACKENDS)}")
         self.softmax = softmax
         self.embed = softmax if embed is None else embed
         self.subsample = subsample
+        self.backend = backend
         if self.embed:
-            self.theta = nn.Conv2d(channels, channels // 2, 1, bias=False)
-            self.phi = nn.Conv2d(channels, channels // 2, 1, bias=False)
-            nn.init.normal_(self.theta.weight, std=0.01)
-            nn.init.normal_(self.phi.weight, std=0.01)
+            self.theta = _embedding(channels)
+            self.phi = _embedding(channels)
+
+    def extra_repr(self) -> str:
+        return f"softmax={self.softmax}, embed={self.embed}, subsample={self.subsample}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, c, h, w = x.shape
         theta, phi, g = (self.theta(x), self.phi(x), x) if self.embed else (x, x, x)
-        if self.subsample:
-            phi, g = F.max_pool2d(phi, 2), F.max_pool2d(g, 2)
+        if self.subsample:  # keys/values x_j only; queries x_i keep every pixel
+            phi = F.max_pool2d(phi, 2, ceil_mode=True)
+            g = phi if g is phi else F.max_pool2d(g, 2, ceil_mode=True)
+        d, m = theta.shape[1], phi.shape[2] * phi.shape[3]
         q = theta.flatten(2)  # [N, d, HW]
         k = phi.flatten(2)  # [N, d, M]
         v = g.flatten(2)  # [N, C, M]
-        f = torch.bmm(q.transpose(1, 2), k)  # [N, HW, M]
         if self.softmax:
-            f = torch.softmax(f / math.sqrt(q.shape[1]), dim=-1)
-        else:
-            f = f / k.shape[2]
-        y = torch.bmm(v, f.transpose(1, 2))  # [N, C, HW]
-        return y.view(n, c, h, w)
+            y = softmax_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                  1.0 / math.sqrt(d), self.backend)  # [N, HW, C]
+            y = y.transpose(1, 2)  # [N, C, HW]
+        elif self.backend != "materialise" and c * d * (m + h * w) <= h * w * m * (c + d):
+            # (phi g^T) theta: [N, d, C] Gram matrix, cost ~HW*C^2 (official when C <= HW)
+            gram = torch.bmm(k, v.transpose(1, 2))  # [N, d, C]
+            y = torch.bmm(gram.transpose(1, 2), q) / m  # [N, C, HW]
+        else:  # (theta^T phi) g: [N, HW, M] pairwise weights, cheaper when C > HW
+            f = torch.bmm(q.transpose(1, 2), k)  # [N, HW, M]
+            y = torch.bmm(v, f.transpose(1, 2)) / m  # [N, C, HW]
+        return y.reshape(n, c, h, w)
+
+
+_OFFSETS = [(dy, dx) for dy in range(3) for dx in range(3)]  # 3x3 window, row-major
 
 
 class Bilateral(nn.Module):
-    """Bilateral filter, Eq. (2): the non-local weighting restricted to a 3x3 neighbourhood."""
+    """Bilateral filter, Eq. (2): the non-local weighting restricted to the 3x3 window Omega(i).
+
+    Shapes: ``[N, C, H, W] -> [N, C, H, W]``. Gaussian: ``softmax_j(theta_i^T phi_j / sqrt(d))``
+    over the in-image neighbours j (embedding as in :class:`NonLocal`); dot product:
+    ``x_i^T x_j / |Omega(i)|``. Out-of-image neighbours are not part of Omega(i).
+
+    Computed from 9 shifted views (no 9x ``unfold`` copy of the features): the weights are a
+    ``[N, 9, H, W]`` map, the output a sum of 9 weighted shifted inputs.
+    """
 
     def __init__(self, channels: int, softmax: bool = True, embed: bool | None = None):
         super().__init__()
         self.softmax = softmax
         self.embed = softmax if embed is None else embed
         if self.embed:
-            self.theta = nn.Conv2d(channels, channels // 2, 1, bias=False)
-            self.phi = nn.Conv2d(channels, channels // 2, 1, bias=False)
-            nn.init.normal_(self.theta.weight, std=0.01)
-            nn.init.normal_(self.phi.weight, std=0.01)
+            self.theta = _embedding(channels)
+            self.phi = _embedding(channels)
+
+    def extra_repr(self) -> str:
+        return f"softmax={self.softmax}, embed={self.embed}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, c, h, w = x.shape
         theta, phi = (self.theta(x), self.phi(x)) if self.embed else (x, x)
         d = theta.shape[1]
-        # Border rule: only in-image neighbours count (zero padding is masked out).
-        ones = torch.ones(1, 1, h, w, dtype=x.dtype, device=x.device)
-        valid = F.unfold(ones, 3, padding=1).view(1, 9, h * w)  # [1, 9, HW]
-        k = F.unfold(phi, 3, padding=1).view(n, d, 9, h * w)  # [N, d, 9, HW]
-        v = F.unfold(x, 3, padding=1).view(n, c, 9, h * w)  # [N, C, 9, HW]
-        f = (theta.flatten(2).unsqueeze(2) * k).sum(1)  # [N, 9, HW]
+        # In-image mask of each of the 9 neighbours: [1, 9, H, W].
+        valid = F.pad(x.new_ones(1, 1, h, w), (1, 1, 1, 1))
+        valid = torch.cat([valid[:, :, dy:dy + h, dx:dx + w] for dy, dx in _OFFSETS], 1)
+        phi_p = F.pad(phi, (1, 1, 1, 1))  # [N, d, H+2, W+2]
+        f = torch.stack([(theta * phi_p[:, :, dy:dy + h, dx:dx + w]).sum(1)
+                         for dy, dx in _OFFSETS], 1)  # [N, 9, H, W]
         if self.softmax:
             f = (f / math.sqrt(d)).masked_fill(valid == 0, float("-inf")).softmax(1)
         else:
-            f = f * valid / valid.sum(1, keepdim=True)
-        y = (v * f.unsqueeze(1)).sum(2)  # [N, C, HW]
-        return y.view(n, c, h, w)
+            f = f / valid.sum(1, keepdim=True)  # zero padding already gives f = 0 outside
+        x_p = F.pad(x, (1, 1, 1, 1))  # [N, C, H+2, W+2]
+        y = x_p[:, :, 0:h, 0:w] * f[:, 0:1]
+        for i, (dy, dx) in enumerate(_OFFSETS[1:], 1):
+            y = y + x_p[:, :, dy:dy + h, dx:dx + w] * f[:, i:i + 1]
+        return y  # [N, C, H, W]
 
 
 class MeanFilter(nn.Module):
-    """3x3 mean filter (average pooling, stride 1, same size)."""
+    """3x3 mean filter (Sec. 4.2): average pooling, stride 1, same size.
+
+    Shapes: ``[N, C, H, W] -> [N, C, H, W]``. Border: the mean of the in-image pixels of the
+    window (``count_include_pad=False``, TensorFlow "SAME" average pooling).
+    """
 
     def __init__(self, channels: int, kernel_size: int = 3):
         super().__init__()
+        if kernel_size % 2 != 1:
+            raise ValueError(f"kernel_size must be odd to keep the size, got {kernel_size}")
         self.kernel_size = kernel_size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.avg_pool2d(x, self.kernel_size, 1, self.kernel_size // 2,
-                            count_include_pad=False)
+        k = self.kernel_size
+        return F.avg_pool2d(x, k, 1, k // 2, count_include_pad=False)
+
+
+def _sort2(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(min, max) by selection: each output is one input, so its gradient goes to one element."""
+    le = a <= b
+    return torch.where(le, a, b), torch.where(le, b, a)
+
+
+def _min(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.where(a <= b, a, b)
+
+
+def _max(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.where(a <= b, b, a)
+
+
+def _median3(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    lo, hi = _sort2(a, b)
+    return _max(lo, _min(hi, c))
+
+
+def median3x3(x: torch.Tensor) -> torch.Tensor:
+    """Exact 3x3 median per channel of ``[N, C, H, W]`` (replicate padding), same shape.
+
+    Sort-free selection network: sort each vertical triple, then the median of the 9 is
+    ``med3(max of the 3 lows, med3 of the 3 middles, min of the 3 highs)`` over the 3 columns.
+    Every step selects one of its inputs (``torch.where``), so the result equals one input
+    element and autograd sends the whole gradient to exactly that element (ties go to one).
+    """
+    h, w = x.shape[-2:]
+    p = F.pad(x, (1, 1, 1, 1), mode="replicate")  # [N, C, H+2, W+2]
+    lo, hi = _sort2(p[..., 0:h, :], p[..., 1:h + 1, :])  # vertical triples: [N, C, H, W+2]
+    mid, hi = _sort2(hi, p[..., 2:h + 2, :])
+    lo, mid = _sort2(lo, mid)
+    cols = [slice(0, w), slice(1, w + 1), slice(2, w + 2)]
+    max_lo = _max(_max(lo[..., cols[0]], lo[..., cols[1]]), lo[..., cols[2]])
+    med_mid = _median3(mid[..., cols[0]], mid[..., cols[1]], mid[..., cols[2]])
+    min_hi = _min(_min(hi[..., cols[0]], hi[..., cols[1]]), hi[..., cols[2]])
+    return _median3(max_lo, med_mid, min_hi)
 
 
 class MedianFilter(nn.Module):
-    """3x3 median per channel, same size; the gradient flows to the median element."""
+    """3x3 median filter per channel, Eq. (3), same size (:func:`median3x3`).
 
-    def __init__(self, channels: int, kernel_size: int = 3):
+    Shapes: ``[N, C, H, W] -> [N, C, H, W]``; replicate padding at the border; differentiable,
+    the gradient of each output flows to the single input element that is the median.
+    """
+
+    def __init__(self, channels: int):
         super().__init__()
-        self.kernel_size = kernel_size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n, c, h, w = x.shape
-        k = self.kernel_size
-        p = F.pad(x, [k // 2] * 4, mode="reflect")
-        patches = p.unfold(2, k, 1).unfold(3, k, 1).reshape(n, c, h, w, k * k)
-        return patches.median(dim=-1).values
+        return median3x3(x)
 
 
 class Identity(nn.Module):
-    """``null``: no operation (Fig. 7)."""
+    """``null`` (Fig. 7): no operation; the block is ``x + BN(conv1x1(x))``."""
 
     def __init__(self, channels: int):
         super().__init__()
@@ -129,45 +342,66 @@ class Identity(nn.Module):
         return x
 
 
-def build_op(name: str, channels: int, subsample: bool = False, embed: bool | None = None
-             ) -> nn.Module:
-    """Build the denoising operation called ``name`` (one of :data:`OP_NAMES`)."""
-    if name == "nonlocal_gaussian":
-        return NonLocal(channels, softmax=True, embed=embed, subsample=subsample)
-    if name == "nonlocal_dot":
-        return NonLocal(channels, softmax=False, embed=embed, subsample=subsample)
-    if name == "bilateral_gaussian":
-        return Bilateral(channels, softmax=True, embed=embed)
-    if name == "bilateral_dot":
-        return Bilateral(channels, softmax=False, embed=embed)
-    if name == "mean":
-        return MeanFilter(channels)
-    if name == "median":
-        return MedianFilter(channels)
-    if name == "null":
-        return Identity(channels)
-    raise ValueError(f"unknown denoising op {name!r}; choose one of {', '.join(OP_NAMES)}")
+def build_op(name: str, channels: int, subsample: bool = False, embed: bool | None = None,
+             backend: str = "chunked") -> nn.Module:
+    """Build the denoising operation ``name`` (one of :data:`OP_NAMES`) for C = ``channels``.
+
+    ``subsample`` (Sec. 6.2) applies to the two non-local ops only; ``embed`` overrides the
+    default theta/phi embedding (Gaussian: yes, dot product: no; ignored by the ops without
+    one); ``backend`` picks how the
+    Gaussian non-local softmax is computed (:func:`softmax_attention`).
+    """
+    if name not in OP_NAMES:
+        raise ValueError(f"unknown denoising op {name!r}; choose one of {', '.join(OP_NAMES)}")
+    if subsample and not name.startswith("nonlocal"):
+        raise ValueError(f"subsample applies to the non-local ops only, not {name!r}")
+    if name.startswith("nonlocal"):
+        return NonLocal(channels, softmax=name.endswith("gaussian"), embed=embed,
+                        subsample=subsample, backend=backend)
+    if name.startswith("bilateral"):
+        return Bilateral(channels, softmax=name.endswith("gaussian"), embed=embed)
+    return {"mean": MeanFilter, "median": MedianFilter, "null": Identity}[name](channels)
 
 
 class DenoisingBlock(nn.Module):
-    """Denoising block of Fig. 4: ``y = x + BN(conv1x1(op(x)))``, BN gamma initialised to 0.
+    """Denoising block of Fig. 4 (official ``denoising``): ``y = x + BN(conv1x1(op(x)))``.
+
+    Shapes: ``[N, C, H, W] -> [N, C, H, W]``. The 1x1 conv has no bias; BN gamma starts at 0,
+    so a fresh block is the identity. Submodules ``op`` (with ``op.theta``, ``op.phi`` for the
+    embedded ops), ``conv`` and ``bn`` correspond to the official variables
+    ``embedding_theta/W``, ``embedding_phi/W``, ``conv/W`` and ``conv/bn/*``.
 
     Args:
-        channels: C of the ``[N, C, H, W]`` input; the output has the same shape.
-        op: a name from :data:`OP_NAMES`.
-        use_conv: False drops the 1x1 conv (Table 1 ablation "without 1x1").
-        residual: False drops the identity path (Table 1 ablation "without residual").
-        subsample: 2x2 max-pool keys/values of non-local ops (Sec. 6.2).
+        channels: C.
+        op: a name from :data:`OP_NAMES` (default ``nonlocal_gaussian``, the paper's best).
+        use_conv: False drops the 1x1 conv, ``y = x + BN(op(x))`` (Table 1, "without 1x1";
+            ``conv`` is then an ``nn.Identity``).
+        residual: False drops the identity path, ``y = BN(conv1x1(op(x)))`` (Table 1, "without
+            residual"). BN gamma then starts at 1: with 0 the block would output zeros and cut
+            the signal to every later layer.
+        subsample: 2x2 max-pool keys/values of the non-local ops (Sec. 6.2).
+        embed: override the op's default theta/phi embedding (see :func:`build_op`).
+        backend: Gaussian non-local softmax implementation (:func:`softmax_attention`).
     """
 
     def __init__(self, channels: int, op: str = "nonlocal_gaussian", use_conv: bool = True,
-                 residual: bool = True, subsample: bool = False, embed: bool | None = None):
+                 residual: bool = True, subsample: bool = False, embed: bool | None = None,
+                 backend: str = "chunked"):
         super().__init__()
-        self.op = build_op(op, channels, subsample=subsample, embed=embed)
-        self.conv = nn.Conv2d(channels, channels, 1, bias=False) if use_conv else nn.Identity()
-        self.bn = nn.BatchNorm2d(channels, eps=1e-5)
-        nn.init.zeros_(self.bn.weight)
+        self.op_name = op
         self.residual = residual
+        self.op = build_op(op, channels, subsample=subsample, embed=embed, backend=backend)
+        if use_conv:
+            self.conv = nn.Conv2d(channels, channels, 1, bias=False)
+            nn.init.kaiming_normal_(self.conv.weight, mode="fan_out", nonlinearity="relu")
+        else:
+            self.conv = nn.Identity()
+        self.bn = nn.BatchNorm2d(channels, eps=1e-5)
+        if residual:
+            nn.init.zeros_(self.bn.weight)
+
+    def extra_repr(self) -> str:
+        return f"op={self.op_name!r}, residual={self.residual}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.bn(self.conv(self.op(x)))
