@@ -1,0 +1,119 @@
+"""The validated training config: file -> overrides -> checks -> frozen -> run dir."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import yaml
+
+from featdenoise.config import Config, load_config, parse_overrides, save_config
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+
+
+def test_defaults_are_the_paper_recipe():
+    cfg = Config()
+    assert (cfg.attack.steps, cfg.attack.eps, cfg.attack.step_size) == (30, 16.0, 1.0)
+    assert cfg.attack.clean_start_prob == 0.2 and cfg.attack.targeted
+    o = cfg.optim
+    assert (o.lr, o.base_batch, o.momentum, o.nesterov) == (0.1, 256, 0.9, True)
+    assert (o.weight_decay, o.label_smoothing, o.warmup_epochs) == (1e-4, 0.1, 5.0)
+    assert (o.milestones, o.epochs) == ([35, 70, 95], 110)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_shipped_configs_validate_and_name_registered_models(path):
+    from featdenoise.models import list_models
+
+    cfg = load_config(path)
+    assert cfg.model.name in list_models()
+
+
+def test_shipped_configs_cover_the_paper_runs():
+    names = {p.name for p in CONFIGS}
+    for required in ("imagenet_r152.yaml", "imagenet_r152_denoise.yaml",
+                     "imagenet_x101_denoise_all.yaml", "imagenet_r101_denoise.yaml"):
+        assert required in names
+    assert any(n.startswith("cifar10_") for n in names)
+    assert any(n.startswith("fashion_mnist_") for n in names)
+
+
+def test_overrides_parse_yaml_scalars_and_nested_keys(tmp_path):
+    cfg = load_config(CONFIGS[0], ["optim.lr=0.2", "run.bf16=true", "optim.milestones=[30, 60]",
+                                   "model.kwargs.denoise=mean", "data.root=null",
+                                   "attack.eps=8"])
+    assert cfg.optim.lr == 0.2 and cfg.run.bf16 is True
+    assert cfg.optim.milestones == [30, 60]
+    assert cfg.model.kwargs["denoise"] == "mean"
+    assert cfg.data.root is None
+    assert isinstance(cfg.attack.eps, float) and cfg.attack.eps == 8.0
+
+
+def test_override_wins_over_file(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("optim:\n  lr: 0.3\n  epochs: 3\n")
+    cfg = load_config(path, ["optim.lr=0.05"])
+    assert cfg.optim.lr == 0.05 and cfg.optim.epochs == 3
+
+
+@pytest.mark.parametrize("override, fragment", [
+    (["optim.lrr=0.1"], "did you mean optim.lr"),
+    (["atack.steps=3"], "did you mean attack.steps"),
+    (["run.resum=auto"], "run.resume"),
+    (["data.batchsize=3"], "data.batch_size"),
+])
+def test_unknown_key_is_one_line_with_suggestion(override, fragment):
+    with pytest.raises(ValueError) as err:
+        load_config(None, override)
+    msg = str(err.value)
+    assert "unknown config key" in msg and fragment in msg and "\n" not in msg
+
+
+def test_unknown_key_in_file_is_reported(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("optim:\n  momentun: 0.9\n")
+    with pytest.raises(ValueError, match="optim.momentun.*optim.momentum"):
+        load_config(path)
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("attack.clean_start_prob=1.5", "attack.clean_start_prob' = 1.5 is out of range: expected "
+                                    "a number in [0, 1]"),
+    ("data.batch_size=0", "data.batch_size' = 0 is out of range"),
+    ("optim.milestones=[70, 35]", "increasing list"),
+    ("data.name=mnist", "one of fashion_mnist, cifar10, imagenet"),
+    ("optim.lr=fast", "wrong type: expected float"),
+    ("run.bf16=3", "wrong type: expected bool"),
+    ("attack.steps=2.5", "wrong type: expected int"),
+    ("attack.eps=300", "[0, 255]"),
+    ("run.device=tpu", "auto, cpu, cuda"),
+])
+def test_bad_value_names_key_value_and_range(override, fragment):
+    with pytest.raises(ValueError) as err:
+        load_config(None, [override])
+    assert fragment in str(err.value) and "\n" not in str(err.value)
+
+
+def test_malformed_override_and_missing_file():
+    with pytest.raises(ValueError, match="not key=value"):
+        parse_overrides(["optim.lr"])
+    with pytest.raises(FileNotFoundError, match="nope.yaml"):
+        load_config("nope.yaml")
+
+
+def test_config_is_frozen():
+    cfg = load_config(None)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.optim.lr = 1.0
+
+
+def test_saved_config_holds_resolved_values_and_reloads_identically(tmp_path):
+    cfg = load_config(CONFIGS[0], ["optim.lr=0.2", "model.kwargs.width=4"])
+    path = save_config(cfg, tmp_path / "run")
+    saved = yaml.safe_load(Path(path).read_text())
+    assert saved["optim"]["lr"] == 0.2 and saved["model"]["kwargs"]["width"] == 4
+    # Every key is written, including defaults the file did not mention.
+    assert set(saved["run"]) == {f.name for f in dataclasses.fields(type(cfg.run))}
+    assert load_config(path) == cfg
