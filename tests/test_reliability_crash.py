@@ -118,35 +118,6 @@ def test_rename_never_reached_keeps_the_previous_one(tmp_path, monkeypatch):
     assert ckpt.load_checkpoint(str(path))["step"] == 1
 
 
-def test_sigkill_during_a_checkpoint_write_keeps_the_previous_one(tmp_path):
-    """A real SIGKILL half-way through writing: the process dies with its file half written."""
-    path = tmp_path / "checkpoint.pt"
-    script = textwrap.dedent(f"""
-        import os, signal, torch
-        from featdenoise.training import checkpoint as ckpt
-
-        ckpt.atomic_save({{"model": {{"w": torch.ones(256, 256)}}, "step": 1}}, {str(path)!r})
-        real_save = torch.save
-
-        def killed_half_way(obj, f, *args, **kwargs):
-            real_save(obj, f, *args, **kwargs)
-            f.flush()
-            f.truncate(f.tell() // 2)
-            os.kill(os.getpid(), signal.SIGKILL)
-
-        torch.save = killed_half_way
-        ckpt.atomic_save({{"model": {{"w": torch.zeros(256, 256)}}, "step": 2}}, {str(path)!r})
-    """)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
-                          timeout=120)
-    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
-    from featdenoise.training.checkpoint import load_checkpoint
-
-    saved = load_checkpoint(str(path))
-    assert saved["step"] == 1 and torch.equal(saved["model"]["w"], torch.ones(256, 256))
-
-
 def test_exported_weights_write_is_atomic_too(tmp_path, monkeypatch):
     from featdenoise.models import create_model
     from featdenoise.training import checkpoint as ckpt
@@ -231,3 +202,66 @@ def test_sigkill_during_evaluation_then_resume_gives_the_same_numbers(tmp_path):
     assert 0 < full["attacks"][-1]["accuracy"] < full["clean"]["top1"]  # the attack did work
     outcomes = "outcomes.jsonl"
     assert (cut / outcomes).read_text() == (tmp_path / "full" / outcomes).read_text()
+
+
+# --------------------------------------------------------------------------- training kill
+def test_sigkill_mid_epoch_then_resume_gives_the_uninterrupted_weights(tmp_path, monkeypatch):
+    """SIGKILL a training process in its second epoch while it is half-way through writing a
+    checkpoint. The previous (mid-epoch) checkpoint must still load, and ``resume=auto`` must
+    then end with exactly the weights of a run that was never killed (same seed, data order)."""
+    if not (FMNIST / "train-images-idx3-ubyte.gz").is_file():
+        pytest.skip(f"Fashion-MNIST not installed at {FMNIST} (make data)")
+    from safetensors.torch import load_file
+
+    from featdenoise.training import loop, train
+    from featdenoise.training.checkpoint import CHECKPOINT, WEIGHTS, load_checkpoint
+
+    def config(out):
+        cfg = _tiny_config(out, checkpoint_every=2)
+        cfg["data"]["train_subset"] = 24  # 6 steps per epoch
+        cfg["optim"]["epochs"] = 2
+        return cfg
+
+    killed = tmp_path / "killed"
+    script = textwrap.dedent(f"""
+        import os, signal, torch
+        torch.set_num_threads({torch.get_num_threads()})
+        from featdenoise.training import train
+
+        real_save = torch.save
+
+        def save_or_die(obj, f, *args, **kwargs):
+            real_save(obj, f, *args, **kwargs)
+            if isinstance(obj, dict) and obj.get("step") == 10:  # epoch 2, batch 4
+                f.flush()
+                f.truncate(f.tell() // 2)  # half of the new checkpoint is on disk
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        torch.save = save_or_die
+        train({config(killed)!r})
+    """)
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                          timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
+    last = load_checkpoint(str(killed / CHECKPOINT))  # the previous checkpoint, intact
+    assert (last["step"], last["epoch"], last["step_in_epoch"]) == (8, 1, 2)  # mid-epoch
+    assert not (killed / WEIGHTS).exists()
+
+    real_step, steps_run = loop.train_step, []
+
+    def counted_step(*args, **kwargs):
+        steps_run.append(args[7].step)
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "train_step", counted_step)
+    train(config(killed))  # resume=auto picks up checkpoint.pt
+    assert steps_run == [8, 9, 10, 11]  # it really resumed: only the lost steps were redone
+    monkeypatch.undo()
+    train(config(tmp_path / "straight"))
+    resumed = load_file(str(killed / WEIGHTS))
+    straight = load_file(str(tmp_path / "straight" / WEIGHTS))
+    assert resumed.keys() == straight.keys()
+    for k in straight:
+        assert torch.equal(resumed[k], straight[k]), k
+    assert load_checkpoint(str(killed / CHECKPOINT))["step"] == 12
