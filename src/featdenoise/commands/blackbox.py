@@ -17,6 +17,7 @@ from torch import nn
 from featdenoise.commands.evaluate import (
     add_data_args,
     add_model_args,
+    check_compatible,
     dataset_from_args,
     load_checkpoint_model,
     load_official_model,
@@ -82,6 +83,7 @@ def _run(args: argparse.Namespace) -> int:
             dataset = dataset_from_args(args, channels)
         else:
             raise ValueError("give the clean images: --data NAME or --clean-dir DIR --labels CSV")
+        check_compatible(model, dataset, "the clean images")
         attackers = []
         k = model_num_classes(model)
         for spec in args.source:

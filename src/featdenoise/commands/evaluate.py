@@ -133,6 +133,23 @@ def dataset_from_args(args: argparse.Namespace, channels: int = 3):
                          image_size=args.image_size)
 
 
+def check_compatible(model: nn.Module, dataset, what: str) -> None:
+    """One clear error when the data's channels or labels cannot fit the model."""
+    from featdenoise.evaluation.predict import model_in_channels
+    from featdenoise.evaluation.whitebox import model_num_classes
+
+    if len(dataset) == 0:
+        raise ValueError(f"{what} holds no images")
+    x, y = dataset[0]
+    c, k = model_in_channels(model), model_num_classes(model)
+    if x.dim() != 3 or x.shape[0] != c:
+        raise ValueError(f"the model takes {c}-channel images but {what} gives shape "
+                         f"{tuple(x.shape)}; use a model trained on this data")
+    if int(y) >= k:
+        raise ValueError(f"{what} has label {int(y)} but the model has {k} classes; "
+                         "use a model trained on this data")
+
+
 def resolve_device(name: str) -> torch.device:
     """``auto`` -> this process's GPU when there is one, else the CPU (joins torchrun's group)."""
     from featdenoise.training import distributed
@@ -177,6 +194,7 @@ def _evaluate(args: argparse.Namespace, device: torch.device) -> int:
     code = 0
     for name, model, source in models:
         dataset = dataset_from_args(args, model_in_channels(model))
+        check_compatible(model, dataset, f"--data {args.data}")
         if args.sanity:
             ok = _sanity(model, dataset, args, device)
             if not ok:
