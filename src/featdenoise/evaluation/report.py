@@ -25,7 +25,11 @@ def load_summary(path: str) -> dict:
         raise FileNotFoundError(
             f"no evaluation summary at {file!r}; pass a finished `featdenoise eval` output folder")
     with open(file) as f:
-        return json.load(f)
+        summary = json.load(f)
+    if "attacks" not in summary or not isinstance(summary.get("clean"), dict):
+        raise ValueError(f"{file!r} is not a white-box evaluation summary (a black-box one?); "
+                         "pass folders written by `featdenoise eval`")
+    return summary
 
 
 def label(summary: dict) -> str:

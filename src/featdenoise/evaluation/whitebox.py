@@ -296,7 +296,8 @@ def evaluate_whitebox(
             needs ``model.num_classes``. Put in eval mode here (BatchNorm in inference mode).
         dataset: yields ``(image [C, H, W] in [0, 1], label int)``.
         out_dir: output folder (created; reused to resume).
-        steps: attack iteration counts, e.g. ``(10, 100, 1000)``; one record column each.
+        steps: attack iteration counts, e.g. ``(10, 100, 1000)``; one record column each
+            (sorted, duplicates dropped; ``fgsm`` has exactly one step).
         attack: attack name of :func:`featdenoise.attacks.build_attack` (``pgd`` in the paper).
         eps, step_size: L-inf radius and step on the [0, 1] scale (paper: 16/255 and 1/255).
         restarts: random restarts per attack (PGD).
@@ -319,7 +320,9 @@ def evaluate_whitebox(
     """
     from featdenoise.data.files import dataset_image_ids
 
-    steps = [int(s) for s in steps]
+    steps = sorted({int(s) for s in steps})
+    if attack == "fgsm":
+        steps = [1]  # one step by definition; a sweep over iterations means nothing
     if not steps or any(s < 1 for s in steps):
         raise ValueError(f"--steps must be positive iteration counts, got {steps}")
     if batch_size < 1:
