@@ -189,3 +189,15 @@ def test_no_source_file_unpickles_unsafely():
                     and path.name != "safeio.py":
                 offenders.append(f"{where}: use featdenoise.safeio.restricted_pickle_load")
     assert not offenders, "unsafe loading:\n" + "\n".join(offenders)
+
+
+def test_cli_refuses_a_code_pickle_with_one_line(tmp_path, capsys):
+    from featdenoise.cli import main
+
+    marker = tmp_path / "pwned"
+    path = _evil_checkpoint(tmp_path / "checkpoint.pt", marker)
+    code = main(["eval", "--checkpoint", str(path), "--data", "fashion_mnist",
+                 "--out", str(tmp_path / "ev"), "--device", "cpu", "--no-progress"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and str(path) in lines[0], lines
+    assert not marker.exists()
