@@ -18,6 +18,7 @@ from featdenoise.commands.evaluate import (
     add_data_args,
     add_model_args,
     check_compatible,
+    check_run_args,
     dataset_from_args,
     load_checkpoint_model,
     load_official_model,
@@ -64,6 +65,7 @@ def _run(args: argparse.Namespace) -> int:
     from featdenoise.evaluation.whitebox import model_num_classes
     from featdenoise.training import distributed
 
+    check_run_args(args)
     device = resolve_device(args.device)
     try:
         ((name, model, source),) = models_from_args(args)

@@ -173,6 +173,7 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     if args.data is None:
         raise ValueError("--data is required (or --plot RUN ... to merge finished evaluations)")
+    check_run_args(args)
     device = resolve_device(args.device)
     try:
         return _evaluate(args, device)
@@ -180,6 +181,25 @@ def _run(args: argparse.Namespace) -> int:
         from featdenoise.training import distributed
 
         distributed.shutdown()
+
+
+def check_run_args(args: argparse.Namespace) -> None:
+    """One clear error for an impossible option value, named as the user typed it."""
+    if not 0 < args.eps <= 255:
+        raise ValueError(f"--eps {args.eps:g} is outside (0, 255]; eps is on the 0..255 pixel "
+                         "scale (the paper's 16)")
+    if getattr(args, "step_size", 1.0) <= 0:
+        raise ValueError(f"--step-size {args.step_size:g} must be > 0 (0..255 scale, e.g. 1)")
+    for opt in ("steps",):
+        values = getattr(args, opt, None) or []
+        bad = [v for v in values if v < 1]
+        if bad:
+            raise ValueError(f"--steps {','.join(map(str, values))}: iteration counts must be "
+                             f">= 1 (got {bad[0]})")
+    for opt in ("restarts", "batch_size", "limit", "sanity_images", "source_steps"):
+        v = getattr(args, opt, None)
+        if v is not None and v < 1:
+            raise ValueError(f"--{opt.replace('_', '-')} {v} must be >= 1")
 
 
 def _evaluate(args: argparse.Namespace, device: torch.device) -> int:
