@@ -255,3 +255,25 @@ def test_resnext_denoise_all_in_official_format(tmp_path):
     with torch.no_grad():
         ours = block(torch.from_numpy(x)[None])[0].numpy()
     np.testing.assert_allclose(ours, ref, rtol=1e-8, atol=1e-8)
+
+
+@needs_fixtures
+@pytest.mark.parametrize("folder", FOLDERS, ids=[f.name for f in FOLDERS])
+def test_input_gradient_matches_official_pgd_step(folder):
+    """One official PGD step (adv_model.py, from the clean image) depends only on the sign of
+    the network's input gradient: ours must reproduce the official adversarial image."""
+    arch, blocks = _folder_arch(folder)
+    model = load_tensorpack(folder / "checkpoint.npz", arch, blocks=blocks)
+    ref = np.load(folder / "reference.npz", allow_pickle=False)
+    x = _rgb01_from_bgr_uint8(ref["input_bgr_uint8"]).requires_grad_(True)
+    loss = torch.nn.functional.cross_entropy(model(x), torch.from_numpy(ref["pgd_target"]),
+                                             reduction="sum")
+    (grad,) = torch.autograd.grad(loss, x)
+    # official image space: BGR, [-1, 1]; d/d(bgr) has the sign of d/d(rgb) (positive scale)
+    clean = x.detach().flip(1) * 2 - 1
+    eps = float(ref["eps"]) * 2 / 255
+    step = max(float(ref["step"]), float(ref["eps"]) / int(ref["pgd_iter"])) * 2 / 255
+    adv = clean - grad.flip(1).sign() * step
+    adv = torch.minimum(torch.maximum(adv, (clean - eps).clamp(-1, 1)), (clean + eps).clamp(-1, 1))
+    same = (adv - torch.from_numpy(ref["pgd_adv_nchw"])).abs() <= 1e-4
+    assert same.float().mean().item() >= 0.995

@@ -202,12 +202,15 @@ class ResNet(nn.Module):
         denoise: denoising op name (:data:`featdenoise.models.denoise.OP_NAMES`).
         use_conv, residual, subsample, embed: passed to each :class:`DenoisingBlock`
             (Table 1 ablations, Sec. 6.2 sub-sampling, theta/phi embedding; ``None`` = op default).
+        backend: Gaussian non-local softmax implementation (``chunked``, ``sdpa``,
+            ``materialise``; see :func:`featdenoise.models.denoise.softmax_attention`).
     """
 
     def __init__(self, blocks: Sequence[int] = (3, 4, 6, 3), num_classes: int = 1000,
                  groups: int = 1, res2_bottleneck: int = 64, placement: str = "none",
                  denoise: str = "nonlocal_gaussian", use_conv: bool = True,
-                 residual: bool = True, subsample: bool = False, embed: bool | None = None):
+                 residual: bool = True, subsample: bool = False, embed: bool | None = None,
+                 backend: str = "chunked"):
         super().__init__()
         blocks = [int(b) for b in blocks]
         if len(blocks) != 4 or min(blocks) < 1:
@@ -217,7 +220,8 @@ class ResNet(nn.Module):
                              f"{', '.join(PLACEMENTS)}")
         self.num_classes = num_classes
         self.placement = placement
-        dkw = dict(use_conv=use_conv, residual=residual, subsample=subsample, embed=embed)
+        dkw = dict(use_conv=use_conv, residual=residual, subsample=subsample, embed=embed,
+                   backend=backend)
 
         self.normalize = OfficialNormalize()
         self.conv0 = ConvBN(3, 64, 7, 2)

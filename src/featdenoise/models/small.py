@@ -64,14 +64,15 @@ class SmallResNet(nn.Module):
         placement: ``none``, ``stages`` (one denoising block after each stage, the paper's
             "+4" scaled to 3 stages), ``all`` (after every block), ``bottleneck`` (control: one
             extra basic block at the ``stages`` places).
-        denoise, use_conv, residual, subsample, embed: as in
+        denoise, use_conv, residual, subsample, embed, backend: as in
             :class:`~featdenoise.models.resnet.ResNet`.
     """
 
     def __init__(self, in_channels: int = 3, num_classes: int = 10, width: int = 16,
                  blocks: Sequence[int] = (1, 1, 1), placement: str = "none",
                  denoise: str = "nonlocal_gaussian", use_conv: bool = True,
-                 residual: bool = True, subsample: bool = False, embed: bool | None = None):
+                 residual: bool = True, subsample: bool = False, embed: bool | None = None,
+                 backend: str = "chunked"):
         super().__init__()
         blocks = [int(b) for b in blocks]
         if len(blocks) != 3 or min(blocks) < 1:
@@ -83,7 +84,8 @@ class SmallResNet(nn.Module):
             raise ValueError(f"width must be >= 2, got {width}")
         self.num_classes = num_classes
         self.placement = placement
-        dkw = dict(use_conv=use_conv, residual=residual, subsample=subsample, embed=embed)
+        dkw = dict(use_conv=use_conv, residual=residual, subsample=subsample, embed=embed,
+                   backend=backend)
 
         self.normalize = Scale()
         self.stem = ConvBN(in_channels, width, 3, tf_same=False)
