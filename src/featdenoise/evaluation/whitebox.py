@@ -377,8 +377,16 @@ def run_batches(out_dir: str, dataset: Dataset, order: Sequence[int], batch_size
     """
     batches = [list(order[k:k + batch_size]) for k in range(0, len(order), batch_size)]
     done = load_records(out_dir)
-    mine = [b for b in _shard(len(batches), rank, world_size)
-            if not all(i in done for i in batches[b])]
+    todo = [b for b in range(len(batches)) if not all(i in done for i in batches[b])]
+    if collective:
+        # Every rank has read the same records before any rank writes: share out what is left,
+        # so a resumed run (even with another world size) keeps the ranks equally busy.
+        _barrier()
+        mine = [todo[j] for j in _shard(len(todo), rank, world_size)]
+    else:
+        # Shards run by hand, one after another: a fixed share of all batches per rank.
+        left = set(todo)
+        mine = [b for b in _shard(len(batches), rank, world_size) if b in left]
     if max_batches is not None:
         mine = mine[:max_batches]
     if mine:
