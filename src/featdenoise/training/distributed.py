@@ -80,6 +80,20 @@ def all_reduce_mean(values: list[float], device=None) -> list[float]:
     return [v / world_size() for v in all_reduce_sum(values, device)]
 
 
+def sync_buffers(model: torch.nn.Module) -> None:
+    """Copy rank 0's buffers (BatchNorm running statistics) to every process.
+
+    DDP broadcasts buffers at the start of each forward, so after the last update every process
+    holds statistics of its own last batch; call this before evaluating or saving so that all
+    processes evaluate, and the checkpoint holds, the same network as rank 0.
+    """
+    if not is_dist():
+        return
+    for buf in unwrap(model).buffers():
+        if dist.get_backend() == "nccl" or buf.device.type == "cpu":
+            dist.broadcast(buf.data, src=0)
+
+
 def wrap_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     """DistributedDataParallel around ``model`` when several processes run; else ``model``."""
     if not is_dist():

@@ -181,6 +181,7 @@ def evaluate(model, loader, *, steps: int, eps: float, step_size: float, cfg: Co
     ``steps > 0``), all-reduced over processes. PGD starts at a random point (official eval).
     """
     net = dist.unwrap(model)
+    dist.sync_buffers(net)  # every process evaluates rank 0's network
     was_training = net.training
     net.eval()
     pgd = None
@@ -238,6 +239,7 @@ def _log_train(state: State, schedule, logger: MetricsLogger, bar, device) -> No
 
 def _save(path, model, cfg, optimizer, schedule, state: State) -> None:
     """Checkpoint from the unwrapped model, on the main process only."""
+    dist.sync_buffers(model)
     if dist.is_main():
         ckpt.save_checkpoint(path, model=dist.unwrap(model), model_name=cfg.model.name,
                              model_kwargs=dict(cfg.model.kwargs), optimizer=optimizer,
@@ -339,6 +341,7 @@ def fit(cfg: Config, device) -> str:
         state.epoch, state.step_in_epoch = state.epoch + 1, 0
         _save(path, model, cfg, optimizer, schedule, state)
     bar.close()
+    dist.sync_buffers(model)
     if not stopped:
         # Final weights and the final evaluation (clean + PGD-final_eval_steps).
         if dist.is_main():
