@@ -382,3 +382,18 @@ def test_cli_train_runs_and_reports_bad_keys(tmp_path, capsys):
                  f"run.out_dir={tmp_path / 'cli'}"]) == 0
     assert (tmp_path / "cli" / ckpt.WEIGHTS).exists()
     assert F is not None
+
+
+def test_bf16_and_channels_last_options_train(tmp_path):
+    run = loop.train(tiny_config(tmp_path, "optim.epochs=1", "run.bf16=true",
+                                 "run.channels_last=true", "run.eval_every=0"))
+    train = [r for r in read_metrics(run) if r["kind"] == "train"]
+    assert train and all(math.isfinite(r["loss"]) for r in train)
+    assert all(v.dtype == torch.float32 for v in _weights(run).values() if v.is_floating_point())
+
+
+@pytest.mark.slow
+def test_compile_option_trains(tmp_path):
+    run = loop.train(tiny_config(tmp_path, "optim.epochs=1", "run.compile=true",
+                                 "run.eval_every=0", "run.final_eval_steps=0"))
+    assert os.path.isfile(os.path.join(run, ckpt.WEIGHTS))

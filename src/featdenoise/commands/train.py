@@ -7,7 +7,7 @@ import argparse
 
 def _run(args: argparse.Namespace) -> int:
     from featdenoise.config import load_config
-    from featdenoise.training import train
+    from featdenoise.training import distributed, train
 
     overrides = list(args.overrides)
     if args.resume:
@@ -21,7 +21,8 @@ def _run(args: argparse.Namespace) -> int:
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
         return 0
     run_dir = train(cfg)
-    print(f"run directory: {run_dir}")
+    if distributed.launched_as_main():
+        print(f"run directory: {run_dir}")
     return 0
 
 

@@ -55,6 +55,12 @@ def world_size() -> int:
     return dist.get_world_size() if is_dist() else 1
 
 
+def launched_as_main() -> bool:
+    """True unless this process was started by torchrun with a rank other than 0 (valid before
+    :func:`init` and after :func:`shutdown`, e.g. for messages printed by the CLI)."""
+    return int(os.environ.get("RANK", 0)) == 0
+
+
 def is_main() -> bool:
     """True on the process that writes logs and checkpoints (rank 0)."""
     return rank() == 0
