@@ -397,3 +397,33 @@ def test_compile_option_trains(tmp_path):
     run = loop.train(tiny_config(tmp_path, "optim.epochs=1", "run.compile=true",
                                  "run.eval_every=0", "run.final_eval_steps=0"))
     assert os.path.isfile(os.path.join(run, ckpt.WEIGHTS))
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_gives_identical_weights(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from featdenoise.config import save_config
+
+    cfg = tiny_config(tmp_path, "optim.epochs=3", "run.checkpoint_every=2")
+    full = loop.train(tiny_config(tmp_path, "optim.epochs=3", "run.checkpoint_every=2",
+                                  f"run.out_dir={tmp_path / 'full'}"))
+    save_config(cfg, tmp_path / "cfg")
+    cmd = [sys.executable, "-m", "featdenoise.cli", "train", "--config",
+           str(tmp_path / "cfg" / "config.yaml")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    path = os.path.join(cfg.run.out_dir, ckpt.CHECKPOINT)
+    deadline = time.time() + 300
+    while not os.path.exists(path) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not os.path.exists(os.path.join(cfg.run.out_dir, ckpt.WEIGHTS)), "killed too late"
+    assert ckpt.load_checkpoint(path)["step"] < 18
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    a, b = _weights(full), _weights(cfg.run.out_dir)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
