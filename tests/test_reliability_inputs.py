@@ -200,6 +200,36 @@ def test_image_modes_in_a_dataset_folder_give_3_channel_tensors(tmp_path):
         assert 0.0 <= float(x.min()) and float(x.max()) <= 1.0
 
 
+def test_folder_images_are_converted_like_dataset_images(tmp_path):
+    """``predict`` and ``blackbox --adv-dirs`` read loose files: the same conversions apply
+    (a 16-bit PNG must not saturate to white)."""
+    from featdenoise.data.files import load_image
+
+    for mode, (path, rgb) in _mode_images(tmp_path).items():
+        x = load_image(str(path))  # [3, H, W] in [0, 1]
+        assert x.shape == (3, 8, 8), mode
+        got = (x[:, 0, 0] * 255).round().tolist()
+        assert max(abs(g - r) for g, r in zip(got, rgb, strict=True)) <= 1, (mode, got, rgb)
+
+
+def test_predict_on_a_folder_with_a_corrupt_image_names_it(tmp_path, capsys):
+    from featdenoise.models import create_model
+    from featdenoise.training.checkpoint import save_weights
+
+    kwargs = dict(in_channels=3, num_classes=10, width=4, blocks=[1, 1, 1])
+    save_weights(str(tmp_path / "model.safetensors"), create_model("small_resnet", **kwargs),
+                 "small_resnet", kwargs)
+    folder = tmp_path / "images"
+    folder.mkdir()
+    _png(folder / "a.png", size=16)
+    (folder / "b.png").write_bytes(b"not an image" * 8)
+    code, stderr = _cli(capsys, "predict", str(folder), "--checkpoint",
+                        str(tmp_path / "model.safetensors"), "--size", "16", "--out",
+                        str(tmp_path / "p.csv"), "--device", "cpu", "--no-progress")
+    lines = stderr.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "b.png" in lines[0], stderr
+
+
 # Official checkpoints given with the wrong --arch / --depth (every missing, unexpected and
 # mis-shaped variable named) are tested in test_pretrained.py
 # (test_wrong_arch_or_depth_fails_clearly, test_every_offender_is_named); an npz holding
