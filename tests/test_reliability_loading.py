@@ -201,3 +201,35 @@ def test_cli_refuses_a_code_pickle_with_one_line(tmp_path, capsys):
     lines = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and str(path) in lines[0], lines
     assert not marker.exists()
+
+
+def test_truncated_or_foreign_safetensors_is_one_line(tmp_path):
+    from safetensors.torch import save_file
+
+    from featdenoise.safeio import read_safetensors
+
+    good = tmp_path / "w.safetensors"
+    save_file({"a": torch.arange(6.0).reshape(2, 3)}, str(good), metadata={"model": "x"})
+    tensors, meta = read_safetensors(good)
+    assert torch.equal(tensors["a"], torch.arange(6.0).reshape(2, 3)) and meta == {"model": "x"}
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(good.read_bytes()[:-8])
+    foreign = tmp_path / "foreign.safetensors"
+    foreign.write_bytes(b"PK\x03\x04 this is a zip, not safetensors" * 4)
+    for bad in (truncated, foreign):
+        with pytest.raises(ValueError) as err:
+            read_safetensors(bad)
+        assert str(bad) in _one_line(err.value)
+
+
+def test_model_loader_names_a_truncated_safetensors_file(tmp_path):
+    from featdenoise.models import create_model
+    from featdenoise.training.checkpoint import load_model, save_weights
+
+    kwargs = dict(in_channels=1, num_classes=10, width=4, blocks=[1, 1, 1])
+    path = tmp_path / "model.safetensors"
+    save_weights(str(path), create_model("small_resnet", **kwargs), "small_resnet", kwargs)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(ValueError) as err:
+        load_model(str(path))
+    assert str(path) in _one_line(err.value)

@@ -9,7 +9,9 @@ reader in featdenoise goes through one of these helpers instead:
 - :func:`read_npz`: ``np.load(allow_pickle=False)``; object arrays are refused;
 - :func:`restricted_pickle_load`: for formats that *are* pickles of plain data (the CIFAR-10
   python folder): an unpickler that can rebuild dicts, lists, strings, numbers and numpy arrays
-  and nothing else.
+  and nothing else;
+- :func:`read_safetensors`: tensors and metadata of a ``.safetensors`` file (a format that cannot
+  hold code), with a truncated or foreign file turned into one line naming it.
 
 All raise ``FileNotFoundError`` for a missing file and ``ValueError`` (one line: the file, what
 is wrong, what to do) for anything refused or unreadable.
@@ -164,3 +166,29 @@ def restricted_pickle_load(
         raise ValueError(f"{name}: corrupt pickle ({msg}); re-extract the dataset") from None
     except (EOFError, ValueError, TypeError, IndexError) as err:
         raise ValueError(f"{name}: corrupt pickle ({_first_line(err)}); re-extract it") from None
+
+
+def read_safetensors(
+    path: str | os.PathLike, device: str = "cpu"
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """``(tensors, metadata)`` of a ``.safetensors`` file.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ValueError: one line naming the file when it is truncated or not a safetensors file.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} not found; check the path")
+    try:
+        with safe_open(path, framework="pt", device=device) as f:
+            meta = dict(f.metadata() or {})
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise ValueError(
+            f"{path}: not a readable safetensors file (truncated or another format: "
+            f"{_first_line(err)}); re-create or re-download it"
+        ) from None
+    return tensors, meta
