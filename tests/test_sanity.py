@@ -193,3 +193,30 @@ def test_monotone_check_flags_a_rise_beyond_the_slack():
     assert ok.passed and not bad.passed
     assert bad.numbers["max_rise"] == pytest.approx(0.1)
     assert "rises by 10.0%" in bad.message
+
+
+def test_eval_cli_runs_the_real_checks_end_to_end(tmp_path, capsys):
+    """``featdenoise eval --sanity`` with the real :func:`run_sanity` on a tiny saved model."""
+    from test_reliability_inputs import write_idx_folder
+
+    from featdenoise.cli import main
+    from featdenoise.models import create_model
+    from featdenoise.training.checkpoint import save_weights
+
+    kwargs = dict(in_channels=1, num_classes=10, width=4, blocks=[1, 1, 1])
+    torch.manual_seed(0)
+    save_weights(str(tmp_path / "model.safetensors"), create_model("small_resnet", **kwargs),
+                 "small_resnet", kwargs)
+    data = write_idx_folder(tmp_path / "fmnist", n=8)
+    code = main(["eval", "--checkpoint", str(tmp_path / "model.safetensors"), "--data",
+                 "fashion_mnist", "--data-root", str(data), "--steps", "2", "--eps", "25",
+                 "--sanity", "--sanity-images", "8", "--batch-size", "8", "--out",
+                 str(tmp_path / "ev"), "--device", "cpu", "--no-progress"])
+    out = capsys.readouterr().out
+    lines = [ln for ln in out.splitlines() if ln.startswith(("PASS", "FAIL"))]
+    assert [ln.split()[1] for ln in lines] == [
+        "gradient", "more_iterations", "larger_eps", "unbounded", "pgd_vs_noise", "restarts"
+    ], out
+    failed = any(ln.startswith("FAIL") for ln in lines)
+    assert code == (1 if failed else 0)
+    assert (tmp_path / "ev" / "summary.json").exists() != failed  # evaluated only if all passed
