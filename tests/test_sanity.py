@@ -220,3 +220,12 @@ def test_eval_cli_runs_the_real_checks_end_to_end(tmp_path, capsys):
     failed = any(ln.startswith("FAIL") for ln in lines)
     assert code == (1 if failed else 0)
     assert (tmp_path / "ev" / "summary.json").exists() != failed  # evaluated only if all passed
+
+
+def test_skipped_files_in_the_loader_are_left_out(trained):
+    x, y = _synthetic(16, seed=2)
+    y = y.clone()
+    y[[1, 5]] = -1  # how the datasets mark an unreadable file
+    results = run_sanity(trained, [(x[:8], y[:8]), (x[8:], y[8:])], eps=EPS, steps=2,
+                         restarts=2)
+    assert all(r.numbers["images"] == 14 for r in results)

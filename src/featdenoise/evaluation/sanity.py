@@ -90,17 +90,19 @@ def _collect(
     """Take up to ``max_images`` (x [N,C,H,W] in [0,1], y [N]) from the loader, in loader order."""
     batches, n = [], 0
     for batch in loader:
-        x, y = batch[0], batch[1]
+        x, y = batch[0], torch.as_tensor(batch[1])
+        keep = y >= 0  # label -1 marks an unreadable file the dataset skipped
+        x, y = x[keep], y[keep]
         if max_images is not None:
             x, y = x[: max_images - n], y[: max_images - n]
         if len(x) == 0:
-            break
+            continue
         if not torch.is_floating_point(x) or x.dim() != 4:
             raise ValueError(
                 f"sanity: expected float image batches [N, C, H, W] in [0, 1], got "
                 f"{tuple(x.shape)} of {x.dtype}"
             )
-        batches.append((x.to(device), torch.as_tensor(y).to(device)))
+        batches.append((x.to(device), y.long().to(device)))
         n += len(x)
         if max_images is not None and n >= max_images:
             break
