@@ -163,8 +163,9 @@ def _dotted(node: ast.AST) -> str:
 
 def test_no_source_file_unpickles_unsafely():
     """Every ``torch.load`` passes ``weights_only=True``, every ``np.load`` leaves pickles
-    disallowed, and ``pickle.load`` appears only in the restricted unpickler (read with ``ast``,
-    so calls spread over several lines count too)."""
+    disallowed, ``pickle.load`` appears only in the restricted unpickler, YAML is read with
+    ``safe_load``, and nothing calls ``eval``/``exec`` or another loader that runs code (read
+    with ``ast``, so calls spread over several lines count too)."""
     src = Path(__file__).resolve().parents[1] / "src" / "featdenoise"
     offenders = []
     files = sorted(src.rglob("*.py"))
@@ -188,6 +189,10 @@ def test_no_source_file_unpickles_unsafely():
             if name in ("pickle.load", "pickle.loads", "pickle.Unpickler") \
                     and path.name != "safeio.py":
                 offenders.append(f"{where}: use featdenoise.safeio.restricted_pickle_load")
+            if name in ("yaml.load", "yaml.unsafe_load", "yaml.full_load", "yaml.load_all",
+                        "eval", "exec", "torch.jit.load", "marshal.loads", "joblib.load",
+                        "dill.load", "shelve.open"):
+                offenders.append(f"{where}: can run code from its input (use yaml.safe_load)")
     assert not offenders, "unsafe loading:\n" + "\n".join(offenders)
 
 
