@@ -105,6 +105,37 @@ def test_full_disk_during_a_checkpoint_write_keeps_the_previous_one(tmp_path, mo
     assert leftovers == [], f"a failed write left {leftovers} behind"
 
 
+def test_full_disk_during_training_is_one_line_and_keeps_the_checkpoint(tmp_path, monkeypatch,
+                                                                        capsys):
+    """``featdenoise train`` on a disk that fills up: exit status 2, one line naming the
+    checkpoint and the cause, the previous checkpoint loadable and nothing half-written left."""
+    import yaml
+
+    from featdenoise.cli import main
+    from featdenoise.training.checkpoint import load_checkpoint
+
+    run = tmp_path / "run"
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump(_tiny_config(run)))
+    real_save, calls = torch.save, {"n": 0}
+
+    def fills_up(obj, f, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:  # the third checkpoint does not fit
+            f.write(b"\0" * 100)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", fills_up)
+    code = main(["train", "--config", str(cfg)])
+    monkeypatch.undo()
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(lines) == 1, lines
+    assert "checkpoint.pt" in lines[0] and "No space left" in lines[0], lines
+    assert load_checkpoint(str(run / "checkpoint.pt"))["step"] == 2
+    assert not [p.name for p in run.iterdir() if ".tmp" in p.name]
+
+
 def test_rename_never_reached_keeps_the_previous_one(tmp_path, monkeypatch):
     from featdenoise.training import checkpoint as ckpt
 
