@@ -101,9 +101,11 @@ def _by_name(results: list[CheckResult]) -> dict[str, CheckResult]:
 
 
 def test_checks_pass_on_a_normal_model(trained):
-    trained.train()  # the caller's mode must come back
+    trained.train()  # the caller's (mixed) mode must come back
+    trained.body[1].eval()
     results = run_sanity(trained, _loader(), eps=EPS, steps=8, restarts=2)
-    assert trained.training
+    assert trained.training and not trained.body[1].training and trained.body[3].training
+    trained.eval()
     by = _by_name(results)
     assert set(by) == {
         "gradient",

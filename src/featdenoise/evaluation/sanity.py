@@ -272,7 +272,7 @@ def run_sanity(
     n = sum(len(x) for x, _ in batches)
     num_classes = getattr(model, "num_classes", None)
 
-    was_training = model.training
+    modes = [(m, m.training) for m in model.modules()]  # restored exactly, even if mixed
     model.eval()
     try:
         gen = torch.Generator().manual_seed(seed)
@@ -300,7 +300,8 @@ def run_sanity(
             unbounded_min_success,
         )
     finally:
-        model.train(was_training)
+        for m, mode in modes:
+            m.training = mode
 
 
 def _checks(
