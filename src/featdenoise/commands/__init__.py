@@ -5,7 +5,7 @@ Add a command by writing ``commands/NAME.py`` with a ``register`` function and l
 
 from __future__ import annotations
 
-from featdenoise.commands import bench, blackbox, convert, evaluate, predict, train
+from featdenoise.commands import bench, blackbox, convert, demo, evaluate, predict, train, visualize
 
 COMMANDS: list = [
     bench.register,
@@ -14,4 +14,6 @@ COMMANDS: list = [
     blackbox.register,
     predict.register,
     train.register,
+    visualize.register,
+    demo.register,
 ]

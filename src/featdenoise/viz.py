@@ -1,0 +1,293 @@
+"""Feature-noise pictures and numbers (paper Sec. 3, Figs. 1-3).
+
+An adversarial perturbation that is invisible in the image becomes large "noise" in the feature
+maps of an undefended network (Fig. 1); a denoising block removes much of it (Fig. 3). This module
+shows that and measures it:
+
+* :func:`capture_features` records, with forward hooks, the output of every entry of
+  ``model.feature_modules()`` (stages and denoising blocks) and, for each
+  :class:`~featdenoise.models.denoise.DenoisingBlock`, the maps right before and right after its
+  denoising operation (``<block>.before`` / ``<block>.after``: input and output of ``block.op``);
+* :func:`relative_l2` gives ``||f(x_adv) - f(x)||_2 / ||f(x)||_2`` per image;
+* :func:`feature_noise` computes it for every recorded map;
+* :func:`visualize` attacks a few images with PGD and writes PNG grids (clean image, adversarial
+  image, one channel of a chosen stage for both; and per denoising block, the channel before and
+  after the op for both), plus ``distances.json`` and ``distances.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+BEFORE, AFTER = ".before", ".after"
+
+
+def relative_l2(clean: torch.Tensor, adv: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """Per-image relative L2 distance ``||adv_i - clean_i||_2 / ||clean_i||_2``.
+
+    Args:
+        clean, adv: ``[N, ...]`` feature maps (or images) of the same shape.
+        eps: guards a zero clean norm.
+    Returns:
+        ``[N]`` float tensor (0 means identical features).
+    """
+    if clean.shape != adv.shape:
+        raise ValueError(f"feature shapes differ: clean {tuple(clean.shape)} vs adversarial "
+                         f"{tuple(adv.shape)}")
+    c = clean.detach().double().flatten(1)  # [N, D]
+    a = adv.detach().double().flatten(1)  # [N, D]
+    return ((a - c).norm(dim=1) / c.norm(dim=1).clamp_min(eps)).float()
+
+
+def _denoise_ops(model: nn.Module) -> dict[str, nn.Module]:
+    """``{feature name: block.op}`` for every denoising block among the feature modules."""
+    from featdenoise.models.denoise import DenoisingBlock
+
+    return {name: m.op for name, m in model.feature_modules().items()
+            if isinstance(m, DenoisingBlock)}
+
+
+@torch.no_grad()
+def capture_features(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Run ``model(x)`` and return its recorded feature maps, in forward order.
+
+    Keys: every name of ``model.feature_modules()`` (the module's output), and for each
+    denoising block ``name`` also ``name + ".before"`` / ``name + ".after"`` (input and output of
+    its ``.op``, the maps "right before/after the denoising operation" of Fig. 3).
+    Values: ``[N, C, H, W]`` float tensors on the CPU. ``x``: ``[N, C, H, W]`` pixels in [0, 1].
+    """
+    if not hasattr(model, "feature_modules"):
+        raise ValueError(f"{type(model).__name__} has no feature_modules(); use a model built by "
+                         "featdenoise.models.create_model")
+    records: list[tuple[str, torch.Tensor]] = []
+    handles = []
+
+    def out_hook(name):
+        def hook(_module, _inputs, output):
+            records.append((name, output.detach().float().cpu()))
+        return hook
+
+    def op_hook(name):
+        def hook(_module, inputs, output):
+            records.append((name + BEFORE, inputs[0].detach().float().cpu()))
+            records.append((name + AFTER, output.detach().float().cpu()))
+        return hook
+
+    try:
+        for name, module in model.feature_modules().items():
+            handles.append(module.register_forward_hook(out_hook(name)))
+        for name, op in _denoise_ops(model).items():
+            handles.append(op.register_forward_hook(op_hook(name)))
+        was_training = model.training
+        model.eval()
+        try:
+            model(x)
+        finally:
+            model.train(was_training)
+    finally:
+        for h in handles:
+            h.remove()
+    # Forward order; a denoising block's ".before"/".after" come just before its own output.
+    return dict(records)
+
+
+def feature_noise(clean: dict[str, torch.Tensor], adv: dict[str, torch.Tensor]) -> dict:
+    """Relative L2 distance between clean and adversarial features, for every recorded map.
+
+    Args:
+        clean, adv: outputs of :func:`capture_features` for ``x`` and ``x_adv``.
+    Returns:
+        ``{name: {"mean": float, "per_image": [float, ...], "shape": [C, H, W]}}`` in forward
+        order.
+    """
+    out = {}
+    for name, c in clean.items():
+        d = relative_l2(c, adv[name])
+        out[name] = {"mean": float(d.mean()), "per_image": [float(v) for v in d],
+                     "shape": list(c.shape[1:])}
+    return out
+
+
+def pick_channel(clean: torch.Tensor, adv: torch.Tensor) -> int:
+    """The channel whose maps change most under the attack (mean |adv - clean| over images and
+    pixels, relative to the channel's mean |clean|), for ``[N, C, H, W]`` maps."""
+    diff = (adv - clean).abs().mean(dim=(0, 2, 3))  # [C]
+    scale = clean.abs().mean(dim=(0, 2, 3)).clamp_min(1e-6)  # [C]
+    score = diff / scale * (diff > 0)
+    return int(score.argmax())
+
+
+def default_stage(model: nn.Module) -> str:
+    """``res3`` (the paper's pictures) for ImageNet nets, else the second stage (``stage2``)."""
+    names = [n for n in model.feature_modules() if "denoise" not in n and "bottleneck" not in n]
+    if "res3" in names:
+        return "res3"
+    if not names:
+        raise ValueError("the model lists no feature stages")
+    return names[min(1, len(names) - 1)]
+
+
+def distances_markdown(noise: dict, title: str | None = None) -> str:
+    """Markdown table of :func:`feature_noise`'s output: map, shape, mean relative L2 distance."""
+    lines = [f"**{title}**", ""] if title else []
+    lines += ["| feature map | shape (C, H, W) | rel. L2 distance |", "|---|---|---:|"]
+    for name, d in noise.items():
+        label = name.replace(BEFORE, " (before op)").replace(AFTER, " (after op)")
+        lines.append(f"| {label} | {'x'.join(map(str, d['shape']))} | {d['mean']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def _show_image(ax, img: torch.Tensor, title: str) -> None:
+    img = img.detach().cpu()
+    if img.shape[0] == 1:
+        ax.imshow(img[0].numpy(), cmap="gray", vmin=0, vmax=1)
+    else:
+        ax.imshow(img.permute(1, 2, 0).clamp(0, 1).numpy())
+    ax.set_title(title, fontsize=8)
+    ax.axis("off")
+
+
+def _show_pair(axes, clean: torch.Tensor, adv: torch.Tensor, titles: Sequence[str]) -> None:
+    """Clean and adversarial maps ``[H, W]`` with one shared colour scale, so that only their
+    difference shows."""
+    lo = float(torch.minimum(clean.min(), adv.min()))
+    hi = float(torch.maximum(clean.max(), adv.max()))
+    hi = hi if hi > lo else lo + 1e-6
+    for ax, m, t in zip(axes, (clean, adv), titles, strict=True):
+        ax.imshow(m.numpy(), cmap="viridis", vmin=lo, vmax=hi)
+        ax.set_title(t, fontsize=8)
+        ax.axis("off")
+
+
+def plot_stage(x: torch.Tensor, x_adv: torch.Tensor, clean: torch.Tensor, adv: torch.Tensor,
+               channel: int, stage: str, path: str, distances: Sequence[float] | None = None,
+               title: str | None = None) -> str:
+    """PNG grid, one row per image: clean image, adversarial image, channel ``channel`` of
+    ``stage`` for both (shared colour scale). Shapes: images ``[N, C, H, W]``, maps
+    ``[N, C', H', W']``. Returns ``path``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = x.shape[0]
+    fig, axes = plt.subplots(n, 4, figsize=(7.2, 1.9 * n + 0.4), dpi=100, squeeze=False)
+    for i in range(n):
+        d = f" (d={distances[i]:.2f})" if distances is not None else ""
+        _show_image(axes[i, 0], x[i], "clean")
+        _show_image(axes[i, 1], x_adv[i], "adversarial")
+        _show_pair(axes[i, 2:], clean[i, channel], adv[i, channel],
+                   (f"{stage} ch{channel}, clean", f"{stage} ch{channel}, adv{d}"))
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_denoise(maps: dict[str, torch.Tensor], name: str, channel: int, path: str,
+                 noise: dict | None = None, title: str | None = None) -> str:
+    """PNG grid for denoising block ``name``, one row per image: channel ``channel`` right before
+    the op (clean, adversarial) and right after it (clean, adversarial). ``maps`` holds
+    ``clean``/``adv`` dicts of :func:`capture_features`. Returns ``path``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    clean, adv = maps["clean"], maps["adv"]
+    b_c, b_a = clean[name + BEFORE], adv[name + BEFORE]
+    a_c, a_a = clean[name + AFTER], adv[name + AFTER]
+    n = b_c.shape[0]
+    fig, axes = plt.subplots(n, 4, figsize=(7.2, 1.9 * n + 0.4), dpi=100, squeeze=False)
+    for i in range(n):
+        db = da = ""
+        if noise is not None:
+            db = f" (d={noise[name + BEFORE]['per_image'][i]:.2f})"
+            da = f" (d={noise[name + AFTER]['per_image'][i]:.2f})"
+        _show_pair(axes[i, :2], b_c[i, channel], b_a[i, channel],
+                   ("before op, clean", f"before op, adv{db}"))
+        _show_pair(axes[i, 2:], a_c[i, channel], a_a[i, channel],
+                   ("after op, clean", f"after op, adv{da}"))
+    fig.suptitle((f"{title}: " if title else "") + f"{name} ch{channel}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def visualize(model: nn.Module, x: torch.Tensor, y: torch.Tensor, out_dir: str, *,
+              stage: str | None = None, channel: int | None = None, eps: float = 16 / 255,
+              steps: int = 10, step_size: float = 1 / 255, targeted: bool = True, seed: int = 0,
+              title: str | None = None) -> dict:
+    """Attack ``x`` with PGD and write the feature-noise pictures and numbers (Sec. 3, Figs. 1-3).
+
+    Args:
+        model: a featdenoise model (has ``feature_modules()``), taking ``[N, C, H, W]`` in [0, 1].
+        x, y: images ``[N, C, H, W]`` in [0, 1] and labels ``[N]``.
+        out_dir: output folder (created).
+        stage: feature map to picture (default :func:`default_stage`: ``res3`` / ``stage2``).
+        channel: channel to picture; default: :func:`pick_channel` (largest relative change),
+            chosen separately for the stage and for each denoising block.
+        eps, step_size: PGD budget and step on the [0, 1] scale (paper: 16/255, 1/255; the step
+            rule is the paper's ``max(step_size, eps / steps)``).
+        steps: PGD iterations; targeted: the paper's random-target attack (else untargeted).
+        seed: seeds the targets and the random start.
+    Returns:
+        ``{"pictures": [png paths], "distances": feature_noise dict, "table": markdown,
+        "stage": str, "channels": {map: channel}, "clean_pred", "adv_pred", "labels"}``;
+        ``distances.json`` and ``distances.md`` are written beside the pictures.
+    """
+    from featdenoise.attacks import PGD, draw_targets
+
+    features = model.feature_modules()
+    stage = stage or default_stage(model)
+    if stage not in features:
+        raise ValueError(f"unknown stage {stage!r} for this model; choose one of "
+                         f"{', '.join(features)}")
+    os.makedirs(out_dir, exist_ok=True)
+    model.eval()
+    x, y = x.float(), y.long()
+    g = torch.Generator().manual_seed(seed)
+    target = draw_targets(y, model.num_classes, g) if targeted else None
+    attack = PGD(model, eps=eps, step_size=step_size, steps=steps, targeted=targeted,
+                 random_start=True, seed=seed)
+    x_adv = attack.attack(x, y, target=target).detach()
+    clean, adv = capture_features(model, x), capture_features(model, x_adv)
+    with torch.no_grad():
+        clean_pred, adv_pred = model(x).argmax(1), model(x_adv).argmax(1)
+    noise = feature_noise(clean, adv)
+
+    channels: dict[str, int] = {}
+    pictures = []
+    c = clean[stage].shape[1]
+    if channel is not None and not 0 <= channel < c:
+        raise ValueError(f"--channel {channel} is out of range: {stage} has {c} channels")
+    channels[stage] = pick_channel(clean[stage], adv[stage]) if channel is None else channel
+    pictures.append(plot_stage(
+        x, x_adv, clean[stage], adv[stage], channels[stage], stage,
+        os.path.join(out_dir, f"{stage}.png"), noise[stage]["per_image"], title))
+    for name in _denoise_ops(model):
+        b_c, b_a = clean[name + BEFORE], adv[name + BEFORE]
+        k = channel if channel is not None and channel < b_c.shape[1] else pick_channel(b_c, b_a)
+        channels[name] = k
+        pictures.append(plot_denoise({"clean": clean, "adv": adv}, name, k,
+                                     os.path.join(out_dir, f"{name}.png"), noise, title))
+
+    table = distances_markdown(noise)
+    facts = {"stage": stage, "channels": channels, "eps": eps, "steps": steps,
+             "targeted": targeted, "labels": y.tolist(), "clean_pred": clean_pred.tolist(),
+             "adv_pred": adv_pred.tolist(), "distances": noise}
+    with open(os.path.join(out_dir, "distances.json"), "w") as f:
+        json.dump(facts, f, indent=2)
+    with open(os.path.join(out_dir, "distances.md"), "w") as f:
+        f.write(table)
+    return {"pictures": pictures, "distances": noise, "table": table, "stage": stage,
+            "channels": channels, "clean_pred": clean_pred.tolist(),
+            "adv_pred": adv_pred.tolist(), "labels": y.tolist()}
