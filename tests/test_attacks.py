@@ -81,9 +81,11 @@ def test_mode_and_parameters_restored(name, targeted, mode):
     model[5].bias.requires_grad_(False)  # a frozen parameter stays frozen
     model[0].weight.grad = torch.full_like(model[0].weight, 7.0)  # an existing .grad stays as is
     before = [m.training for m in model.modules()]
+    modules = list(model.modules())
     stats = model[1].running_mean.clone()
     x, y = batch()
     make(name, model, targeted)(x, y)
+    assert list(model.modules()) == modules  # folded BatchNorm put back
     assert [m.training for m in model.modules()] == before
     assert torch.equal(model[1].running_mean, stats), "BN ran in training mode during the attack"
     assert [p.requires_grad for p in model.parameters()] == [True, True, True, True, True, False]
@@ -310,3 +312,74 @@ def test_metrics_outcomes_and_rates():
     assert not metrics.outcomes(logits, y)["target_hit"].any()
     assert str(sum([acc, acc])) == "50.0% (4/8)"
     assert str(metrics.Rate(412, 1000)) == "41.2% (412/1000)"
+
+
+class ConvBNNet(nn.Module):
+    """Conv-BN pairs as children (foldable), plus a pair whose BN runs BEFORE its conv."""
+
+    def __init__(self, swapped: bool = False):
+        super().__init__()
+        torch.manual_seed(0)
+        self.swapped = swapped
+        self.conv = nn.Conv2d(3, 3, 3, padding=1, bias=True)
+        self.bn = nn.BatchNorm2d(3)
+        self.head = nn.Sequential(nn.Conv2d(3, 4, 3, stride=2, padding=1, bias=False),
+                                  nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(64, K))
+        for bn in (self.bn, self.head[1]):
+            with torch.no_grad():
+                bn.running_mean.uniform_(-0.5, 0.5)
+                bn.running_var.uniform_(0.3, 3.0)
+                bn.weight.uniform_(0.5, 2.0)
+                bn.bias.uniform_(-0.5, 0.5)
+        self.num_classes = K
+
+    def forward(self, x):
+        h = self.conv(self.bn(x)) if self.swapped else self.bn(self.conv(x))
+        return self.head(torch.relu(h))
+
+
+def test_folded_batchnorm_is_the_same_function_and_is_undone():
+    from featdenoise.attacks.fold import foldable_pairs, folded_batchnorm
+
+    model = ConvBNNet().eval()
+    x, _ = batch()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    modules = list(model.modules())
+    with torch.no_grad():
+        ref = model(x)
+        with folded_batchnorm(model) as n:
+            folded = model(x)
+            assert n == 2 and not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    assert len(foldable_pairs(model)) == 2
+    assert torch.allclose(folded, ref, rtol=1e-5, atol=1e-6)
+    assert list(model.modules()) == modules
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert model.head[0].bias is None and isinstance(model.conv.weight, nn.Parameter)
+
+
+def test_fold_is_checked_and_skipped_when_wrong():
+    """A BN registered after its conv but applied before it must not be folded."""
+    x, y = batch()
+    target = (y + 1) % K
+    for swapped in (False, True):
+        model = ConvBNNet(swapped).eval()
+        folded = PGD(model, steps=3, random_start=False)
+        plain = PGD(model, steps=3, random_start=False, fold_bn=False)
+        x_f, x_p = folded(x, y, target), plain(x, y, target)
+        assert folded._fold_checked[id(model)] is (not swapped)
+        assert ((x_f - x_p).abs() <= 1e-6).float().mean() >= 0.99
+
+
+@pytest.mark.parametrize("name", list(ATTACKS))
+def test_layout_options_do_not_change_the_result(name):
+    """channels_last and BN folding are speed options: same images (float64: no sign ties)."""
+    model = ConvBNNet().double()
+    x, y = batch()
+    x = x.double()
+    results = [make(name, model, True, channels_last=cl, fold_bn=fb)(x, y)
+               for cl in (False, True) for fb in (False, True)]
+    for r in results[1:]:
+        assert torch.allclose(r, results[0], atol=1e-9)
+    assert results[0].is_contiguous() and results[-1].is_contiguous()
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+    assert make(name, model, True)(x_cl, y).is_contiguous(memory_format=torch.channels_last)

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from featdenoise.attacks.fold import foldable_pairs, folded_batchnorm
 from featdenoise.attacks.threat import LinfBall
 
 
@@ -62,6 +63,12 @@ class Attack:
         num_classes: K for drawing targets; default ``model.num_classes``, else read from logits.
         bf16: run the attack's forward/backward passes under bfloat16 autocast (the official
             ``--use-fp16xla`` idea); off by default. Losses are still computed in float32.
+        channels_last: run the attack on a channels-last (NHWC) copy of 4-D images, which the
+            CPU convolution kernels process faster (same values; the result is returned in the
+            caller's layout). Default True.
+        fold_bn: during the attack, fold each eval-mode BatchNorm into the convolution before it
+            (:mod:`featdenoise.attacks.fold`; the same function up to float rounding), checked
+            once per model against the unfolded logits and skipped if they differ. Default True.
 
     Call ``attack(x, y, target=None)`` (or the object itself) to get ``x_adv``.
     """
@@ -69,7 +76,8 @@ class Attack:
     name = "attack"
 
     def __init__(self, model: nn.Module, eps: float = 16 / 255, targeted: bool = True,
-                 seed: int | None = None, num_classes: int | None = None, bf16: bool = False):
+                 seed: int | None = None, num_classes: int | None = None, bf16: bool = False,
+                 channels_last: bool = True, fold_bn: bool = True):
         self.model = model
         self.threat = LinfBall(eps)
         self.targeted = bool(targeted)
@@ -77,6 +85,9 @@ class Attack:
         self.num_classes = num_classes if num_classes is not None else getattr(
             model, "num_classes", None)
         self.bf16 = bool(bf16)
+        self.channels_last = bool(channels_last)
+        self.fold_bn = bool(fold_bn)
+        self._fold_checked: dict[int, bool] = {}  # id(model) -> folding verified to be exact
         self.last_target: torch.Tensor | None = None
         self._generators: dict[torch.device, torch.Generator] = {}
 
@@ -105,7 +116,11 @@ class Attack:
         """
         self._check_inputs(x, y, target)
         y = y.to(device=x.device, dtype=torch.long)
-        with self._attack_mode():
+        caller_contiguous = x.is_contiguous()
+        x = x.detach()
+        if self.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)  # a copy unless already NHWC
+        with self._attack_mode(x):
             if self.targeted:
                 if target is None:
                     target = draw_targets(y, self._num_classes(x), self._generator(x.device))
@@ -114,10 +129,9 @@ class Attack:
             else:
                 labels = y
             self.last_target = target if self.targeted else None
-            x = x.detach()
             lo, hi = self.threat.bounds(x)
-            x_adv = self._perturb(x, labels, lo, hi)
-        return x_adv.detach()
+            x_adv = self._perturb(x, labels, lo, hi).detach()
+        return x_adv.contiguous() if caller_contiguous else x_adv
 
     __call__ = attack
 
@@ -185,21 +199,41 @@ class Attack:
         return torch.autocast(device_type=x.device.type, dtype=torch.bfloat16)
 
     @contextlib.contextmanager
-    def _attack_mode(self) -> Iterator[None]:
-        """Eval mode + frozen parameters + grad enabled; restores every flag afterwards."""
+    def _attack_mode(self, x: torch.Tensor) -> Iterator[None]:
+        """Eval mode + frozen parameters + grad enabled (+ BN folded); restores everything."""
         modes = [(m, m.training) for m in self.model.modules()]
         params = [p for p in self.model.parameters() if p.requires_grad]
         try:
             self.model.eval()
             for p in params:
                 p.requires_grad_(False)
-            with torch.enable_grad():
+            with contextlib.ExitStack() as stack:
+                if self.fold_bn and self._fold_is_exact(x):
+                    stack.enter_context(folded_batchnorm(self.model))
+                stack.enter_context(torch.enable_grad())
                 yield
         finally:
             for p in params:
                 p.requires_grad_(True)
             for m, training in modes:
                 m.training = training
+
+    def _fold_is_exact(self, x: torch.Tensor) -> bool:
+        """Whether folding BN leaves this model's logits unchanged (checked once per model on
+        up to 8 images of ``x``; a model whose children order differs from its forward order
+        fails the check and runs unfolded)."""
+        key = id(self.model)
+        if key not in self._fold_checked:
+            ok = False
+            if foldable_pairs(self.model):
+                with torch.no_grad():
+                    ref = self.model(x[:8]).float()
+                    with folded_batchnorm(self.model):
+                        folded = self.model(x[:8]).float()
+                tol = 1e-4 * float(ref.abs().max()) + 1e-6
+                ok = bool(((folded - ref).abs().max() <= tol).item())
+            self._fold_checked[key] = ok
+        return self._fold_checked[key]
 
     def _num_classes(self, x: torch.Tensor) -> int:
         if self.num_classes is None:

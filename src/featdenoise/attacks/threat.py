@@ -47,8 +47,8 @@ class LinfBall:
 
         The noise is ``U[-eps, eps)`` per pixel, as in the official ``PGDAttacker``; unlike it, the
         start is clipped to [0, 1] before the first gradient (as torchattacks does), so every
-        gradient is taken at a valid image. Returns a new tensor shaped like ``x``.
+        gradient is taken at a valid image. Returns a new tensor shaped (and laid out) like ``x``.
         """
         noise = torch.rand(x.shape, generator=generator, dtype=x.dtype, device=x.device)
-        start = x + noise.mul_(2.0 * self.eps).sub_(self.eps)
+        start = x.clone().add_(noise.mul_(2.0 * self.eps).sub_(self.eps))
         return self.project_(start, lo, hi)

@@ -1,0 +1,70 @@
+"""Fold inference-mode BatchNorm into the preceding convolution for the duration of an attack.
+
+During an attack the model is in eval mode (paper Sec. 5: BatchNorm uses its running statistics,
+as the official ``adv_model.py`` does), where ``BN(conv(x))`` is one convolution with
+
+    W' = W * s,   b' = (b - mean) * s + beta,   s = gamma / sqrt(var + eps)    (per channel)
+
+so each attack step saves a BatchNorm forward and backward pass. The result is the same function
+up to float rounding (about 1e-7 relative). A pair is two consecutive children of one module, a
+``Conv2d`` then a ``BatchNorm2d`` of its output channels (``ConvBN``, ``Sequential(conv, bn, ..)``,
+torchvision's ``conv1, bn1, ...``); because that order need not be the forward order, the caller
+checks that the folded model's logits equal the original's before relying on it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+
+def foldable_pairs(model: nn.Module) -> list[tuple[nn.Module, str, nn.Conv2d, str]]:
+    """``(parent, conv_name, conv, bn_name)`` for every Conv2d child followed by a foldable
+    BatchNorm2d child (running statistics tracked, channels matching)."""
+    pairs = []
+    for parent in model.modules():
+        children = list(parent.named_children())
+        for (conv_name, conv), (bn_name, bn) in zip(children, children[1:], strict=False):
+            if (isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d)
+                    and bn.running_mean is not None and bn.running_var is not None
+                    and bn.num_features == conv.out_channels):
+                pairs.append((parent, conv_name, conv, bn_name))
+    return pairs
+
+
+@contextlib.contextmanager
+def folded_batchnorm(model: nn.Module) -> Iterator[int]:
+    """Inside the block, every foldable pair computes ``conv'(x)`` with BN folded in and the BN
+    is an ``nn.Identity``; everything is put back on exit (also on error). Yields the number of
+    folded pairs. The model must be in eval mode and must not be used concurrently elsewhere."""
+    saved = []
+    try:
+        with torch.no_grad():
+            for parent, _, conv, bn_name in foldable_pairs(model):
+                bn = parent._modules[bn_name]
+                f64 = torch.float64  # fold in double, round once to the conv's dtype
+                scale = bn.running_var.to(f64).add(bn.eps).rsqrt_()  # [C_out]
+                if bn.weight is not None:
+                    scale.mul_(bn.weight.to(f64))
+                bias = -bn.running_mean.to(f64) * scale
+                if conv.bias is not None:
+                    bias.add_(conv.bias.to(f64) * scale)
+                if bn.bias is not None:
+                    bias.add_(bn.bias.to(f64))
+                weight = conv.weight.to(f64) * scale.view(-1, *([1] * (conv.weight.dim() - 1)))
+                saved.append((parent, bn_name, bn, conv, conv._parameters["weight"],
+                              conv._parameters.get("bias")))
+                # Plain tensors in the parameter slots: the conv's own forward (padding rules
+                # included) runs unchanged on the folded values.
+                conv._parameters["weight"] = weight.to(conv.weight.dtype)
+                conv._parameters["bias"] = bias.to(conv.weight.dtype)
+                parent._modules[bn_name] = nn.Identity()
+        yield len(saved)
+    finally:
+        for parent, bn_name, bn, conv, weight, bias in reversed(saved):
+            conv._parameters["weight"] = weight
+            conv._parameters["bias"] = bias
+            parent._modules[bn_name] = bn
