@@ -5,7 +5,17 @@ Add a command by writing ``commands/NAME.py`` with a ``register`` function and l
 
 from __future__ import annotations
 
-from featdenoise.commands import bench, blackbox, convert, demo, evaluate, predict, train, visualize
+from featdenoise.commands import (
+    ablate,
+    bench,
+    blackbox,
+    convert,
+    demo,
+    evaluate,
+    predict,
+    train,
+    visualize,
+)
 
 COMMANDS: list = [
     bench.register,
@@ -16,4 +26,5 @@ COMMANDS: list = [
     train.register,
     visualize.register,
     demo.register,
+    ablate.register,
 ]

@@ -1,0 +1,265 @@
+"""Ablations of the denoising block (paper Sec. 6.1: Fig. 7 and Table 1).
+
+:func:`run_ablation` trains (:func:`featdenoise.training.train`) and evaluates (white-box PGD,
+:func:`featdenoise.evaluation.whitebox.evaluate_whitebox`) a list of network variants that differ
+only in their denoising blocks, with the same config, data, budget and seed(s), then writes one
+markdown table and one plot (accuracy per variant and attack strength, the spread over seeds as
+error bars when several seeds are run).
+
+Variants (:data:`VARIANTS`), each a set of model kwargs applied to the config's backbone:
+
+* Fig. 7: ``baseline`` (no extra blocks), ``bottleneck`` (+4 standard residual blocks, the
+  ResNet-164 control), and one denoising block after each stage with the op ``null`` (1x1 conv
+  only), ``mean``, ``median``, ``bilateral_dot``, ``bilateral_gaussian``, ``nonlocal_dot``,
+  ``nonlocal_gaussian`` (:data:`DEFAULT_VARIANTS`);
+* Table 1, on request: ``no_1x1`` (non-local Gaussian without the 1x1 conv) and ``no_residual``
+  (without the identity path; the paper could not train it: a run whose loss becomes NaN is
+  reported as ``diverged`` with NaN accuracies, as Table 1 does).
+
+Layout of ``out_dir``: ``runs/<variant>-seed<S>/`` (training run directories, resumable),
+``eval/<variant>-seed<S>/`` (evaluations, resumable), ``ablation.md``, ``ablation.png``,
+``ablation.json``. Re-running the same command continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Sequence
+
+VARIANTS: dict[str, dict] = {
+    "baseline": dict(placement="none"),
+    "bottleneck": dict(placement="bottleneck"),
+    "null": dict(placement="stages", denoise="null"),
+    "mean": dict(placement="stages", denoise="mean"),
+    "median": dict(placement="stages", denoise="median"),
+    "bilateral_dot": dict(placement="stages", denoise="bilateral_dot"),
+    "bilateral_gaussian": dict(placement="stages", denoise="bilateral_gaussian"),
+    "nonlocal_dot": dict(placement="stages", denoise="nonlocal_dot"),
+    "nonlocal_gaussian": dict(placement="stages", denoise="nonlocal_gaussian"),
+    "no_1x1": dict(placement="stages", denoise="nonlocal_gaussian", use_conv=False),
+    "no_residual": dict(placement="stages", denoise="nonlocal_gaussian", residual=False),
+}
+DEFAULT_VARIANTS = ("baseline", "bottleneck", "null", "mean", "median", "bilateral_dot",
+                    "bilateral_gaussian", "nonlocal_dot", "nonlocal_gaussian")
+LABELS = {
+    "baseline": "baseline",
+    "bottleneck": "+bottleneck blocks",
+    "null": "+denoise: null (1x1 only)",
+    "mean": "+denoise: 3x3 mean",
+    "median": "+denoise: 3x3 median",
+    "bilateral_dot": "+denoise: bilateral, dot prod",
+    "bilateral_gaussian": "+denoise: bilateral, gaussian",
+    "nonlocal_dot": "+denoise: non-local, dot prod",
+    "nonlocal_gaussian": "+denoise: non-local, gaussian",
+    "no_1x1": "non-local, gaussian, removing 1x1",
+    "no_residual": "non-local, gaussian, removing residual",
+}
+# Block options a variant sets itself; a base config's values for them are dropped.
+_BLOCK_KEYS = ("placement", "denoise", "use_conv", "residual")
+_SUFFIXES = ("_denoise_all", "_denoise", "_bottleneck")
+
+
+def backbone(name: str) -> str:
+    """The registry name without its variant suffix (``resnet152_denoise`` -> ``resnet152``)."""
+    for suffix in _SUFFIXES:
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def variant_model(model_name: str, model_kwargs: dict, variant: str) -> tuple[str, dict]:
+    """``(registry name, kwargs)`` of ``variant`` built on the backbone of ``model_name``."""
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown ablation variant {variant!r}; choose from "
+                         f"{', '.join(VARIANTS)}")
+    kwargs = {k: v for k, v in dict(model_kwargs).items() if k not in _BLOCK_KEYS}
+    return backbone(model_name), {**kwargs, **VARIANTS[variant]}
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for one value); NaN if any value is NaN."""
+    vals = [float(v) for v in values]
+    if not vals or any(math.isnan(v) for v in vals):
+        return float("nan"), float("nan")
+    m = sum(vals) / len(vals)
+    if len(vals) < 2:
+        return m, 0.0
+    return m, math.sqrt(sum((v - m) ** 2 for v in vals) / (len(vals) - 1))
+
+
+def aggregate(results: Sequence[dict], steps: Sequence[int]) -> dict[str, dict]:
+    """Mean and std over seeds per variant. ``results``: ``{"variant", "seed", "clean",
+    "accuracy": {steps: acc}}`` with rates in [0, 1] (NaN for a diverged run).
+    Returns ``{variant: {"clean": (mean, std), "accuracy": {steps: (mean, std)}, "seeds": n,
+    "diverged": n}}`` in the order variants first appear."""
+    out: dict[str, dict] = {}
+    for v in dict.fromkeys(r["variant"] for r in results):
+        rows = [r for r in results if r["variant"] == v]
+        out[v] = {
+            "clean": _mean_std([r["clean"] for r in rows]),
+            "accuracy": {int(s): _mean_std([r["accuracy"][int(s)] for r in rows])
+                         for s in steps},
+            "seeds": len(rows),
+            "diverged": sum(1 for r in rows if r.get("status") == "diverged"),
+        }
+    return out
+
+
+def _cell(mean: float, std: float, seeds: int) -> str:
+    if math.isnan(mean):
+        return "NaN"
+    return f"{100 * mean:.1f}" + (f" ± {100 * std:.1f}" if seeds > 1 else "")
+
+
+def ablation_table(agg: dict[str, dict], steps: Sequence[int], note: str = "") -> str:
+    """Markdown table: variant, clean accuracy, accuracy under PGD-k for each k (%, mean ± std
+    over seeds when there are several; NaN for runs that diverged, as the paper's Table 1)."""
+    head = ["variant", "seeds", "clean"] + [f"PGD-{s}" for s in steps]
+    lines = ["| " + " | ".join(head) + " |",
+             "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
+    for v, a in agg.items():
+        n = a["seeds"]
+        row = [LABELS.get(v, v), str(n), _cell(*a["clean"], n)]
+        row += [_cell(*a["accuracy"][int(s)], n) for s in steps]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n" + (f"\n{note}\n" if note else "")
+
+
+def plot_ablation(agg: dict[str, dict], steps: Sequence[int], path: str,
+                  title: str | None = None) -> str:
+    """Grouped bar plot like Fig. 7: accuracy (%) of every variant under each PGD strength, error
+    bars = std over seeds. Diverged variants get no bar. Returns ``path`` (PNG, Agg backend)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(agg)
+    k = len(steps)
+    width = 0.8 / max(k, 1)
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(names) + 2), 4.2), dpi=110)
+    for j, s in enumerate(steps):
+        means = [100 * agg[v]["accuracy"][int(s)][0] for v in names]
+        stds = [100 * agg[v]["accuracy"][int(s)][1] if agg[v]["seeds"] > 1 else 0.0
+                for v in names]
+        xs = [i + (j - (k - 1) / 2) * width for i in range(len(names))]
+        bars = ax.bar(xs, [0.0 if math.isnan(m) else m for m in means], width,
+                      yerr=[0.0 if math.isnan(e) else e for e in stds], capsize=2,
+                      label=f"PGD-{s}")
+        for b, m in zip(bars, means, strict=True):
+            ax.annotate("NaN" if math.isnan(m) else f"{m:.1f}",
+                        (b.get_x() + b.get_width() / 2, 0 if math.isnan(m) else m),
+                        textcoords="offset points", xytext=(0, 2), ha="center", fontsize=6)
+    ax.set_xticks(range(len(names)))
+    ax.set_xticklabels([LABELS.get(v, v).replace("+denoise: ", "") for v in names],
+                       rotation=35, ha="right", fontsize=8)
+    ax.set_ylabel("accuracy under attack (%)")
+    ax.set_title(title or "Ablation: denoising variants (white-box PGD)", fontsize=10)
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def run_ablation(config: str | None, out_dir: str, *, variants: Sequence[str] = DEFAULT_VARIANTS,
+                 seeds: Sequence[int] = (0,), steps: Sequence[int] = (10, 100),
+                 overrides: Sequence[str] = (), eps: float | None = None,
+                 step_size: float = 1 / 255, targeted: bool = True, limit: int | None = 1000,
+                 batch_size: int = 100, progress: bool = True) -> dict:
+    """Train and evaluate every variant with every seed; write table, plot and JSON.
+
+    Args:
+        config: training config YAML (``configs/*.yaml``); its model name gives the backbone.
+        out_dir: output folder (see the module docstring); re-running resumes.
+        variants: names of :data:`VARIANTS` (default: the nine of Fig. 7).
+        seeds: one training + evaluation per seed (``run.seed``); the spread is their std.
+        steps: PGD iteration counts of the evaluation (Fig. 7: up to 100).
+        overrides: ``key=value`` config overrides applied to every variant (same budget).
+        eps: evaluation eps on the [0, 1] scale (default: the training eps, ``attack.eps/255``).
+        step_size: evaluation step on the [0, 1] scale, paper rule ``max(step, eps/steps)``.
+        targeted: the paper's targeted PGD (default) or untargeted.
+        limit: evaluate a fixed random subset of this many validation images (None: all).
+        batch_size: evaluation batch size.
+    Returns:
+        ``{"table": path, "plot": path, "json": path, "results": [...], "aggregate": {...}}``.
+    """
+    from featdenoise.config import load_config
+    from featdenoise.data.datasets import build_dataset
+    from featdenoise.evaluation.whitebox import evaluate_whitebox
+    from featdenoise.training import NonFiniteLossError, load_model, train
+
+    variants = list(variants)
+    if not variants:
+        raise ValueError("give at least one ablation variant")
+    for v in variants:
+        variant_model("x", {}, v)  # fails early on an unknown name
+    if not seeds:
+        raise ValueError("give at least one seed")
+    steps = sorted({int(s) for s in steps})
+    if not steps or steps[0] < 1:
+        raise ValueError(f"--steps must be positive iteration counts, got {steps}")
+    base = load_config(config, list(overrides))
+    eval_eps = base.attack.eps / 255 if eps is None else eps
+    os.makedirs(out_dir, exist_ok=True)
+    d = base.data
+    val_set = build_dataset(d.name, d.root, "val", augment=False, image_size=d.image_size,
+                            strict=d.strict)
+
+    results = []
+    for seed in seeds:
+        for v in variants:
+            tag = f"{v}-seed{seed}"
+            name, kwargs = variant_model(base.model.name, base.model.kwargs, v)
+            tree = base.to_dict()
+            tree["model"] = {"name": name, "kwargs": kwargs}
+            tree["run"].update(out_dir=os.path.join(out_dir, "runs", tag), seed=int(seed))
+            print(f"[ablate] {tag}: {name} {kwargs}", flush=True)
+            record = {"variant": v, "seed": int(seed), "model": name, "kwargs": kwargs}
+            try:
+                run_dir = train(load_config(base=tree))
+            except NonFiniteLossError as err:
+                print(f"[ablate] {tag}: training diverged ({err})", flush=True)
+                results.append({**record, "status": "diverged", "clean": float("nan"),
+                                "accuracy": {s: float("nan") for s in steps}})
+                continue
+            model = load_model(run_dir).eval()
+            summary = evaluate_whitebox(
+                model, val_set, os.path.join(out_dir, "eval", tag), steps=steps, attack="pgd",
+                eps=eval_eps, step_size=step_size, targeted=targeted, seed=int(seed),
+                batch_size=batch_size, limit=limit, name=tag, progress=progress,
+                extra={"variant": v, "dataset": d.name})
+            results.append({**record, "status": "ok", "run_dir": run_dir,
+                            "clean": summary["clean"]["top1"],
+                            "accuracy": {a["steps"]: a["accuracy"]
+                                         for a in summary["attacks"]},
+                            "num_images": summary["num_images"]})
+
+    agg = aggregate(results, steps)
+    n_img = next((r["num_images"] for r in results if "num_images" in r), 0)
+    note = (f"{base.data.name}, backbone {backbone(base.model.name)}; "
+            f"{'targeted' if targeted else 'untargeted'} PGD, eps {eval_eps * 255:g}/255, "
+            f"{n_img} images; accuracy in %"
+            + (f", mean ± std over seeds {', '.join(map(str, seeds))}" if len(seeds) > 1
+               else f", seed {seeds[0]}") + ".")
+    table = ablation_table(agg, steps, note)
+    paths = {"table": os.path.join(out_dir, "ablation.md"),
+             "plot": os.path.join(out_dir, "ablation.png"),
+             "json": os.path.join(out_dir, "ablation.json")}
+    with open(paths["table"], "w") as f:
+        f.write(table)
+    plot_ablation(agg, steps, paths["plot"],
+                  title=f"Ablation on {base.data.name} ({backbone(base.model.name)})")
+    with open(paths["json"], "w") as f:
+        json.dump({"results": results, "steps": steps, "seeds": list(seeds),
+                   "eps": eval_eps, "targeted": targeted,
+                   "aggregate": {v: {"clean": a["clean"], "seeds": a["seeds"],
+                                     "diverged": a["diverged"],
+                                     "accuracy": {str(s): m for s, m in a["accuracy"].items()}}
+                                 for v, a in agg.items()}},
+                  f, indent=2, allow_nan=True)
+    return {**paths, "results": results, "aggregate": agg, "markdown": table}
