@@ -142,26 +142,63 @@ def distances_markdown(noise: dict, title: str | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _show_image(ax, img: torch.Tensor, title: str) -> None:
-    img = img.detach().cpu()
-    if img.shape[0] == 1:
-        ax.imshow(img[0].numpy(), cmap="gray", vmin=0, vmax=1)
-    else:
-        ax.imshow(img.permute(1, 2, 0).clamp(0, 1).numpy())
-    ax.set_title(title, fontsize=8)
-    ax.axis("off")
+_PANEL = 84  # pixels per panel side in the mosaic (nearest-neighbour upscaling)
+_GAP = 6
 
 
-def _show_pair(axes, clean: torch.Tensor, adv: torch.Tensor, titles: Sequence[str]) -> None:
-    """Clean and adversarial maps ``[H, W]`` with one shared colour scale, so that only their
-    difference shows."""
+def _image_panel(img: torch.Tensor) -> torch.Tensor:
+    """``[C, H, W]`` pixels in [0, 1] -> ``[H, W, 3]`` RGB."""
+    img = img.detach().float().cpu().clamp(0, 1)
+    return img.permute(1, 2, 0).expand(-1, -1, 3) if img.shape[0] == 1 else img.permute(1, 2, 0)
+
+
+def _map_pair(clean: torch.Tensor, adv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two ``[H, W]`` maps -> two ``[H, W, 3]`` viridis images with one shared colour scale, so
+    that only their difference shows."""
+    from matplotlib import colormaps
+
     lo = float(torch.minimum(clean.min(), adv.min()))
     hi = float(torch.maximum(clean.max(), adv.max()))
-    hi = hi if hi > lo else lo + 1e-6
-    for ax, m, t in zip(axes, (clean, adv), titles, strict=True):
-        ax.imshow(m.numpy(), cmap="viridis", vmin=lo, vmax=hi)
-        ax.set_title(t, fontsize=8)
-        ax.axis("off")
+    span = hi - lo if hi > lo else 1.0
+    cmap = colormaps["viridis"]
+    return tuple(torch.from_numpy(cmap(((m.float() - lo) / span).clamp(0, 1).numpy())[..., :3])
+                 .float() for m in (clean, adv))
+
+
+def _mosaic(rows: list[list[tuple[torch.Tensor, str]]], path: str, title: str | None) -> str:
+    """Tile ``[H, W, 3]`` panels (any sizes, upscaled to one size) into one PNG with a caption
+    above each panel: one axes and one image, so that drawing stays fast."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import torch.nn.functional as F
+
+    n_rows, n_cols = len(rows), max(len(r) for r in rows)
+    cell_h, cell_w = _PANEL + _GAP + 14, _PANEL + _GAP  # 14 px of caption room above a panel
+    canvas = torch.ones(n_rows * cell_h + _GAP, n_cols * cell_w + _GAP, 3)
+    captions = []
+    for i, row in enumerate(rows):
+        for j, (panel, caption) in enumerate(row):
+            up = F.interpolate(panel.permute(2, 0, 1)[None], size=(_PANEL, _PANEL),
+                               mode="nearest")[0].permute(1, 2, 0)  # [P, P, 3]
+            top, left = i * cell_h + 14 + _GAP, j * cell_w + _GAP
+            canvas[top:top + _PANEL, left:left + _PANEL] = up
+            captions.append((left + _PANEL / 2, top - 2, caption))
+    dpi = 100
+    extra = 24 if title else 0
+    fig = plt.figure(figsize=(canvas.shape[1] / dpi, (canvas.shape[0] + extra) / dpi), dpi=dpi)
+    ax = fig.add_axes((0, 0, 1, canvas.shape[0] / (canvas.shape[0] + extra)))
+    ax.imshow(canvas.numpy(), interpolation="nearest")
+    ax.set_axis_off()
+    for x, y, caption in captions:
+        ax.text(x, y, caption, ha="center", va="bottom", fontsize=6)
+    if title:
+        fig.suptitle(title, fontsize=8, y=1 - 4 / (canvas.shape[0] + extra), va="top")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
 
 
 def plot_stage(x: torch.Tensor, x_adv: torch.Tensor, clean: torch.Tensor, adv: torch.Tensor,
@@ -170,25 +207,13 @@ def plot_stage(x: torch.Tensor, x_adv: torch.Tensor, clean: torch.Tensor, adv: t
     """PNG grid, one row per image: clean image, adversarial image, channel ``channel`` of
     ``stage`` for both (shared colour scale). Shapes: images ``[N, C, H, W]``, maps
     ``[N, C', H', W']``. Returns ``path``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    n = x.shape[0]
-    fig, axes = plt.subplots(n, 4, figsize=(7.2, 1.9 * n + 0.4), dpi=100, squeeze=False)
-    for i in range(n):
-        d = f" (d={distances[i]:.2f})" if distances is not None else ""
-        _show_image(axes[i, 0], x[i], "clean")
-        _show_image(axes[i, 1], x_adv[i], "adversarial")
-        _show_pair(axes[i, 2:], clean[i, channel], adv[i, channel],
-                   (f"{stage} ch{channel}, clean", f"{stage} ch{channel}, adv{d}"))
-    if title:
-        fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    rows = []
+    for i in range(x.shape[0]):
+        d = f" d={distances[i]:.2f}" if distances is not None else ""
+        mc, ma = _map_pair(clean[i, channel], adv[i, channel])
+        rows.append([(_image_panel(x[i]), "clean"), (_image_panel(x_adv[i]), "adversarial"),
+                     (mc, f"{stage} ch{channel} clean"), (ma, f"adv{d}")])
+    return _mosaic(rows, path, title)
 
 
 def plot_denoise(maps: dict[str, torch.Tensor], name: str, channel: int, path: str,
@@ -196,30 +221,20 @@ def plot_denoise(maps: dict[str, torch.Tensor], name: str, channel: int, path: s
     """PNG grid for denoising block ``name``, one row per image: channel ``channel`` right before
     the op (clean, adversarial) and right after it (clean, adversarial). ``maps`` holds
     ``clean``/``adv`` dicts of :func:`capture_features`. Returns ``path``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     clean, adv = maps["clean"], maps["adv"]
     b_c, b_a = clean[name + BEFORE], adv[name + BEFORE]
     a_c, a_a = clean[name + AFTER], adv[name + AFTER]
-    n = b_c.shape[0]
-    fig, axes = plt.subplots(n, 4, figsize=(7.2, 1.9 * n + 0.4), dpi=100, squeeze=False)
-    for i in range(n):
+    rows = []
+    for i in range(b_c.shape[0]):
         db = da = ""
         if noise is not None:
-            db = f" (d={noise[name + BEFORE]['per_image'][i]:.2f})"
-            da = f" (d={noise[name + AFTER]['per_image'][i]:.2f})"
-        _show_pair(axes[i, :2], b_c[i, channel], b_a[i, channel],
-                   ("before op, clean", f"before op, adv{db}"))
-        _show_pair(axes[i, 2:], a_c[i, channel], a_a[i, channel],
-                   ("after op, clean", f"after op, adv{da}"))
-    fig.suptitle((f"{title}: " if title else "") + f"{name} ch{channel}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+            db = f" d={noise[name + BEFORE]['per_image'][i]:.2f}"
+            da = f" d={noise[name + AFTER]['per_image'][i]:.2f}"
+        bc, ba = _map_pair(b_c[i, channel], b_a[i, channel])
+        ac, aa = _map_pair(a_c[i, channel], a_a[i, channel])
+        rows.append([(bc, "before op, clean"), (ba, f"before, adv{db}"),
+                     (ac, "after op, clean"), (aa, f"after, adv{da}")])
+    return _mosaic(rows, path, (f"{title}: " if title else "") + f"{name} ch{channel}")
 
 
 def visualize(model: nn.Module, x: torch.Tensor, y: torch.Tensor, out_dir: str, *,
