@@ -164,25 +164,27 @@ def test_clean_start_is_one_coin_per_batch_with_probability_0_2():
 
 def test_bn_inference_mode_during_attack_and_training_mode_for_update(tmp_path):
     cfg = tiny_config(tmp_path)
-    model = create_model("small_resnet", in_channels=1, width=4)
-    modes = []
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.register_forward_hook(lambda mod, i, o: modes.append(mod.training))
-            break
+    model = create_model("small_resnet", in_channels=1, width=4).train()
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    stats = lambda: [(b.running_mean.clone(), b.running_var.clone(),  # noqa: E731
+                      int(b.num_batches_tracked)) for b in bns]
+    x, y = torch.rand(8, 1, 28, 28), torch.randint(0, 10, (8,))
     attack = recipe.TrainAttack(model, 3, 16 / 255, 4 / 255, 0.2)
+    # The attack alone: a training-mode BN pass would move the running statistics.
+    before = stats()
+    attack(x, y)
+    assert model.training and all(b.training for b in bns)  # caller's mode restored
+    for (m0, v0, n0), (m1, v1, n1) in zip(before, stats(), strict=True):
+        assert torch.equal(m0, m1) and torch.equal(v0, v1) and n0 == n1
+    # A whole step: exactly one training-mode pass (the update on the adversarial batch).
     opt = recipe.build_optimizer(model, cfg.optim)
     sched = recipe.LRSchedule(opt, 10, cfg.optim, 8)
-    bn = next(m for m in model.modules() if isinstance(m, nn.BatchNorm2d))
-    before = bn.running_mean.clone()
-    model.train()
-    x, y = torch.rand(8, 1, 28, 28), torch.randint(0, 10, (8,))
     loop.train_step(model, attack, recipe.loss_fn(0.1), opt, sched, x, y, loop.State(), cfg,
                     torch.device("cpu"))
-    assert modes == [False, False, False, True]  # 3 attack steps in eval, 1 update in train
+    after = stats()
+    assert all(n1 == n0 + 1 for (_, _, n0), (_, _, n1) in zip(before, after, strict=True))
+    assert not torch.equal(after[0][0], before[0][0])
     assert model.training
-    # Running statistics move once (the update pass), by momentum 0.1 towards the batch mean.
-    assert not torch.equal(bn.running_mean, before)
 
 
 # ---------------------------------------------------------------------------------------------
