@@ -292,7 +292,8 @@ def fit(cfg: Config, device) -> str:
         net, attack_net = torch.compile(net), torch.compile(model)
     eps, step = cfg.attack.eps / 255, cfg.attack.step_size / 255
     attack = recipe.TrainAttack(attack_net, cfg.attack.steps, eps, step,
-                                cfg.attack.clean_start_prob, cfg.attack.targeted)
+                                cfg.attack.clean_start_prob, cfg.attack.targeted,
+                                fold_bn=not cfg.run.compile)
     path = os.path.join(run_dir, ckpt.CHECKPOINT)
     bar = tqdm(total=total_steps, initial=state.step, unit="step", dynamic_ncols=True,
                disable=not (dist.is_main() and cfg.run.progress))
