@@ -8,9 +8,11 @@ resumed run sees exactly the same augmented images.
 ImageNet training (official ``third_party/imagenet_utils.py`` ``fbresnet_augmentor``, after
 fb.resnet.torch): GoogLeNet random-resized crop (8%-100% area, aspect 3/4-4/3, bilinear to 224),
 then brightness x U(0.6, 1.4), contrast x U(0.6, 1.4) about the per-channel mean, saturation
-1 + U(-0.4, 0.4) towards the grey image, and PCA lighting with std 0.1, in random order and without
-clipping in between, then a horizontal flip. Evaluation: shortest edge to 256 (bicubic), centre crop
-224.
+1 + U(-0.4, 0.4) towards the grey image, and PCA lighting with std 0.1, in random order, each
+saturating to [0, 1] (the official augmentors get uint8 images, so each one clips to 0-255), then
+a horizontal flip. Evaluation: shortest edge to 256 (bicubic), centre crop
+224. Resizing uses PIL's filters (antialiased when shrinking) where the official code used
+OpenCV's (``INTER_LINEAR`` for the crop, ``INTER_CUBIC`` for evaluation).
 """
 
 from __future__ import annotations
@@ -73,7 +75,7 @@ def _uniform(lo: float, hi: float) -> float:
 
 
 class Brightness:
-    """``x * U(lo, hi)`` on a float image ``[3, H, W]`` (no clipping, as the official code)."""
+    """``x * U(lo, hi)`` on a float image ``[3, H, W]``."""
 
     def __init__(self, lo: float = 0.6, hi: float = 1.4):
         self.lo, self.hi = lo, hi
@@ -134,8 +136,8 @@ def imagenet_train(size: int = 224) -> v2.Compose:
         GoogleNetResize(size),
         v2.PILToTensor(),
         v2.ToDtype(torch.float32, scale=True),
-        v2.RandomOrder([Brightness(), Contrast(), Saturation(), Lighting()]),
-        Clamp01(),
+        v2.RandomOrder([v2.Compose([op, Clamp01()])
+                        for op in (Brightness(), Contrast(), Saturation(), Lighting())]),
         v2.RandomHorizontalFlip(),
     ])
 
