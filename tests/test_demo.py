@@ -1,0 +1,87 @@
+"""The demo (``make demo``) end to end on a small real Fashion-MNIST subset, with a tiny budget."""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import json
+import os
+
+import numpy as np
+import pytest
+
+from featdenoise import demo
+
+FMNIST = "/usr/share/datasets/fashion-mnist"
+
+
+def _read_idx(path: str) -> np.ndarray:
+    with gzip.open(path, "rb") as f:
+        raw = f.read()
+    ndim = raw[3]
+    dims = [int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim)]
+    return np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim).reshape(dims)
+
+
+def _write_idx(path, array: np.ndarray) -> None:
+    header = bytes([0, 0, 8, array.ndim]) + b"".join(
+        int(d).to_bytes(4, "big") for d in array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+@pytest.fixture()
+def fmnist_subset(tmp_path):
+    """The first 512 training and 64 test images of the real Fashion-MNIST, in its own folder."""
+    if not os.path.isfile(os.path.join(FMNIST, "train-images-idx3-ubyte.gz")):
+        pytest.skip(f"Fashion-MNIST is not installed in {FMNIST} (`make data` installs it)")
+    root = tmp_path / "fmnist"
+    root.mkdir()
+    for prefix, n in (("train", 512), ("t10k", 64)):
+        for kind in ("images-idx3", "labels-idx1"):
+            name = f"{prefix}-{kind}-ubyte.gz"
+            _write_idx(root / name, _read_idx(os.path.join(FMNIST, name))[:n])
+    return str(root)
+
+
+def test_quick_demo_writes_report_with_all_networks(fmnist_subset, tmp_path, capsys):
+    budget = dataclasses.replace(demo.QUICK, train_images=128, batch_size=32, eval_images=16,
+                                 eval_batch_size=16, eval_steps=(1, 2), viz_images=1)
+    out = tmp_path / "report"
+    path = demo.run_demo(str(out), data_root=fmnist_subset, threads=1, progress=False,
+                         budget=budget)
+    assert path == str(out / "report.md")
+    text = (out / "report.md").read_text()
+    for name in ("clean", "adv-baseline", "adv-denoise"):
+        assert f"| {name} | 16 |" in text
+    assert "PGD-2 targeted acc / succ" in text and "PGD-2 untargeted acc" in text
+    pictures = [line.split("(")[1].rstrip(")") for line in text.splitlines()
+                if line.startswith("![")]
+    assert "accuracy_vs_iterations.png" in pictures
+    assert any(p.startswith("feature_noise/adv-denoise/") for p in pictures)
+    for p in pictures:
+        assert (out / p).read_bytes()[:4] == b"\x89PNG", p
+    res = json.loads((out / "results.json").read_text())
+    for pair in res["summaries"].values():
+        for mode in ("targeted", "untargeted"):
+            s = pair[mode]
+            assert s["num_images"] == 16 and s["eps"] == pytest.approx(0.1)
+            assert s["targeted"] == (mode == "targeted")
+            assert all(0 <= a["accuracy"] <= 1 for a in s["attacks"])
+    # The denoising net's pictures include the maps right before/after each denoising op.
+    assert "stage2_denoise.after" in res["feature_noise"]["adv-denoise"]
+    assert "report:" in capsys.readouterr().out
+
+
+def test_results_table_layout():
+    def summ(acc):
+        return {"num_images": 10, "clean": {"top1": 0.9},
+                "attacks": [{"steps": 10, "accuracy": acc, "success_rate": 0.25}]}
+
+    table = demo.results_table({"net": {"targeted": summ(0.5), "untargeted": summ(0.125)}}, (10,))
+    assert table.splitlines()[2] == "| net | 10 | 90.0 | 50.0 / 25.0 | 12.5 |"
+
+
+def test_demo_names_the_missing_dataset(tmp_path):
+    with pytest.raises(FileNotFoundError, match="dataset-fashion-mnist"):
+        demo.run_demo(str(tmp_path / "r"), data_root=str(tmp_path), quick=True)
