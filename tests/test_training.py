@@ -243,6 +243,9 @@ def test_run_dir_contents_checkpoint_and_load_model(tmp_path):
     torch.testing.assert_close(outs[0], outs[2])
     final = [r for r in read_metrics(run) if r["kind"] == "final"][0]
     assert final["n"] == 10 and 0 <= final["clean_acc"] <= 1 and final["attack_steps"] == 2
+    # Starting over (resume=never) starts a fresh metrics file.
+    loop.train(tiny_config(tmp_path, "optim.epochs=1", "attack.steps=0", "run.resume=never"))
+    assert [r["kind"] for r in read_metrics(run)].count("final") == 1
 
 
 def test_rng_state_round_trip():

@@ -256,9 +256,15 @@ def _save(path, model, cfg, optimizer, schedule, state: State) -> None:
 def fit(cfg: Config, device) -> str:
     """Train by ``cfg`` on ``device`` (process group already joined); see :func:`train`."""
     run_dir = cfg.run.out_dir
-    # Run directory: resolved config, metrics and TensorBoard logs (main process only).
+    # Run directory: resolved config, metrics and TensorBoard logs (main process only); a run
+    # that starts from scratch starts a fresh metrics file.
+    resume = _resume_path(cfg)
     if dist.is_main():
         save_config(cfg, run_dir)
+        metrics_path = os.path.join(run_dir, "metrics.jsonl")
+        if resume is None and os.path.exists(metrics_path):
+            os.remove(metrics_path)
+    dist.barrier()
     logger = MetricsLogger(run_dir, enabled=dist.is_main(), tensorboard=cfg.run.tensorboard)
     # Data: seeded augmentation, sharded samplers.
     train_set, val_set = _build_data(cfg)
@@ -273,7 +279,6 @@ def fit(cfg: Config, device) -> str:
     criterion = recipe.loss_fn(cfg.optim.label_smoothing)
     state = State()
     # Resume: weights, optimizer, schedule, position and RNG states from the last checkpoint.
-    resume = _resume_path(cfg)
     if resume is not None:
         saved = ckpt.load_checkpoint(resume)
         _check_compatible(saved["config"], cfg, resume)
