@@ -313,7 +313,11 @@ def fit(cfg: Config, device) -> str:
             # Drop unreadable files (counted and reported at the end of the epoch).
             x, y, n_bad = drop_skipped(x, y)
             state.sums["skipped"] += n_bad
-            if len(y) > 0:
+            # A batch with no readable image skips the step on every process alike.
+            empty = len(y) == 0
+            if dist.world_size() > 1:
+                empty = dist.all_reduce_sum([float(empty)], device)[0] > 0
+            if not empty:
                 x, y = _to_device(x, y, cfg, device)
                 train_step(net, attack, criterion, optimizer, schedule, x, y, state, cfg, device)
             state.step += 1
