@@ -310,6 +310,9 @@ def test_unknown_model_and_op_names():
     with pytest.raises(ValueError) as err:
         create_model("small_resnet_denoise", denoise="gaussian_nonlocal", width=4)
     assert "gaussian_nonlocal" in _one_line(err.value) and "nonlocal_gaussian" in str(err.value)
+    with pytest.raises(ValueError) as err:  # a misspelt op is an error even where unused
+        create_model("small_resnet", denoise="median3", width=4)
+    assert "median3" in _one_line(err.value)
     with pytest.raises(ValueError) as err:
         DenoisingBlock(8, op="median3")
     assert "median3" in _one_line(err.value)
