@@ -321,3 +321,9 @@ def test_unknown_op_names_the_valid_ones():
 def test_subsample_only_for_nonlocal():
     with pytest.raises(ValueError, match="non-local"):
         build_op("median", 4, subsample=True)
+
+
+@pytest.mark.parametrize("softmax", [True, False])
+def test_bilateral_gradcheck_without_embedding(softmax):
+    op = build_op("bilateral_gaussian" if softmax else "bilateral_dot", 2, embed=False)
+    assert torch.autograd.gradcheck(op, (_x(1, 2, 3, 4).requires_grad_(),))

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -136,6 +137,7 @@ def peak_memory_mib(fn: Callable[[], None], device: torch.device) -> float:
         fn()
         _sync(device)
         return (torch.cuda.max_memory_allocated(device) - before) / 2**20
+    os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # keep the profiler's start-up lines quiet
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:

@@ -59,6 +59,9 @@ CHUNK_ELEMENTS = 1 << 22
 # "auto": PyTorch's fused scaled_dot_product_attention (one kernel, exp-bound) while the value
 # channels are few; above, the chunked matmuls (compute-bound, no padding of q and k).
 SDPA_MAX_CHANNELS = 64
+# "auto": a score tensor [N, L, M] of at most this many elements (32 MiB in float32) is
+# materialised at once: chunking cannot save memory that matters there, only add overhead.
+MATERIALISE_MAX_ELEMENTS = 1 << 23
 _LOG2E = math.log2(math.e)
 
 
@@ -142,14 +145,18 @@ def softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
     Args:
         q: ``[N, L, d]`` queries (embedded ``x_i``); k: ``[N, M, d]`` keys (embedded ``x_j``);
         v: ``[N, M, C]`` values (``x_j``). Returns ``[N, L, C]``.
-        backend: ``auto`` (default): ``sdpa`` when ``C <= SDPA_MAX_CHANNELS``, else
+        backend: ``auto`` (default): ``materialise`` when ``N*L*M <=
+            MATERIALISE_MAX_ELEMENTS``, else ``sdpa`` when ``C <= SDPA_MAX_CHANNELS``, else
             ``chunked``; ``chunked``: exact, memory ``O(budget)`` beyond in/outputs;
             ``sdpa`` (``torch.nn.functional.scaled_dot_product_attention``; q and k are
             zero-padded to C channels so a fused kernel applies), ``materialise`` (the
             straightforward ``[N, L, M]`` softmax; reference and benchmark baseline).
     """
     if backend == "auto":
-        backend = "sdpa" if v.shape[-1] <= SDPA_MAX_CHANNELS else "chunked"
+        if q.shape[0] * q.shape[1] * k.shape[1] <= MATERIALISE_MAX_ELEMENTS:
+            backend = "materialise"
+        else:
+            backend = "sdpa" if v.shape[-1] <= SDPA_MAX_CHANNELS else "chunked"
     if backend == "chunked":
         return _ChunkedSoftmaxAttention.apply(q, k, v, scale, budget or CHUNK_ELEMENTS)
     if backend == "sdpa":
@@ -232,15 +239,68 @@ class NonLocal(nn.Module):
 _OFFSETS = [(dy, dx) for dy in range(3) for dx in range(3)]  # 3x3 window, row-major
 
 
+class _Bilateral3x3(torch.autograd.Function):
+    """Eq. (2) over the in-image 3x3 neighbours, from 9 shifted views of padded tensors.
+
+    Shapes: theta, phi ``[N, d, H, W]``, x ``[N, C, H, W]`` -> ``[N, C, H, W]``. Forward and
+    backward accumulate in place over the 9 offsets (no ``9x`` unfold copy, no autograd zero
+    buffers per slice); saves the zero-padded phi and x and the ``[N, 9, H, W]`` weights.
+    """
+
+    @staticmethod
+    def forward(ctx, theta, phi, x, softmax: bool, scale: float):
+        n, _, h, w = x.shape
+        phi_p, x_p = F.pad(phi, (1, 1, 1, 1)), F.pad(x, (1, 1, 1, 1))  # [N, *, H+2, W+2]
+        views = [(slice(dy, dy + h), slice(dx, dx + w)) for dy, dx in _OFFSETS]
+        valid = F.pad(x.new_ones(1, 1, h, w), (1, 1, 1, 1))
+        valid = torch.cat([valid[..., r, c] for r, c in views], 1)  # [1, 9, H, W] in-image
+        f = torch.stack([(theta * phi_p[..., r, c]).sum(1) for r, c in views], 1)  # [N, 9, H, W]
+        if softmax:
+            wts = (f * scale).masked_fill_(valid == 0, float("-inf")).softmax(1)
+        else:  # out-of-image f is 0 (zero padding); divide by |Omega(i)|
+            wts = f.div_(valid.sum(1, keepdim=True))
+        y = x_p[..., views[0][0], views[0][1]] * wts[:, 0:1]  # [N, C, H, W]
+        for i, (r, c) in enumerate(views[1:], 1):
+            y.addcmul_(x_p[..., r, c], wts[:, i:i + 1])
+        ctx.save_for_backward(theta, phi_p, x_p, wts)
+        ctx.softmax, ctx.scale, ctx.views = softmax, scale, views
+        ctx.count = valid.sum(1, keepdim=True)
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, gy):
+        theta, phi_p, x_p, wts = ctx.saved_tensors
+        views = ctx.views
+        h, w = gy.shape[-2:]
+        dx_p = torch.zeros_like(x_p) if ctx.needs_input_grad[2] else None
+        dw = torch.stack([(gy * x_p[..., r, c]).sum(1) for r, c in views], 1)  # [N, 9, H, W]
+        if dx_p is not None:
+            for i, (r, c) in enumerate(views):
+                dx_p[..., r, c].addcmul_(gy, wts[:, i:i + 1])
+        if ctx.softmax:  # softmax backward, then the 1/sqrt(d) scale
+            df = wts * (dw - (wts * dw).sum(1, keepdim=True)) * ctx.scale
+        else:
+            df = dw.div_(ctx.count)
+        dtheta = torch.zeros_like(theta) if ctx.needs_input_grad[0] else None
+        dphi_p = torch.zeros_like(phi_p) if ctx.needs_input_grad[1] else None
+        for i, (r, c) in enumerate(views):
+            if dtheta is not None:
+                dtheta.addcmul_(phi_p[..., r, c], df[:, i:i + 1])
+            if dphi_p is not None:
+                dphi_p[..., r, c].addcmul_(theta, df[:, i:i + 1])
+        inner = (slice(1, h + 1), slice(1, w + 1))
+        return (dtheta, None if dphi_p is None else dphi_p[..., inner[0], inner[1]],
+                None if dx_p is None else dx_p[..., inner[0], inner[1]], None, None)
+
+
 class Bilateral(nn.Module):
     """Bilateral filter, Eq. (2): the non-local weighting restricted to the 3x3 window Omega(i).
 
     Shapes: ``[N, C, H, W] -> [N, C, H, W]``. Gaussian: ``softmax_j(theta_i^T phi_j / sqrt(d))``
     over the in-image neighbours j (embedding as in :class:`NonLocal`); dot product:
     ``x_i^T x_j / |Omega(i)|``. Out-of-image neighbours are not part of Omega(i).
-
-    Computed from 9 shifted views (no 9x ``unfold`` copy of the features): the weights are a
-    ``[N, 9, H, W]`` map, the output a sum of 9 weighted shifted inputs.
+    Computed by :class:`_Bilateral3x3` from 9 shifted views (no ``9x`` unfold copy).
     """
 
     def __init__(self, channels: int, softmax: bool = True, embed: bool | None = None):
@@ -255,24 +315,8 @@ class Bilateral(nn.Module):
         return f"softmax={self.softmax}, embed={self.embed}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n, c, h, w = x.shape
         theta, phi = (self.theta(x), self.phi(x)) if self.embed else (x, x)
-        d = theta.shape[1]
-        # In-image mask of each of the 9 neighbours: [1, 9, H, W].
-        valid = F.pad(x.new_ones(1, 1, h, w), (1, 1, 1, 1))
-        valid = torch.cat([valid[:, :, dy:dy + h, dx:dx + w] for dy, dx in _OFFSETS], 1)
-        phi_p = F.pad(phi, (1, 1, 1, 1))  # [N, d, H+2, W+2]
-        f = torch.stack([(theta * phi_p[:, :, dy:dy + h, dx:dx + w]).sum(1)
-                         for dy, dx in _OFFSETS], 1)  # [N, 9, H, W]
-        if self.softmax:
-            f = (f / math.sqrt(d)).masked_fill(valid == 0, float("-inf")).softmax(1)
-        else:
-            f = f / valid.sum(1, keepdim=True)  # zero padding already gives f = 0 outside
-        x_p = F.pad(x, (1, 1, 1, 1))  # [N, C, H+2, W+2]
-        y = x_p[:, :, 0:h, 0:w] * f[:, 0:1]
-        for i, (dy, dx) in enumerate(_OFFSETS[1:], 1):
-            y = y + x_p[:, :, dy:dy + h, dx:dx + w] * f[:, i:i + 1]
-        return y  # [N, C, H, W]
+        return _Bilateral3x3.apply(theta, phi, x, self.softmax, 1.0 / math.sqrt(theta.shape[1]))
 
 
 class MeanFilter(nn.Module):
