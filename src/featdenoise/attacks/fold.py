@@ -54,7 +54,8 @@ def folded_batchnorm(model: nn.Module) -> Iterator[int]:
                     bias.add_(conv.bias.to(f64) * scale)
                 if bn.bias is not None:
                     bias.add_(bn.bias.to(f64))
-                weight = conv.weight.to(f64) * scale.view(-1, *([1] * (conv.weight.dim() - 1)))
+                # float32 weight * float64 scale promotes to float64: one rounding below.
+                weight = conv.weight * scale.view(-1, *([1] * (conv.weight.dim() - 1)))
                 saved.append((parent, bn_name, bn, conv, conv._parameters["weight"],
                               conv._parameters.get("bias")))
                 # Plain tensors in the parameter slots: the conv's own forward (padding rules
