@@ -253,8 +253,45 @@ def _save(path, model, cfg, optimizer, schedule, state: State) -> None:
 # The job
 
 
-def fit(cfg: Config, device) -> str:
-    """Train by ``cfg`` on ``device`` (process group already joined); see :func:`train`."""
+@dataclass
+class Job:
+    """Everything one training run holds (built by :func:`_setup`)."""
+
+    cfg: Config
+    device: torch.device
+    model: torch.nn.Module  # the plain module: checkpoints, attack, evaluation
+    net: torch.nn.Module  # what the update runs: DDP and/or compiled wrapper of ``model``
+    attack: recipe.TrainAttack
+    criterion: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    schedule: recipe.LRSchedule
+    train_set: SeededDataset
+    train_loader: DataLoader
+    val_loader: DataLoader
+    sampler: dist.TrainSampler
+    logger: MetricsLogger
+    bar: tqdm
+    state: State
+    steps_per_epoch: int
+    total_steps: int
+
+    @property
+    def checkpoint_path(self) -> str:
+        return os.path.join(self.cfg.run.out_dir, ckpt.CHECKPOINT)
+
+    def save(self) -> None:
+        _save(self.checkpoint_path, self.model, self.cfg, self.optimizer, self.schedule,
+              self.state)
+
+    def evaluate(self, steps: int, desc: str) -> dict:
+        c = self.cfg
+        return evaluate(self.net, self.val_loader, steps=steps, eps=c.attack.eps / 255,
+                        step_size=c.attack.step_size / 255, cfg=c, device=self.device,
+                        seed=c.run.seed, desc=desc)
+
+
+def _setup(cfg: Config, device) -> Job:
+    """Build run directory, data, model, optimizer, schedule, attack; resume if asked."""
     run_dir = cfg.run.out_dir
     # Run directory: resolved config, metrics and TensorBoard logs (main process only); a run
     # that starts from scratch starts a fresh metrics file.
@@ -270,7 +307,6 @@ def fit(cfg: Config, device) -> str:
     train_set, val_set = _build_data(cfg)
     train_loader, val_loader, sampler = _loaders(cfg, train_set, val_set, device)
     steps_per_epoch = recipe.steps_per_epoch_for(sampler.num_samples, cfg.data.batch_size)
-    total_steps = steps_per_epoch * cfg.optim.epochs
     global_batch = cfg.data.batch_size * dist.world_size()
     # Model, optimizer (decay on conv/fc weights only), per-step schedule, loss.
     model = _build_model(cfg, device)
@@ -295,76 +331,100 @@ def fit(cfg: Config, device) -> str:
     attack_net = model
     if cfg.run.compile:
         net, attack_net = torch.compile(net), torch.compile(model)
-    eps, step = cfg.attack.eps / 255, cfg.attack.step_size / 255
-    attack = recipe.TrainAttack(attack_net, cfg.attack.steps, eps, step,
-                                cfg.attack.clean_start_prob, cfg.attack.targeted,
-                                fold_bn=not cfg.run.compile)
-    path = os.path.join(run_dir, ckpt.CHECKPOINT)
+    attack = recipe.TrainAttack(attack_net, cfg.attack.steps, cfg.attack.eps / 255,
+                                cfg.attack.step_size / 255, cfg.attack.clean_start_prob,
+                                cfg.attack.targeted, fold_bn=not cfg.run.compile)
+    total_steps = steps_per_epoch * cfg.optim.epochs
     bar = tqdm(total=total_steps, initial=state.step, unit="step", dynamic_ncols=True,
                disable=not (dist.is_main() and cfg.run.progress))
+    return Job(cfg, device, model, net, attack, criterion, optimizer, schedule, train_set,
+               train_loader, val_loader, sampler, logger, bar, state, steps_per_epoch,
+               total_steps)
+
+
+def _run_epoch(job: Job) -> bool:
+    """Train the rest of the current epoch; True if ``run.stop_after`` stopped it early."""
+    cfg, state = job.cfg, job.state
+    # Epoch order: shuffle by (seed, epoch), skip the batches a resumed run already did.
+    job.sampler.set_epoch(state.epoch)
+    job.sampler.set_start(state.step_in_epoch * cfg.data.batch_size)
+    job.train_set.set_epoch(state.epoch)
+    job.bar.set_description(f"epoch {state.epoch + 1}/{cfg.optim.epochs}")
+    for x, y in job.train_loader:
+        # Drop unreadable files (counted and reported at the end of the epoch).
+        x, y, n_bad = drop_skipped(x, y)
+        state.sums["skipped"] += n_bad
+        # A batch with no readable image skips the step on every process alike.
+        empty = len(y) == 0
+        if dist.world_size() > 1:
+            empty = dist.all_reduce_sum([float(empty)], job.device)[0] > 0
+        if not empty:
+            x, y = _to_device(x, y, cfg, job.device)
+            train_step(job.net, job.attack, job.criterion, job.optimizer, job.schedule, x, y,
+                       state, cfg, job.device)
+        state.step += 1
+        state.step_in_epoch += 1
+        job.bar.update(1)
+        # Periodic log line and checkpoint; a requested stop after this step.
+        if state.step % cfg.run.log_every == 0:
+            _log_train(state, job.schedule, job.logger, job.bar, job.device)
+        if cfg.run.checkpoint_every and state.step % cfg.run.checkpoint_every == 0:
+            job.save()
+        if cfg.run.stop_after and cfg.run.stop_after <= state.step < job.total_steps:
+            return True
+    return False
+
+
+def _end_epoch(job: Job) -> None:
+    """Flush metrics, report skipped files, evaluate every ``eval_every`` epochs, checkpoint."""
+    cfg, state = job.cfg, job.state
+    _log_train(state, job.schedule, job.logger, job.bar, job.device)
+    if state.epoch_skipped and dist.is_main():
+        tqdm.write(f"epoch {state.epoch + 1}: skipped {state.epoch_skipped} unreadable "
+                   f"image file(s)")
+    job.logger.log("epoch", state.step, state.epoch + 1, {"skipped_files": state.epoch_skipped})
+    state.epoch_skipped = 0
+    done = state.epoch + 1
+    if cfg.run.eval_every and done % cfg.run.eval_every == 0 and done < cfg.optim.epochs:
+        metrics = job.evaluate(cfg.run.eval_attack_steps, f"eval epoch {done}")
+        job.logger.log("eval", state.step, done, metrics)
+        if dist.is_main():
+            tqdm.write(f"epoch {done}: " + _fmt(metrics))
+    state.epoch, state.step_in_epoch = done, 0
+    job.save()
+
+
+def _finish(job: Job) -> None:
+    """Final weights (safetensors) and the final evaluation (clean + PGD-final_eval_steps)."""
+    cfg = job.cfg
+    if dist.is_main():
+        ckpt.save_weights(os.path.join(cfg.run.out_dir, ckpt.WEIGHTS), job.model, cfg.model.name,
+                          dict(cfg.model.kwargs), {"step": job.state.step})
+    metrics = job.evaluate(cfg.run.final_eval_steps, "final eval")
+    job.logger.log("final", job.state.step, job.state.epoch, metrics)
+    if dist.is_main():
+        tqdm.write("final: " + _fmt(metrics))
+
+
+def fit(cfg: Config, device) -> str:
+    """Train by ``cfg`` on ``device`` (process group already joined); see :func:`train`."""
+    job = _setup(cfg, device)
     stopped = False
-    while state.epoch < cfg.optim.epochs and not stopped:
-        # Epoch order: shuffle by (seed, epoch), skip the batches a resumed run already did.
-        sampler.set_epoch(state.epoch)
-        sampler.set_start(state.step_in_epoch * cfg.data.batch_size)
-        train_set.set_epoch(state.epoch)
-        bar.set_description(f"epoch {state.epoch + 1}/{cfg.optim.epochs}")
-        for x, y in train_loader:
-            # Drop unreadable files (counted and reported at the end of the epoch).
-            x, y, n_bad = drop_skipped(x, y)
-            state.sums["skipped"] += n_bad
-            # A batch with no readable image skips the step on every process alike.
-            empty = len(y) == 0
-            if dist.world_size() > 1:
-                empty = dist.all_reduce_sum([float(empty)], device)[0] > 0
-            if not empty:
-                x, y = _to_device(x, y, cfg, device)
-                train_step(net, attack, criterion, optimizer, schedule, x, y, state, cfg, device)
-            state.step += 1
-            state.step_in_epoch += 1
-            bar.update(1)
-            if state.step % cfg.run.log_every == 0:
-                _log_train(state, schedule, logger, bar, device)
-            if cfg.run.checkpoint_every and state.step % cfg.run.checkpoint_every == 0:
-                _save(path, model, cfg, optimizer, schedule, state)
-            if cfg.run.stop_after and cfg.run.stop_after <= state.step < total_steps:
-                stopped = True
-                break
-        if stopped and state.step_in_epoch < steps_per_epoch:
-            _save(path, model, cfg, optimizer, schedule, state)
-            break
-        # End of epoch: flush metrics, report skipped files, evaluate, checkpoint.
-        _log_train(state, schedule, logger, bar, device)
-        if state.epoch_skipped and dist.is_main():
-            tqdm.write(f"epoch {state.epoch + 1}: skipped {state.epoch_skipped} unreadable "
-                       f"image file(s)")
-        logger.log("epoch", state.step, state.epoch + 1, {"skipped_files": state.epoch_skipped})
-        state.epoch_skipped = 0
-        done = state.epoch + 1
-        if cfg.run.eval_every and done % cfg.run.eval_every == 0 and done < cfg.optim.epochs:
-            metrics = evaluate(net, val_loader, steps=cfg.run.eval_attack_steps, eps=eps,
-                               step_size=step, cfg=cfg, device=device, seed=cfg.run.seed,
-                               desc=f"eval epoch {done}")
-            logger.log("eval", state.step, done, metrics)
-            if dist.is_main():
-                tqdm.write(f"epoch {done}: " + _fmt(metrics))
-        state.epoch, state.step_in_epoch = state.epoch + 1, 0
-        _save(path, model, cfg, optimizer, schedule, state)
-    bar.close()
-    dist.sync_buffers(model)
+    while job.state.epoch < cfg.optim.epochs and not stopped:
+        # One epoch (or its remainder after a resume), then its bookkeeping unless stopped
+        # mid-epoch, in which case the position is checkpointed for the next run.
+        stopped = _run_epoch(job)
+        if stopped and job.state.step_in_epoch < job.steps_per_epoch:
+            job.save()
+        else:
+            _end_epoch(job)
+    job.bar.close()
+    # Every process holds rank 0's BN statistics from here on; finish unless stopped early.
+    dist.sync_buffers(job.model)
     if not stopped:
-        # Final weights and the final evaluation (clean + PGD-final_eval_steps).
-        if dist.is_main():
-            ckpt.save_weights(os.path.join(run_dir, ckpt.WEIGHTS), model, cfg.model.name,
-                              dict(cfg.model.kwargs), {"step": state.step})
-        metrics = evaluate(net, val_loader, steps=cfg.run.final_eval_steps, eps=eps,
-                           step_size=step, cfg=cfg, device=device, seed=cfg.run.seed,
-                           desc="final eval")
-        logger.log("final", state.step, state.epoch, metrics)
-        if dist.is_main():
-            tqdm.write("final: " + _fmt(metrics))
-    logger.close()
-    return run_dir
+        _finish(job)
+    job.logger.close()
+    return cfg.run.out_dir
 
 
 def _fmt(metrics: dict) -> str:
