@@ -25,10 +25,12 @@ Decisions the paper leaves open, and how they follow the authors' code (``resnet
   every window has 9 real values, so the median is always one of them); the gradient goes to
   exactly one input element per output, the one whose value is the median.
 
-Speed and memory: the Gaussian non-local never materialises the ``HW x HW`` matrix for a whole
-batch; it runs a chunked, flash-attention-style softmax (:class:`_ChunkedSoftmaxAttention`) whose
-backward recomputes each chunk instead of storing it. ``featdenoise bench ops`` compares every op
-with its straightforward version.
+Speed and memory: the Gaussian non-local never materialises an ``[N, HW, HW]`` score tensor
+bigger than 32 MiB: larger ones go through PyTorch's fused ``scaled_dot_product_attention`` (few
+channels) or a chunked, flash-attention-style softmax (:class:`_ChunkedSoftmaxAttention`) whose
+backward recomputes each chunk instead of storing it. The median is a sort-free selection network,
+the bilateral filter accumulates 9 shifted views in place. ``featdenoise bench ops`` compares
+every op with its straightforward version.
 """
 
 from __future__ import annotations
@@ -138,6 +140,15 @@ class _ChunkedSoftmaxAttention(torch.autograd.Function):
         return dq.mul_(ctx.scale), dk.mul_(1.0 / _LOG2E), dv, None, None
 
 
+def resolve_backend(backend: str, n: int, length: int, keys: int, channels: int) -> str:
+    """The backend ``auto`` stands for with ``[N, L, d]`` queries, ``[N, M, C]`` values."""
+    if backend != "auto":
+        return backend
+    if n * length * keys <= MATERIALISE_MAX_ELEMENTS:
+        return "materialise"
+    return "sdpa" if channels <= SDPA_MAX_CHANNELS else "chunked"
+
+
 def softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                       backend: str = "auto", budget: int | None = None) -> torch.Tensor:
     """``softmax(scale * q k^T, dim=-1) v`` (the Gaussian weighting of Eq. 1, ``C = sum_j f``).
@@ -152,11 +163,7 @@ def softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
             zero-padded to C channels so a fused kernel applies), ``materialise`` (the
             straightforward ``[N, L, M]`` softmax; reference and benchmark baseline).
     """
-    if backend == "auto":
-        if q.shape[0] * q.shape[1] * k.shape[1] <= MATERIALISE_MAX_ELEMENTS:
-            backend = "materialise"
-        else:
-            backend = "sdpa" if v.shape[-1] <= SDPA_MAX_CHANNELS else "chunked"
+    backend = resolve_backend(backend, q.shape[0], q.shape[1], k.shape[1], v.shape[2])
     if backend == "chunked":
         return _ChunkedSoftmaxAttention.apply(q, k, v, scale, budget or CHUNK_ELEMENTS)
     if backend == "sdpa":
