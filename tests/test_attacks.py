@@ -383,3 +383,18 @@ def test_layout_options_do_not_change_the_result(name):
     assert results[0].is_contiguous() and results[-1].is_contiguous()
     x_cl = x.contiguous(memory_format=torch.channels_last)
     assert make(name, model, True)(x_cl, y).is_contiguous(memory_format=torch.channels_last)
+
+
+def test_fold_wiring_check_does_not_depend_on_bn_statistics():
+    """Freshly built (identity-like) BN: numbers alone cannot tell the wrong wiring apart."""
+    from featdenoise.attacks.fold import fold_is_exact
+
+    x, _ = batch()
+    swapped, right = ConvBNNet(swapped=True).eval(), ConvBNNet().eval()
+    for model in (swapped, right):
+        for bn in (model.bn, model.head[1]):
+            bn.reset_parameters()
+            bn.reset_running_stats()
+    assert not fold_is_exact(swapped, x)
+    assert fold_is_exact(right, x)
+    assert not fold_is_exact(nn.Sequential(nn.Flatten(), nn.Linear(192, K)), x)  # nothing to fold

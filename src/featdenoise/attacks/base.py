@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from featdenoise.attacks.fold import foldable_pairs, folded_batchnorm
+from featdenoise.attacks.fold import fold_is_exact, folded_batchnorm
 from featdenoise.attacks.threat import LinfBall
 
 
@@ -219,20 +219,11 @@ class Attack:
                 m.training = training
 
     def _fold_is_exact(self, x: torch.Tensor) -> bool:
-        """Whether folding BN leaves this model's logits unchanged (checked once per model on
-        up to 8 images of ``x``; a model whose children order differs from its forward order
-        fails the check and runs unfolded)."""
+        """Whether BN folding is valid for this model (:func:`~featdenoise.attacks.fold.
+        fold_is_exact`: structure and logits), checked once per model; else it runs unfolded."""
         key = id(self.model)
         if key not in self._fold_checked:
-            ok = False
-            if foldable_pairs(self.model):
-                with torch.no_grad():
-                    ref = self.model(x[:8]).float()
-                    with folded_batchnorm(self.model):
-                        folded = self.model(x[:8]).float()
-                tol = 1e-4 * float(ref.abs().max()) + 1e-6
-                ok = bool(((folded - ref).abs().max() <= tol).item())
-            self._fold_checked[key] = ok
+            self._fold_checked[key] = fold_is_exact(self.model, x)
         return self._fold_checked[key]
 
     def _num_classes(self, x: torch.Tensor) -> int:

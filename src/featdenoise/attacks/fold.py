@@ -8,8 +8,8 @@ as the official ``adv_model.py`` does), where ``BN(conv(x))`` is one convolution
 so each attack step saves a BatchNorm forward and backward pass. The result is the same function
 up to float rounding (about 1e-7 relative). A pair is two consecutive children of one module, a
 ``Conv2d`` then a ``BatchNorm2d`` of its output channels (``ConvBN``, ``Sequential(conv, bn, ..)``,
-torchvision's ``conv1, bn1, ...``); because that order need not be the forward order, the caller
-checks that the folded model's logits equal the original's before relying on it.
+torchvision's ``conv1, bn1, ...``); because that order need not be the forward order,
+:func:`fold_is_exact` checks the wiring and the logits before an attack relies on it.
 """
 
 from __future__ import annotations
@@ -69,3 +69,46 @@ def folded_batchnorm(model: nn.Module) -> Iterator[int]:
             conv._parameters["weight"] = weight
             conv._parameters["bias"] = bias
             parent._modules[bn_name] = bn
+
+
+@torch.no_grad()
+def fold_is_exact(model: nn.Module, x: torch.Tensor, rtol: float = 1e-4) -> bool:
+    """Whether folding is valid for ``model`` (eval mode) on inputs like ``x`` [N, ...].
+
+    Two checks on one forward of up to 8 images: structure (each paired BatchNorm receives
+    exactly its convolution's output tensor, so a BN registered after its conv but applied
+    elsewhere is caught whatever its statistics) and numbers (folded logits equal the original
+    ones within ``rtol`` of their largest magnitude).
+    """
+    pairs = foldable_pairs(model)
+    if not pairs:
+        return False
+    x = x[:8]
+    last_out: dict[int, torch.Tensor] = {}  # pair index -> its conv's latest output
+    fed_by_conv: list[bool] = []
+    hooks = []
+
+    def saver(key: int):
+        def save(module, inputs, output):
+            last_out[key] = output
+        return save
+
+    def checker(key: int):
+        def check(module, inputs):
+            fed_by_conv.append(last_out.get(key) is inputs[0])
+        return check
+
+    for i, (parent, _, conv, bn_name) in enumerate(pairs):
+        hooks.append(conv.register_forward_hook(saver(i)))
+        hooks.append(parent._modules[bn_name].register_forward_pre_hook(checker(i)))
+    try:
+        ref = model(x).float()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    if not fed_by_conv or not all(fed_by_conv):
+        return False
+    with folded_batchnorm(model):
+        folded = model(x).float()
+    tol = rtol * float(ref.abs().max()) + 1e-6
+    return bool(((folded - ref).abs().max() <= tol).item())
