@@ -327,3 +327,22 @@ def test_subsample_only_for_nonlocal():
 def test_bilateral_gradcheck_without_embedding(softmax):
     op = build_op("bilateral_gaussian" if softmax else "bilateral_dot", 2, embed=False)
     assert torch.autograd.gradcheck(op, (_x(1, 2, 3, 4).requires_grad_(),))
+
+
+def test_auto_backend_never_materialises_large_score_tensors():
+    from featdenoise.models.denoise import MATERIALISE_MAX_ELEMENTS, resolve_backend
+
+    assert resolve_backend("auto", 8, 3136, 3136, 256) == "chunked"  # res2 of a ResNet
+    assert resolve_backend("auto", 128, 784, 784, 16) == "sdpa"  # 28 px small net
+    assert resolve_backend("auto", 8, 49, 49, 2048) == "materialise"  # 7 px: 19k scores
+    assert 8 * 784 * 784 > MATERIALISE_MAX_ELEMENTS // 2  # the threshold stays modest
+    assert resolve_backend("chunked", 1, 4, 4, 4) == "chunked"
+
+
+def test_median_float32_gradient_sums_to_one_per_output():
+    x = torch.randn(2, 3, 6, 5, dtype=torch.float32, requires_grad=True)
+    y = median3x3(x)
+    ref = ndimage.median_filter(x.detach().numpy(), size=(1, 1, 3, 3), mode="nearest")
+    np.testing.assert_array_equal(y.detach().numpy(), ref)
+    y.transpose(2, 3).sum().backward()  # a non-contiguous upstream gradient
+    assert x.grad.sum().item() == y.numel()  # each output passes its gradient 1 on, once
