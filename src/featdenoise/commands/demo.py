@@ -26,7 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data-root", default=None, metavar="DIR",
                    help="Fashion-MNIST IDX folder (default /usr/share/datasets/fashion-mnist)")
     p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: min(2, CPU count))")
+                   help="torch CPU threads (default 2, or 1 when the machine is busy)")
     p.add_argument("--seed", type=int, default=0, help="seed of training, subsets and attacks")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_run)
