@@ -283,7 +283,8 @@ def test_sigkill_mid_epoch_then_resume_gives_the_uninterrupted_weights(tmp_path,
     real_step, steps_run = loop.train_step, []
 
     def counted_step(*args, **kwargs):
-        steps_run.append(args[7].step)
+        state = kwargs.get("state") or next(a for a in args if hasattr(a, "step_in_epoch"))
+        steps_run.append(state.step)
         return real_step(*args, **kwargs)
 
     monkeypatch.setattr(loop, "train_step", counted_step)
