@@ -3,9 +3,10 @@
 Same model, same batch, same settings (10 steps, untargeted, eps 16/255, step 1.6/255, clean
 start so the two results can be compared pixel by pixel). Runs alternate (ours, theirs, ours, ...)
 so load on a shared machine hits both alike; the median time of each is reported with images/s
-and the ratio (target: ours >= 1.2x). Achieved GFLOP/s counts a PGD step as 3x the forward FLOPs
-(forward + backward convention; :class:`torch.utils.flop_counter.FlopCounterMode` counts the
-forward), against the machine's large-matmul GFLOP/s measured here.
+and the ratio (target: ours >= 1.2x). Achieved GFLOP/s counts a PGD step as 2x the forward FLOPs
+(:class:`torch.utils.flop_counter.FlopCounterMode` on the forward): the forward plus a backward
+that computes input gradients only, which is all either implementation computes. It is printed
+against the machine's large-matmul GFLOP/s measured here.
 
 Where the speed comes from (``featdenoise.attacks.base``, ``fold.py``): each eval-mode BatchNorm
 is folded into its convolution for the attack (one pass fewer forward and backward per layer), and
@@ -106,7 +107,7 @@ def bench_case(name: str, model: nn.Module, shape: tuple[int, ...], num_classes:
         t_ours.append(_timed_both(lambda: ours(x, y), device))
         t_theirs.append(_timed_both(lambda: theirs(x, y), device))
     n = shape[0]
-    total = 3 * forward_flops(model, x) * STEPS  # a step ~ forward + backward ~ 3x forward
+    total = 2 * forward_flops(model, x) * STEPS  # forward + input-gradient backward
     ratios = []
     for i, clock in enumerate(("wall", "cpu")):
         # CPU time of all threads / threads: the time the work would take on idle cores.
