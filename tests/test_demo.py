@@ -85,3 +85,16 @@ def test_results_table_layout():
 def test_demo_names_the_missing_dataset(tmp_path):
     with pytest.raises(FileNotFoundError, match="dataset-fashion-mnist"):
         demo.run_demo(str(tmp_path / "r"), data_root=str(tmp_path), quick=True)
+
+
+def test_demo_command_options_reach_run_demo(monkeypatch, tmp_path):
+    from featdenoise import cli
+
+    seen = {}
+    monkeypatch.setattr(demo, "run_demo", lambda **kw: seen.update(kw) or "report.md")
+    rc = cli.main(["demo", "--quick", "--out", str(tmp_path), "--threads", "1", "--seed", "3",
+                   "--no-progress"])
+    assert rc == 0
+    assert seen == {"out_dir": str(tmp_path), "quick": True, "data_root": None, "threads": 1,
+                    "seed": 3, "progress": False}
+    assert 1 <= demo.default_threads() <= 2
