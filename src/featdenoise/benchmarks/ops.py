@@ -206,7 +206,7 @@ def format_table(rows: list[dict]) -> str:
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``featdenoise bench ops``: prints the table and the targets' status.
 
-    ``args``: ``quick`` (smaller N, 4 shapes, >= 1 repetition), ``repeats`` (minimum timed runs
+    ``args``: ``quick`` (smaller N, 4 shapes, >= 2 repetitions), ``repeats`` (minimum timed runs
     per case, default 3; cheap cases run more, up to 20),
     ``threads`` (torch CPU threads), ``device`` (``cpu`` or ``cuda``).
     """
@@ -215,7 +215,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--device cuda: no CUDA device is available; use --device cpu")
     if args.threads:
         torch.set_num_threads(args.threads)
-    repeats = args.repeats or (1 if args.quick else 3)
+    repeats = args.repeats or (2 if args.quick else 3)
     if args.quick:
         shapes = [(2, c, px) for _, c, px in PAPER_SHAPES[:2]] + \
                  [(32, c, px) for _, c, px in SMALL_SHAPES[:2]]
