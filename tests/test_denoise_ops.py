@@ -346,3 +346,17 @@ def test_median_float32_gradient_sums_to_one_per_output():
     np.testing.assert_array_equal(y.detach().numpy(), ref)
     y.transpose(2, 3).sum().backward()  # a non-contiguous upstream gradient
     assert x.grad.sum().item() == y.numel()  # each output passes its gradient 1 on, once
+
+
+@pytest.mark.parametrize("backend", ["chunked", "sdpa"])
+def test_float32_attention_within_1e5_of_float64(backend):
+    q, k, v = _x(2, 300, 8, seed=1) * 3, _x(2, 200, 8, seed=2) * 3, _x(2, 200, 16, seed=3)
+    up = _x(2, 300, 16, seed=4)
+    args64 = [t.clone().requires_grad_() for t in (q, k, v)]
+    ref = softmax_attention(*args64, 0.35, "materialise")
+    ref_grads = torch.autograd.grad(ref, args64, up)
+    args32 = [t.float().requires_grad_() for t in (q, k, v)]
+    out = softmax_attention(*args32, 0.35, backend, 5000)
+    grads = torch.autograd.grad(out, args32, up.float())
+    for a, b in zip((out, *grads), (ref, *ref_grads), strict=True):
+        assert ((a.double() - b).abs().max() / b.abs().max()).item() < 1e-5
