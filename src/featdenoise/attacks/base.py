@@ -63,9 +63,11 @@ class Attack:
         num_classes: K for drawing targets; default ``model.num_classes``, else read from logits.
         bf16: run the attack's forward/backward passes under bfloat16 autocast (the official
             ``--use-fp16xla`` idea); off by default. Losses are still computed in float32.
-        channels_last: run the attack on a channels-last (NHWC) copy of 4-D images, which the
-            CPU convolution kernels process faster (same values; the result is returned in the
-            caller's layout). Default True.
+        channels_last: run the attack on a channels-last (NHWC) copy of 4-D images (same
+            values; the result is returned in the caller's layout). None (default) decides per
+            call where it was measured to pay: on a CPU running one thread with batches < 16,
+            where PyTorch computes 1x1 convolutions as GEMMs, much faster on NHWC data (ResNet-50:
+            ~1.5x); elsewhere it measured equal or slower, so images stay as given.
         fold_bn: during the attack, fold each eval-mode BatchNorm into the convolution before it
             (:mod:`featdenoise.attacks.fold`; the same function up to float rounding), checked
             once per model against the unfolded logits and skipped if they differ. Default True.
@@ -77,7 +79,7 @@ class Attack:
 
     def __init__(self, model: nn.Module, eps: float = 16 / 255, targeted: bool = True,
                  seed: int | None = None, num_classes: int | None = None, bf16: bool = False,
-                 channels_last: bool = True, fold_bn: bool = True):
+                 channels_last: bool | None = None, fold_bn: bool = True):
         self.model = model
         self.threat = LinfBall(eps)
         self.targeted = bool(targeted)
@@ -85,7 +87,7 @@ class Attack:
         self.num_classes = num_classes if num_classes is not None else getattr(
             model, "num_classes", None)
         self.bf16 = bool(bf16)
-        self.channels_last = bool(channels_last)
+        self.channels_last = channels_last
         self.fold_bn = bool(fold_bn)
         self._fold_checked: dict[int, bool] = {}  # id(model) -> folding verified to be exact
         self.last_target: torch.Tensor | None = None
@@ -118,7 +120,7 @@ class Attack:
         y = y.to(device=x.device, dtype=torch.long)
         caller_contiguous = x.is_contiguous()
         x = x.detach()
-        if self.channels_last and x.dim() == 4:
+        if x.dim() == 4 and self._use_channels_last(x):
             x = x.contiguous(memory_format=torch.channels_last)  # a copy unless already NHWC
         with self._attack_mode(x):
             if self.targeted:
@@ -217,6 +219,11 @@ class Attack:
                 p.requires_grad_(True)
             for m, training in modes:
                 m.training = training
+
+    def _use_channels_last(self, x: torch.Tensor) -> bool:
+        if self.channels_last is not None:
+            return bool(self.channels_last)
+        return x.device.type == "cpu" and torch.get_num_threads() == 1 and x.shape[0] < 16
 
     def _fold_is_exact(self, x: torch.Tensor) -> bool:
         """Whether BN folding is valid for this model (:func:`~featdenoise.attacks.fold.

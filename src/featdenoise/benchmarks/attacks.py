@@ -10,12 +10,12 @@ against the machine's large-matmul GFLOP/s measured here.
 
 Where the speed comes from (``featdenoise.attacks.base``, ``fold.py``): each eval-mode BatchNorm
 is folded into its convolution for the attack (one pass fewer forward and backward per layer), and
-the attack runs on a channels-last copy of the images (on one thread with batches < 16, PyTorch
-runs 1x1 convolutions as GEMMs, which are much faster on NHWC data). Both implementations compute
-input gradients only (``torch.autograd.grad`` prunes the weight-gradient work in both), and both
-run the same convolution kernels, which dominate: on large batches the ratio tends to 1 for a
-network whose BatchNorm is a small share of the time. On a CPU the ratio is taken on process CPU
-time (steady under other jobs' load); wall-clock is printed too.
+on one thread with batches < 16 the attack runs on a channels-last copy of the images (there
+PyTorch runs 1x1 convolutions as GEMMs, which are much faster on NHWC data). Both implementations
+compute input gradients only (``torch.autograd.grad`` prunes the weight-gradient work in both),
+and both run the same convolution kernels, which dominate: on large batches the ratio tends to 1
+for a network whose BatchNorm is a small share of the time. On a CPU the ratio is taken on
+process CPU time (steady under other jobs' load); wall-clock is printed too.
 """
 
 from __future__ import annotations
