@@ -145,9 +145,10 @@ def plot_ablation(agg: dict[str, dict], steps: Sequence[int], path: str,
         stds = [100 * agg[v]["accuracy"][int(s)][1] if agg[v]["seeds"] > 1 else 0.0
                 for v in names]
         xs = [i + (j - (k - 1) / 2) * width for i in range(len(names))]
+        spread = any(agg[v]["seeds"] > 1 for v in names)
         bars = ax.bar(xs, [0.0 if math.isnan(m) else m for m in means], width,
-                      yerr=[0.0 if math.isnan(e) else e for e in stds], capsize=2,
-                      label=f"PGD-{s}")
+                      yerr=[0.0 if math.isnan(e) else e for e in stds] if spread else None,
+                      capsize=2, label=f"PGD-{s}")
         for b, m in zip(bars, means, strict=True):
             ax.annotate("NaN" if math.isnan(m) else f"{m:.1f}",
                         (b.get_x() + b.get_width() / 2, 0 if math.isnan(m) else m),
