@@ -358,13 +358,15 @@ def test_folded_batchnorm_is_the_same_function_and_is_undone():
 
 
 def test_fold_is_checked_and_skipped_when_wrong():
-    """A BN registered after its conv but applied before it must not be folded."""
+    """A BN registered after its conv but applied before it must not be folded (and folding is
+    off unless asked for)."""
+    assert PGD(ConvBNNet()).fold_bn is False
     x, y = batch()
     target = (y + 1) % K
     for swapped in (False, True):
         model = ConvBNNet(swapped).eval()
-        folded = PGD(model, steps=3, random_start=False)
-        plain = PGD(model, steps=3, random_start=False, fold_bn=False)
+        folded = PGD(model, steps=3, random_start=False, fold_bn=True)
+        plain = PGD(model, steps=3, random_start=False)
         x_f, x_p = folded(x, y, target), plain(x, y, target)
         assert folded._fold_checked[id(model)] is (not swapped)
         assert ((x_f - x_p).abs() <= 1e-6).float().mean() >= 0.99

@@ -50,7 +50,7 @@ class IFGSM(PGD):
     def __init__(self, model: nn.Module, eps: float = 16 / 255, step_size: float = 1 / 255,
                  steps: int = 10, targeted: bool = True, step_rule: str = "paper",
                  seed: int | None = None, num_classes: int | None = None, bf16: bool = False,
-                 channels_last: bool | None = None, fold_bn: bool = True):
+                 channels_last: bool | None = None, fold_bn: bool = False):
         super().__init__(model, eps=eps, step_size=step_size, steps=steps, targeted=targeted,
                          random_start=False, restarts=1, step_rule=step_rule, seed=seed,
                          num_classes=num_classes, bf16=bf16, channels_last=channels_last,
@@ -73,7 +73,7 @@ class MIFGSM(IFGSM):
                  steps: int = 10, targeted: bool = True, decay: float = 1.0,
                  step_rule: str = "paper", seed: int | None = None,
                  num_classes: int | None = None, bf16: bool = False,
-                 channels_last: bool | None = None, fold_bn: bool = True):
+                 channels_last: bool | None = None, fold_bn: bool = False):
         super().__init__(model, eps=eps, step_size=step_size, steps=steps, targeted=targeted,
                          step_rule=step_rule, seed=seed, num_classes=num_classes, bf16=bf16,
                          channels_last=channels_last, fold_bn=fold_bn)

@@ -54,7 +54,7 @@ class PGD(Attack):
                  steps: int = 10, targeted: bool = True, random_start: bool = True,
                  clean_start_prob: float = 0.0, restarts: int = 1, step_rule: str = "paper",
                  seed: int | None = None, num_classes: int | None = None, bf16: bool = False,
-                 channels_last: bool | None = None, fold_bn: bool = True):
+                 channels_last: bool | None = None, fold_bn: bool = False):
         super().__init__(model, eps=eps, targeted=targeted, seed=seed, num_classes=num_classes,
                          bf16=bf16, channels_last=channels_last, fold_bn=fold_bn)
         if int(steps) != steps or steps < 0:
