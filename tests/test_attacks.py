@@ -400,3 +400,20 @@ def test_fold_wiring_check_does_not_depend_on_bn_statistics():
     assert not fold_is_exact(swapped, x)
     assert fold_is_exact(right, x)
     assert not fold_is_exact(nn.Sequential(nn.Flatten(), nn.Linear(192, K)), x)  # nothing to fold
+
+
+class ExpandedGradNet(nn.Module):
+    """Logits that depend on x only through ``x.sum()``: autograd returns an expanded gradient."""
+
+    num_classes = K
+
+    def forward(self, x):
+        return torch.arange(K, dtype=x.dtype).expand(x.shape[0], K) * x.sum()
+
+
+@pytest.mark.parametrize("name", list(ATTACKS))
+def test_expanded_input_gradient_is_not_written_in_place(name):
+    x, y = batch()
+    x_adv = make(name, ExpandedGradNet(), False)(x, y)
+    assert x_adv.shape == x.shape and torch.isfinite(x_adv).all()
+    assert (x_adv - x).abs().max() > 0

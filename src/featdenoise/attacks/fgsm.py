@@ -30,7 +30,7 @@ class FGSM(Attack):
     def _perturb(self, x: torch.Tensor, labels: torch.Tensor, lo: torch.Tensor,
                  hi: torch.Tensor) -> torch.Tensor:
         grad = self._objective_grad(x, labels)
-        x_adv = x.clone().add_(grad.sign_(), alpha=self.eps)
+        x_adv = x.clone().add_(grad.sign(), alpha=self.eps)
         return self.threat.project_(x_adv, lo, hi)
 
 
@@ -88,7 +88,7 @@ class MIFGSM(IFGSM):
         for _ in range(self.steps):
             grad = self._objective_grad(x_adv, labels)
             l1 = grad.abs().flatten(1).sum(1).clamp_(min=1e-12)  # [N]
-            grad.div_(l1.view(-1, *([1] * (grad.dim() - 1))))  # [N, 1, 1, 1] broadcast
+            grad = grad / l1.view(-1, *([1] * (grad.dim() - 1)))  # [N, 1, 1, 1] broadcast
             momentum.mul_(self.decay).add_(grad)
             x_adv = x_adv.detach()
             x_adv.add_(momentum.sign(), alpha=step)

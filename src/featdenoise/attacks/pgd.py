@@ -135,6 +135,5 @@ class PGD(Attack):
         return x_adv
 
     def _direction(self, grad: torch.Tensor) -> torch.Tensor:
-        """Ascent direction from the objective's gradient: its sign (L-infinity steepest ascent).
-        ``grad`` is attack-owned and may be overwritten."""
-        return grad.sign_()
+        """Ascent direction from the objective's gradient: its sign (L-infinity steepest ascent)."""
+        return grad.sign()  # not in place: autograd may hand back an expanded view
