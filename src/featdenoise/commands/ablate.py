@@ -4,17 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-
-def _list(text: str) -> list[str]:
-    return [t.strip() for t in text.split(",") if t.strip()]
-
-
-def _int_list(text: str) -> list[int]:
-    try:
-        return [int(t) for t in _list(text)]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated integers, got {text!r}") from None
+from featdenoise.commands.common import int_list, str_list
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -46,13 +36,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "(mean ± std over seeds when several are given). Re-running resumes. "
                     f"Variants: {', '.join(VARIANTS)}.")
     p.add_argument("--config", required=True, help="training config YAML (configs/*.yaml)")
-    p.add_argument("--variants", type=_list, default=list(DEFAULT_VARIANTS),
+    p.add_argument("--variants", type=str_list, default=list(DEFAULT_VARIANTS),
                    metavar="A,B,...",
                    help="variants to run (default: the nine of Fig. 7; Table 1 adds no_1x1, "
                         "no_residual)")
-    p.add_argument("--seeds", type=_int_list, default=[0], metavar="S,T",
+    p.add_argument("--seeds", type=int_list, default=[0], metavar="S,T",
                    help="training/evaluation seeds (default 0)")
-    p.add_argument("--steps", type=_int_list, default=[10, 100], metavar="N,M",
+    p.add_argument("--steps", type=int_list, default=[10, 100], metavar="N,M",
                    help="PGD iterations of the evaluation (default 10,100)")
     p.add_argument("--eps", type=float, default=None,
                    help="evaluation eps, 0..255 scale (default: the config's training eps)")

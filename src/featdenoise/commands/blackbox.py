@@ -14,6 +14,7 @@ import os
 
 from torch import nn
 
+from featdenoise.commands.common import str_list
 from featdenoise.commands.evaluate import (
     add_data_args,
     add_model_args,
@@ -110,10 +111,6 @@ def _run(args: argparse.Namespace) -> int:
         distributed.shutdown()
 
 
-def _str_list(text: str) -> list[str]:
-    return [t.strip() for t in text.split(",") if t.strip()]
-
-
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "blackbox", help="black-box defence: accuracy per attacker and all-or-nothing (Table 2)",
@@ -125,10 +122,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--clean-dir", metavar="DIR",
                    help="clean images as a flat folder (with --labels) instead of --data")
     a = p.add_argument_group("attackers")
-    a.add_argument("--source", type=_str_list, default=[], metavar="MODEL[,MODEL...]",
+    a.add_argument("--source", type=str_list, default=[], metavar="MODEL[,MODEL...]",
                    help="source models for transfer attacks: checkpoints / run directories, "
                         "FILE.npz:ARCH[:DEPTH], or registered model names")
-    a.add_argument("--source-attacks", type=_str_list, default=["pgd", "fgsm", "ifgsm", "mifgsm"],
+    a.add_argument("--source-attacks", type=str_list, default=["pgd", "fgsm", "ifgsm", "mifgsm"],
                    metavar="A[,A...]", help="attacks run on each source (default all four)")
     a.add_argument("--source-steps", type=int, default=10, help="iterations (default 10)")
     a.add_argument("--source-step-size", type=float, default=1.0,

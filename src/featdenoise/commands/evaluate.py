@@ -14,6 +14,8 @@ import sys
 import torch
 from torch import nn
 
+from featdenoise.commands.common import int_list
+
 
 # --------------------------------------------------------------------------- shared helpers
 def add_model_args(p: argparse.ArgumentParser, multiple: bool = False) -> None:
@@ -32,7 +34,7 @@ def add_model_args(p: argparse.ArgumentParser, multiple: bool = False) -> None:
                    help="official --arch of the --official checkpoint")
     g.add_argument("--depth", type=int, choices=[50, 101, 152],
                    help="official -d of the --official checkpoint")
-    g.add_argument("--blocks", type=_int_list, metavar="A,B,C,D",
+    g.add_argument("--blocks", type=int_list, metavar="A,B,C,D",
                    help="blocks per group of the --official checkpoint instead of --depth")
 
 
@@ -49,14 +51,6 @@ def add_data_args(p: argparse.ArgumentParser, required: bool = True) -> None:
                    help="ImageNet crop size (default 224; resize 256 + centre crop)")
     g.add_argument("--limit", type=int, default=None, metavar="N",
                    help="evaluate a fixed random subset of N images (same subset every run)")
-
-
-def _int_list(text: str) -> list[int]:
-    try:
-        return [int(t) for t in text.split(",") if t.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated integers, got {text!r}") from None
 
 
 def _model_name_from_path(path: str) -> str:
@@ -278,7 +272,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_data_args(p, required=False)
     g = p.add_argument_group("attack (eps and step on the 0..255 scale)")
     g.add_argument("--attack", default="pgd", choices=["pgd", "fgsm", "ifgsm", "mifgsm"])
-    g.add_argument("--steps", type=_int_list, default=[10, 100, 1000], metavar="N,N,...",
+    g.add_argument("--steps", type=int_list, default=[10, 100, 1000], metavar="N,N,...",
                    help="attack iterations (default 10,100,1000)")
     g.add_argument("--restarts", type=int, default=1, help="random restarts per attack (PGD)")
     g.add_argument("--eps", type=float, default=16.0,

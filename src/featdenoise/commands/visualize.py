@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from featdenoise.commands.common import int_list
+
 
 def _run(args: argparse.Namespace) -> int:
     import torch
@@ -41,14 +43,6 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _int_list(text: str) -> list[int]:
-    try:
-        return [int(t) for t in text.split(",") if t.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated integers, got {text!r}") from None
-
-
 def register(sub: argparse._SubParsersAction) -> None:
     from featdenoise.commands.evaluate import add_data_args, add_model_args
 
@@ -60,7 +54,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "||f(x_adv) - f(x)|| / ||f(x)|| at every stage and op (distances.md/json).")
     add_model_args(p)
     add_data_args(p)
-    p.add_argument("--images", type=_int_list, default=[0, 1, 2], metavar="I,J,K",
+    p.add_argument("--images", type=int_list, default=[0, 1, 2], metavar="I,J,K",
                    help="dataset indices of the images to show (default 0,1,2)")
     p.add_argument("--stage", default=None,
                    help="feature map to show (default res3 for ImageNet nets, stage2 for small)")
