@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("featdenoise: interrupted", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError, KeyError) as err:
+    except (ValueError, OSError, KeyError) as err:
         # Library errors are written to be one clear line that names the value and what to do.
         print(f"featdenoise {args.command}: error: {err}", file=sys.stderr)
         return 2

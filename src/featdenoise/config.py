@@ -23,6 +23,8 @@ from typing import Any
 
 import yaml
 
+from featdenoise.atomic import atomic_write
+
 DATASETS = ("fashion_mnist", "cifar10", "imagenet")
 
 
@@ -315,10 +317,6 @@ def save_config(cfg: Config, run_dir: str | os.PathLike) -> str:
     """Write the resolved values to ``run_dir/config.yaml`` (atomically); return the path."""
     os.makedirs(run_dir, exist_ok=True)
     path = os.path.join(run_dir, "config.yaml")
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
+    with atomic_write(path) as f:
         yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
     return path

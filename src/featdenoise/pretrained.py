@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from featdenoise.atomic import atomic_write
 from featdenoise.models.denoise import DenoisingBlock
 from featdenoise.models.registry import create_model, model_from_metadata, model_metadata
 from featdenoise.models.resnet import NUM_BLOCKS, ConvBN
@@ -246,7 +247,7 @@ def convert_tensorpack(in_npz: str | os.PathLike, out_safetensors: str | os.Path
     The metadata holds ``model`` (registry name), ``model_kwargs`` (JSON) and ``source``.
     The file is written atomically (temporary file, then rename). Returns the loaded model.
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     model = load_tensorpack(in_npz, arch, depth=depth, blocks=blocks)
     meta = model_metadata(model)
@@ -254,10 +255,9 @@ def convert_tensorpack(in_npz: str | os.PathLike, out_safetensors: str | os.Path
                                  "file": Path(in_npz).name})
     out = Path(out_safetensors)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(tmp), metadata=meta)
-    os.replace(tmp, out)
+    with atomic_write(out, "wb") as f:
+        f.write(save(state, metadata=meta))
     return model
 
 

@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from featdenoise.atomic import atomic_write
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm")
 
 
@@ -110,13 +112,10 @@ def write_labels_csv(path: str, names: Sequence[str], labels: Sequence[int]) -> 
     """Write ``filename,label`` lines, no header (official ``--prediction-file``), atomically."""
     if len(names) != len(labels):
         raise ValueError(f"{len(names)} names but {len(labels)} labels")
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", newline="") as f:
+    with atomic_write(path, newline="") as f:
         w = csv.writer(f, lineterminator="\n")
         for n, y in zip(names, labels, strict=True):
             w.writerow([n, int(y)])
-    os.replace(tmp, path)
 
 
 class ImageFiles(Dataset):

@@ -36,6 +36,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from featdenoise.atomic import atomic_write
 from featdenoise.evaluation import whitebox as wb
 
 TRANSFER_ATTACKS = ("pgd", "fgsm", "ifgsm", "mifgsm")
@@ -323,13 +324,10 @@ def finalize_blackbox(out_dir: str, records: Sequence[dict], settings: dict) -> 
 
     names = [a["name"] for a in settings["attackers"]]
     summary = {**settings, **summarize_blackbox(records, names)}
-    tmp = os.path.join(out_dir, wb.OUTCOMES_FILE + ".tmp")
-    with open(tmp, "w") as f:
+    with atomic_write(os.path.join(out_dir, wb.OUTCOMES_FILE)) as f:
         f.write("".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
-    os.replace(tmp, os.path.join(out_dir, wb.OUTCOMES_FILE))
     wb._write_json(os.path.join(out_dir, wb.SUMMARY_FILE), summary)
     table = os.path.join(out_dir, report.TABLE_FILE)
-    with open(table + ".tmp", "w") as f:
+    with atomic_write(table) as f:
         f.write(report.blackbox_table(summary))
-    os.replace(table + ".tmp", table)
     return summary

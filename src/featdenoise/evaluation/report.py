@@ -14,6 +14,8 @@ import json
 import os
 from collections.abc import Sequence
 
+from featdenoise.atomic import atomic_write
+
 TABLE_FILE = "table.md"
 PLOT_FILE = "accuracy_vs_iterations.png"
 
@@ -139,10 +141,8 @@ def write_report(summaries: Sequence[dict], out_dir: str, title: str | None = No
     """
     os.makedirs(out_dir, exist_ok=True)
     table = os.path.join(out_dir, TABLE_FILE)
-    tmp = f"{table}.tmp"
-    with open(tmp, "w") as f:
+    with atomic_write(table) as f:
         f.write(markdown_table(summaries))
-    os.replace(tmp, table)
     plot = plot_accuracy_vs_iterations(summaries, os.path.join(out_dir, PLOT_FILE), title)
     return {"table": table, "plot": plot}
 

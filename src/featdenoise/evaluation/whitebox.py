@@ -35,6 +35,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from featdenoise.atomic import atomic_write
+
 SETTINGS_FILE = "settings.json"
 OUTCOMES_FILE = "outcomes.jsonl"
 SUMMARY_FILE = "summary.json"
@@ -178,11 +180,9 @@ def append_records(path: str, records: Sequence[dict]) -> None:
 
 
 def _write_json(path: str, obj: dict) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
+    with atomic_write(path) as f:
         json.dump(obj, f, indent=2, sort_keys=True)
         f.write("\n")
-    os.replace(tmp, path)
 
 
 def _check_settings(out_dir: str, settings: dict, write: bool = True,
@@ -471,10 +471,8 @@ def finalize(out_dir: str, records: Sequence[dict], settings: dict) -> dict:
     summary = {**settings, **summarize(records, names, settings["targeted"])}
     for entry, n in zip(summary["attacks"], settings["steps"], strict=True):
         entry["steps"] = n
-    tmp = os.path.join(out_dir, OUTCOMES_FILE + ".tmp")
-    with open(tmp, "w") as f:
+    with atomic_write(os.path.join(out_dir, OUTCOMES_FILE)) as f:
         f.write("".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
-    os.replace(tmp, os.path.join(out_dir, OUTCOMES_FILE))
     _write_json(os.path.join(out_dir, SUMMARY_FILE), summary)
     report.write_report([summary], out_dir)
     return summary

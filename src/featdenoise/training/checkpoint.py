@@ -21,34 +21,16 @@ import numpy as np
 import torch
 from torch import nn
 
+from featdenoise.atomic import atomic_write
+
 CHECKPOINT = "checkpoint.pt"
 WEIGHTS = "model.safetensors"
 
 
-def _fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def atomic_save(obj, path: str) -> None:
-    """``torch.save`` to ``path`` via a temporary file + fsync + ``os.replace``."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "wb") as f:
+    """``torch.save`` to ``path`` all at once or not at all (see :mod:`featdenoise.atomic`)."""
+    with atomic_write(path, "wb") as f:
         torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(folder)
 
 
 def rng_state() -> dict:
@@ -113,17 +95,14 @@ def load_checkpoint(path: str, map_location="cpu") -> dict:
 def save_weights(path: str, model: nn.Module, model_name: str, model_kwargs: dict,
                  extra_metadata: dict | None = None) -> None:
     """Export the weights as safetensors with ``model`` and ``model_kwargs`` (JSON) metadata."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
     meta = {"model": model_name, "model_kwargs": json.dumps(model_kwargs, sort_keys=True),
             "format": "pt"}
     meta.update({k: str(v) for k, v in (extra_metadata or {}).items()})
-    tmp = f"{path}.tmp.{os.getpid()}"
-    save_file(tensors, tmp, metadata=meta)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with atomic_write(path, "wb") as f:
+        f.write(save(tensors, metadata=meta))
 
 
 def _build(name: str, kwargs: dict) -> nn.Module:
