@@ -303,7 +303,10 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
             try:
                 tree = yaml.safe_load(f) or {}
             except yaml.YAMLError as err:
-                raise ValueError(f"config file {path} is not valid YAML: {err}") from None
+                where = getattr(err, "problem_mark", None)
+                at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
+                what = getattr(err, "problem", None) or str(err).splitlines()[0]
+                raise ValueError(f"config file {path} is not valid YAML{at}: {what}") from None
         if not isinstance(tree, dict):
             raise ValueError(f"config file {path} must be a mapping of sections")
     if base:

@@ -54,11 +54,17 @@ def load_image(path: str, size: int | None = None, channels: int = 3) -> torch.T
 
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 or 3, got {channels}")
-    with Image.open(path) as img:
-        img = img.convert("RGB" if channels == 3 else "L")
-        if size is not None:
-            img = img.resize((int(size), int(size)), Image.BICUBIC)
-        arr = np.asarray(img, dtype=np.uint8)
+    from featdenoise.data.datasets import load_rgb
+
+    try:
+        img = load_rgb(path)  # grayscale, palette, CMYK, 16-bit, alpha -> 8-bit RGB
+    except (OSError, ValueError, SyntaxError) as err:
+        raise ValueError(f"unreadable image {path} ({err}); remove or replace the file") from None
+    if channels == 1:
+        img = img.convert("L")
+    if size is not None:
+        img = img.resize((int(size), int(size)), Image.BICUBIC)
+    arr = np.asarray(img, dtype=np.uint8)
     if arr.ndim == 2:
         arr = arr[:, :, None]  # [H, W] -> [H, W, 1]
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).float() / 255.0  # [H, W, C] -> [C, H, W]

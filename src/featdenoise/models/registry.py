@@ -25,6 +25,7 @@ from collections.abc import Callable
 
 from torch import nn
 
+from featdenoise.models.denoise import OP_NAMES
 from featdenoise.models.resnet import NUM_BLOCKS, ResNet
 from featdenoise.models.small import SmallResNet
 
@@ -85,6 +86,9 @@ def create_model(name: str, **kwargs) -> nn.Module:
         raise ValueError(f"model {name!r} does not take {', '.join(unknown)}; it takes "
                          f"{', '.join(accepted)}")
     args = {**defaults, **kwargs}
+    if args.get("denoise") is not None and args["denoise"] not in OP_NAMES:  # even if unused
+        raise ValueError(f"unknown denoising op {args['denoise']!r}; choose one of "
+                         f"{', '.join(OP_NAMES)}")
     model = builder(**args)
     model.model_name = name
     model.model_kwargs = {k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()}

@@ -126,20 +126,29 @@ def load_model(path: str | os.PathLike, map_location="cpu") -> nn.Module:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"model file {path} not found")
     if path.endswith(".safetensors"):
-        from safetensors import safe_open
-        from safetensors.torch import load_file
+        from featdenoise.safeio import read_safetensors
 
-        with safe_open(path, framework="pt") as f:
-            meta = f.metadata() or {}
+        state, meta = read_safetensors(path, device=str(map_location))
         if "model" not in meta:
             raise ValueError(f"{path} has no 'model' metadata; it was not written by featdenoise")
-        model = _build(meta["model"], json.loads(meta.get("model_kwargs", "{}")))
-        state = load_file(path, device=str(map_location))
+        name = meta["model"]
+        model = _build(name, json.loads(meta.get("model_kwargs", "{}")))
     else:
         ckpt = load_checkpoint(path, map_location)
         if "model_name" not in ckpt:
             raise ValueError(f"{path} is not a featdenoise training checkpoint (no model_name)")
-        model = _build(ckpt["model_name"], ckpt.get("model_kwargs", {}))
+        name = ckpt["model_name"]
+        model = _build(name, ckpt.get("model_kwargs", {}))
         state = ckpt["model"]
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    misshaped = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items()
+                 if k in own and tuple(v.shape) != tuple(own[k].shape)]
+    if missing or unexpected or misshaped:
+        raise ValueError(
+            f"{path}: its weights do not fit the model it names ({name!r}): {len(missing)} "
+            f"missing, {len(unexpected)} unexpected, {len(misshaped)} with another shape "
+            f"(file vs model), e.g. {'; '.join((missing + unexpected + misshaped)[:3])}")
     model.load_state_dict(state)
     return model.eval()
