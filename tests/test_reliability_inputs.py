@@ -200,6 +200,18 @@ def test_image_modes_in_a_dataset_folder_give_3_channel_tensors(tmp_path):
         assert 0.0 <= float(x.min()) and float(x.max()) <= 1.0
 
 
+def test_folder_images_are_converted_like_dataset_images(tmp_path):
+    """``predict`` and ``blackbox --adv-dirs`` read loose files: the same conversions apply
+    (a 16-bit PNG must not saturate to white)."""
+    from featdenoise.data.files import load_image
+
+    for mode, (path, rgb) in _mode_images(tmp_path).items():
+        x = load_image(str(path))  # [3, H, W] in [0, 1]
+        assert x.shape == (3, 8, 8), mode
+        got = (x[:, 0, 0] * 255).round().tolist()
+        assert max(abs(g - r) for g, r in zip(got, rgb, strict=True)) <= 1, (mode, got, rgb)
+
+
 def test_predict_on_a_folder_with_a_corrupt_image_names_it(tmp_path, capsys):
     from featdenoise.models import create_model
     from featdenoise.training.checkpoint import save_weights
@@ -248,6 +260,21 @@ def test_checkpoint_of_another_model_is_a_clear_error(tmp_path, capsys):
     assert code == 2 and "other.pt" in stderr and len(stderr.strip().splitlines()) == 1
 
 
+def test_checkpoint_whose_weights_do_not_fit_its_model_lists_them(tmp_path):
+    from featdenoise.models import create_model
+    from featdenoise.training.checkpoint import load_model
+
+    kwargs = dict(in_channels=1, num_classes=10, width=4, blocks=[1, 1, 1])
+    wide = create_model("small_resnet", **{**kwargs, "width": 8})
+    torch.save({"model": wide.state_dict(), "model_name": "small_resnet",
+                "model_kwargs": kwargs}, tmp_path / "checkpoint.pt")
+    with pytest.raises(ValueError) as err:
+        load_model(str(tmp_path / "checkpoint.pt"))
+    text = str(err.value)
+    assert "checkpoint.pt" in text.splitlines()[0]
+    assert "small_resnet" in text and "shape" in text
+
+
 # --------------------------------------------------------------------------- values and names
 @pytest.mark.parametrize("kwargs, value", [
     ({"eps": -0.01}, "-0.01"), ({"eps": 1.5}, "1.5"), ({"eps": float("nan")}, "nan"),
@@ -283,6 +310,9 @@ def test_unknown_model_and_op_names():
     with pytest.raises(ValueError) as err:
         create_model("small_resnet_denoise", denoise="gaussian_nonlocal", width=4)
     assert "gaussian_nonlocal" in _one_line(err.value) and "nonlocal_gaussian" in str(err.value)
+    with pytest.raises(ValueError) as err:  # a misspelt op is an error even where unused
+        create_model("small_resnet", denoise="median3", width=4)
+    assert "median3" in _one_line(err.value)
     with pytest.raises(ValueError) as err:
         DenoisingBlock(8, op="median3")
     assert "median3" in _one_line(err.value)
@@ -309,7 +339,7 @@ def test_config_errors_are_one_line(override, words):
         assert w in text
 
 
-def test_config_file_with_an_unknown_key_or_missing(tmp_path):
+def test_config_file_with_an_unknown_key_or_broken_yaml(tmp_path):
     from featdenoise.config import load_config
 
     bad_key = tmp_path / "bad_key.yaml"
@@ -317,6 +347,11 @@ def test_config_file_with_an_unknown_key_or_missing(tmp_path):
     with pytest.raises(ValueError) as err:
         load_config(str(bad_key))
     assert "model.widht" in _one_line(err.value)
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("model: [unclosed\n  name: x\n")
+    with pytest.raises(ValueError) as err:
+        load_config(str(broken))
+    assert "broken.yaml" in _one_line(err.value)
     with pytest.raises(FileNotFoundError) as err:
         load_config(str(tmp_path / "missing.yaml"))
     assert "missing.yaml" in _one_line(err.value)

@@ -225,3 +225,16 @@ def test_truncated_or_foreign_safetensors_is_one_line(tmp_path):
         with pytest.raises(ValueError) as err:
             read_safetensors(bad)
         assert str(bad) in _one_line(err.value)
+
+
+def test_model_loader_names_a_truncated_safetensors_file(tmp_path):
+    from featdenoise.models import create_model
+    from featdenoise.training.checkpoint import load_model, save_weights
+
+    kwargs = dict(in_channels=1, num_classes=10, width=4, blocks=[1, 1, 1])
+    path = tmp_path / "model.safetensors"
+    save_weights(str(path), create_model("small_resnet", **kwargs), "small_resnet", kwargs)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(ValueError) as err:
+        load_model(str(path))
+    assert str(path) in _one_line(err.value)
