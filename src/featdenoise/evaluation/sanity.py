@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from featdenoise.attacks import draw_targets
+
 
 @dataclass
 class CheckResult:
@@ -281,10 +283,7 @@ def run_sanity(
                 num_classes = int(model(batches[0][0][:1]).shape[1])
         if num_classes < 2:
             raise ValueError(f"sanity: the model has {num_classes} class(es); need at least 2")
-        targets = []
-        for _, y in batches:
-            shift = torch.randint(1, num_classes, (len(y),), generator=gen)
-            targets.append(((y.cpu() + shift) % num_classes).to(y.device))
+        targets = [draw_targets(y.cpu(), num_classes, gen).to(y.device) for _, y in batches]
         run = _Runner(model, batches, targets, targeted, seed)
         return _checks(
             run,
