@@ -168,11 +168,11 @@ def _map_pair(clean: torch.Tensor, adv: torch.Tensor) -> tuple[torch.Tensor, tor
 def _mosaic(rows: list[list[tuple[torch.Tensor, str]]], path: str, title: str | None) -> str:
     """Tile ``[H, W, 3]`` panels (any sizes, upscaled to one size) into one PNG with a caption
     above each panel: one axes and one image, so that drawing stays fast."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import torch.nn.functional as F
+
+    from featdenoise.evaluation.report import pyplot, save_figure
+
+    plt = pyplot()
 
     n_rows, n_cols = len(rows), max(len(r) for r in rows)
     cell_h, cell_w = _PANEL + _GAP + 14, _PANEL + _GAP  # 14 px of caption room above a panel
@@ -195,10 +195,7 @@ def _mosaic(rows: list[list[tuple[torch.Tensor, str]]], path: str, title: str | 
         ax.text(x, y, caption, ha="center", va="bottom", fontsize=6)
     if title:
         fig.suptitle(title, fontsize=8, y=1 - 4 / (canvas.shape[0] + extra), va="top")
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=dpi)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=dpi)
 
 
 def plot_stage(x: torch.Tensor, x_adv: torch.Tensor, clean: torch.Tensor, adv: torch.Tensor,

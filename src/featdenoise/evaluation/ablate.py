@@ -131,10 +131,9 @@ def plot_ablation(agg: dict[str, dict], steps: Sequence[int], path: str,
                   title: str | None = None) -> str:
     """Grouped bar plot like Fig. 7: accuracy (%) of every variant under each PGD strength, error
     bars = std over seeds. Diverged variants get no bar. Returns ``path`` (PNG, Agg backend)."""
-    import matplotlib
+    from featdenoise.evaluation.report import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     names = list(agg)
     k = len(steps)
@@ -161,10 +160,7 @@ def plot_ablation(agg: dict[str, dict], steps: Sequence[int], path: str,
     ax.grid(True, axis="y", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def run_ablation(config: str | None, out_dir: str, *, variants: Sequence[str] = DEFAULT_VARIANTS,

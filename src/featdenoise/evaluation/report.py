@@ -84,6 +84,24 @@ def markdown_table(summaries: Sequence[dict]) -> str:
     return "\n".join(lines) + (note or "\n")
 
 
+def pyplot():
+    """``matplotlib.pyplot`` on the Agg backend (PNG output, no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path: str, **savefig_kwargs) -> str:
+    """Write ``fig`` to ``path`` (PNG; parent folders created), free it, return ``path``."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, **savefig_kwargs)
+    pyplot().close(fig)
+    return path
+
+
 def plot_accuracy_vs_iterations(summaries: Sequence[dict], path: str,
                                 title: str | None = None) -> str:
     """Plot accuracy (%) against attack iterations, log x axis, one line per summary (paper Fig. 6).
@@ -91,11 +109,7 @@ def plot_accuracy_vs_iterations(summaries: Sequence[dict], path: str,
     Untargeted runs are drawn dashed.
     Returns ``path`` (a PNG). Uses matplotlib's Agg backend (no display needed).
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 4.0), dpi=120)
     all_steps: set[int] = set()
     for s in summaries:
@@ -128,10 +142,7 @@ def plot_accuracy_vs_iterations(summaries: Sequence[dict], path: str,
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def write_report(summaries: Sequence[dict], out_dir: str, title: str | None = None) -> dict:
