@@ -425,7 +425,10 @@ def test_sigkill_then_resume_gives_identical_weights(tmp_path):
     save_config(cfg, tmp_path / "cfg")
     cmd = [sys.executable, "-m", "featdenoise.cli", "train", "--config",
            str(tmp_path / "cfg" / "config.yaml")]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # Same intra-op thread count as the uninterrupted run in this process (the autouse fixture
+    # sets 1): float reductions, hence bit-exact weights, depend on it.
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     path = os.path.join(cfg.run.out_dir, ckpt.CHECKPOINT)
     deadline = time.time() + 300
     while not os.path.exists(path) and proc.poll() is None and time.time() < deadline:
@@ -434,7 +437,7 @@ def test_sigkill_then_resume_gives_identical_weights(tmp_path):
     proc.wait()
     assert not os.path.exists(os.path.join(cfg.run.out_dir, ckpt.WEIGHTS)), "killed too late"
     assert ckpt.load_checkpoint(path)["step"] < 18
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, env=env)
     a, b = _weights(full), _weights(cfg.run.out_dir)
     for k in a:
         assert torch.equal(a[k], b[k]), k
