@@ -202,15 +202,16 @@ class ResNet(nn.Module):
         denoise: denoising op name (:data:`featdenoise.models.denoise.OP_NAMES`).
         use_conv, residual, subsample, embed: passed to each :class:`DenoisingBlock`
             (Table 1 ablations, Sec. 6.2 sub-sampling, theta/phi embedding; ``None`` = op default).
-        backend: Gaussian non-local softmax implementation (``chunked``, ``sdpa``,
-            ``materialise``; see :func:`featdenoise.models.denoise.softmax_attention`).
+        backend: Gaussian non-local softmax implementation: ``auto`` (default: chosen per
+            shape by :func:`featdenoise.models.denoise.resolve_backend`), ``chunked``, ``sdpa``
+            or ``materialise`` (see :func:`featdenoise.models.denoise.softmax_attention`).
     """
 
     def __init__(self, blocks: Sequence[int] = (3, 4, 6, 3), num_classes: int = 1000,
                  groups: int = 1, res2_bottleneck: int = 64, placement: str = "none",
                  denoise: str = "nonlocal_gaussian", use_conv: bool = True,
                  residual: bool = True, subsample: bool = False, embed: bool | None = None,
-                 backend: str = "chunked"):
+                 backend: str = "auto"):
         super().__init__()
         blocks = [int(b) for b in blocks]
         if len(blocks) != 4 or min(blocks) < 1:

@@ -72,7 +72,7 @@ class SmallResNet(nn.Module):
                  blocks: Sequence[int] = (1, 1, 1), placement: str = "none",
                  denoise: str = "nonlocal_gaussian", use_conv: bool = True,
                  residual: bool = True, subsample: bool = False, embed: bool | None = None,
-                 backend: str = "chunked"):
+                 backend: str = "auto"):
         super().__init__()
         blocks = [int(b) for b in blocks]
         if len(blocks) != 3 or min(blocks) < 1:
