@@ -2,22 +2,15 @@
 
 from __future__ import annotations
 
-import gzip
 import json
 import math
 
 import numpy as np
 import pytest
 import yaml
+from idx_files import write_idx
 
 from featdenoise.evaluation import ablate
-
-
-def _write_idx(path, array: np.ndarray) -> None:
-    header = bytes([0, 0, 8, array.ndim]) + b"".join(
-        int(d).to_bytes(4, "big") for d in array.shape)
-    with gzip.open(path, "wb") as f:
-        f.write(header + array.astype(np.uint8).tobytes())
 
 
 @pytest.fixture()
@@ -27,8 +20,8 @@ def tiny_config(tmp_path):
     data = tmp_path / "fmnist"
     data.mkdir()
     for prefix, n in (("train", 64), ("t10k", 16)):
-        _write_idx(data / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
-        _write_idx(data / f"{prefix}-labels-idx1-ubyte.gz", rng.integers(0, 10, n))
+        write_idx(data / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
+        write_idx(data / f"{prefix}-labels-idx1-ubyte.gz", rng.integers(0, 10, n))
     cfg = {
         "model": {"name": "small_resnet_denoise",
                   "kwargs": {"in_channels": 1, "width": 4, "denoise": "nonlocal_gaussian"}},

@@ -5,11 +5,11 @@ from __future__ import annotations
 import gzip
 import os
 import pickle
-import struct
 
 import numpy as np
 import pytest
 import torch
+from idx_files import write_idx
 from PIL import Image
 
 from featdenoise.data import transforms as T
@@ -32,10 +32,8 @@ def write_idx_folder(folder, n_train=20, n_val=8, seed=0):
     for prefix, n in (("train", n_train), ("t10k", n_val)):
         x = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
         y = rng.integers(0, 10, size=n, dtype=np.uint8)
-        with gzip.open(os.path.join(folder, f"{prefix}-images-idx3-ubyte.gz"), "wb") as f:
-            f.write(struct.pack(">BBBBIII", 0, 0, 8, 3, n, 28, 28) + x.tobytes())
-        with gzip.open(os.path.join(folder, f"{prefix}-labels-idx1-ubyte.gz"), "wb") as f:
-            f.write(struct.pack(">BBBBI", 0, 0, 8, 1, n) + y.tobytes())
+        write_idx(os.path.join(folder, f"{prefix}-images-idx3-ubyte.gz"), x)
+        write_idx(os.path.join(folder, f"{prefix}-labels-idx1-ubyte.gz"), y)
         out[prefix] = (x, y)
     return out
 

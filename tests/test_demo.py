@@ -9,6 +9,7 @@ import os
 
 import numpy as np
 import pytest
+from idx_files import write_idx
 
 from featdenoise import demo
 
@@ -23,13 +24,6 @@ def _read_idx(path: str) -> np.ndarray:
     return np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim).reshape(dims)
 
 
-def _write_idx(path, array: np.ndarray) -> None:
-    header = bytes([0, 0, 8, array.ndim]) + b"".join(
-        int(d).to_bytes(4, "big") for d in array.shape)
-    with gzip.open(path, "wb") as f:
-        f.write(header + array.astype(np.uint8).tobytes())
-
-
 @pytest.fixture()
 def fmnist_subset(tmp_path):
     """The first 512 training and 64 test images of the real Fashion-MNIST, in its own folder."""
@@ -40,7 +34,7 @@ def fmnist_subset(tmp_path):
     for prefix, n in (("train", 512), ("t10k", 64)):
         for kind in ("images-idx3", "labels-idx1"):
             name = f"{prefix}-{kind}-ubyte.gz"
-            _write_idx(root / name, _read_idx(os.path.join(FMNIST, name))[:n])
+            write_idx(root / name, _read_idx(os.path.join(FMNIST, name))[:n])
     return str(root)
 
 

@@ -8,15 +8,14 @@ steps, unknown op / model names and unknown config keys (library and CLI).
 
 from __future__ import annotations
 
-import gzip
 import shutil
-import struct
 import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from idx_files import write_idx
 from PIL import Image
 
 from featdenoise.cli import main
@@ -29,10 +28,8 @@ def write_idx_folder(root: Path, n: int = 24) -> Path:
     for prefix in ("train", "t10k"):
         images = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
         labels = (np.arange(n) % 10).astype(np.uint8)
-        with gzip.open(root / f"{prefix}-images-idx3-ubyte.gz", "wb") as f:
-            f.write(struct.pack(">HBBIII", 0, 8, 3, n, 28, 28) + images.tobytes())
-        with gzip.open(root / f"{prefix}-labels-idx1-ubyte.gz", "wb") as f:
-            f.write(struct.pack(">HBBI", 0, 8, 1, n) + labels.tobytes())
+        write_idx(root / f"{prefix}-images-idx3-ubyte.gz", images)
+        write_idx(root / f"{prefix}-labels-idx1-ubyte.gz", labels)
     return root
 
 def _one_line(err: BaseException) -> str:

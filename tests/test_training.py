@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import gzip
 import json
 import math
 import os
 import socket
-import struct
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from idx_files import write_idx
 from torch import nn
 
 from featdenoise.config import load_config
@@ -39,10 +38,8 @@ def write_idx_folder(folder, n_train=48, n_val=10, seed=0):
     for prefix, n in (("train", n_train), ("t10k", n_val)):
         x = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
         y = (x.reshape(n, -1).mean(1) > 127.5).astype(np.uint8)
-        with gzip.open(os.path.join(folder, f"{prefix}-images-idx3-ubyte.gz"), "wb") as f:
-            f.write(struct.pack(">BBBBIII", 0, 0, 8, 3, n, 28, 28) + x.tobytes())
-        with gzip.open(os.path.join(folder, f"{prefix}-labels-idx1-ubyte.gz"), "wb") as f:
-            f.write(struct.pack(">BBBBI", 0, 0, 8, 1, n) + y.tobytes())
+        write_idx(os.path.join(folder, f"{prefix}-images-idx3-ubyte.gz"), x)
+        write_idx(os.path.join(folder, f"{prefix}-labels-idx1-ubyte.gz"), y)
 
 
 def tiny_config(tmp_path, *extra):

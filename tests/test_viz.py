@@ -10,6 +10,7 @@ import os
 import numpy as np
 import pytest
 import torch
+from idx_files import write_idx
 
 from featdenoise import viz
 from featdenoise.models import create_model
@@ -88,13 +89,6 @@ def test_visualize_writes_pictures_and_finite_distances(tmp_path):
         viz.visualize(model, x, y, str(tmp_path), channel=99, steps=1)
 
 
-def _write_idx(path, array: np.ndarray) -> None:
-    header = bytes([0, 0, 8, array.ndim]) + b"".join(
-        int(d).to_bytes(4, "big") for d in array.shape)
-    with gzip.open(path, "wb") as f:
-        f.write(header + array.astype(np.uint8).tobytes())
-
-
 def test_visualize_command_on_a_checkpoint(tmp_path, capsys):
     from featdenoise.cli import main
     from featdenoise.training.checkpoint import save_weights
@@ -106,8 +100,8 @@ def test_visualize_command_on_a_checkpoint(tmp_path, capsys):
     data = tmp_path / "fmnist"
     data.mkdir()
     for prefix, n in (("train", 8), ("t10k", 8)):
-        _write_idx(data / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
-        _write_idx(data / f"{prefix}-labels-idx1-ubyte.gz", rng.integers(0, 10, n))
+        write_idx(data / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
+        write_idx(data / f"{prefix}-labels-idx1-ubyte.gz", rng.integers(0, 10, n))
     out = tmp_path / "viz"
     rc = main(["visualize", "--checkpoint", str(ckpt), "--data", "fashion_mnist",
                "--data-root", str(data), "--images", "0,5", "--stage", "stage3",
