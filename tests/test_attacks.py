@@ -357,6 +357,36 @@ def test_folded_batchnorm_is_the_same_function_and_is_undone():
     assert model.head[0].bias is None and isinstance(model.conv.weight, nn.Parameter)
 
 
+def test_fold_cache_is_reused_only_while_the_model_is_unchanged():
+    """The attack's fold cache must never serve weights folded from stale parameters."""
+    from featdenoise.attacks.fold import folded_batchnorm
+
+    model = ConvBNNet().eval()
+    x, _ = batch()
+    cache: dict = {}
+    with torch.no_grad():
+        with folded_batchnorm(model, cache):
+            first = model.conv.weight
+        with folded_batchnorm(model, cache):
+            assert model.conv.weight is first  # unchanged model: the folded tensor is reused
+        model.conv.weight.mul_(2.0)  # an in-place update, as an optimizer step makes
+        model.head[1].running_var.mul_(3.0)
+        ref = model(x)
+        with folded_batchnorm(model, cache):
+            assert model.conv.weight is not first
+            folded = model(x)
+        second = cache[(id(model.conv), id(model.bn))][2]
+        model.bn.bias.data.add_(0.5)  # ``.data`` writes leave the version counter alone
+        ref2 = model(x)
+        with folded_batchnorm(model, cache):
+            assert model.conv.weight is not second  # refolded: the snapshot differs
+            folded2 = model(x)
+    assert torch.allclose(folded, ref, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(folded2, ref2, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(ref2, ref)
+    assert len(cache) == 2
+
+
 def test_fold_is_checked_and_skipped_when_wrong():
     """A BN registered after its conv but applied before it must not be folded (and folding is
     off unless asked for)."""

@@ -15,6 +15,7 @@ torchvision's ``conv1, bn1, ...``); because that order need not be the forward o
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Iterator
 
 import torch
@@ -35,34 +36,76 @@ def foldable_pairs(model: nn.Module) -> list[tuple[nn.Module, str, nn.Conv2d, st
     return pairs
 
 
+def _stamp(*tensors: torch.Tensor | None) -> tuple:
+    """Identity and in-place version of each tensor: changes whenever any of them is written
+    (optimizer steps, ``load_state_dict`` and BN statistic updates all bump ``_version``)."""
+    return tuple(None if t is None else (t.data_ptr(), t._version, t.dtype, t.device)
+                 for t in tensors)
+
+
+@torch.no_grad()
+def _fold(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """The folded ``(weight, bias)`` of one pair, computed in float64 and rounded once."""
+    f64 = torch.float64
+    scale = bn.running_var.to(f64).add(bn.eps).rsqrt_()  # [C_out]
+    if bn.weight is not None:
+        scale.mul_(bn.weight.to(f64))
+    bias = -bn.running_mean.to(f64) * scale
+    if conv.bias is not None:
+        bias.add_(conv.bias.to(f64) * scale)
+    if bn.bias is not None:
+        bias.add_(bn.bias.to(f64))
+    # float32 weight * float64 scale promotes to float64: one rounding below.
+    weight = conv.weight * scale.view(-1, *([1] * (conv.weight.dim() - 1)))
+    return weight.to(conv.weight.dtype), bias.to(conv.weight.dtype)
+
+
+def _cached_fold(conv: nn.Conv2d, bn: nn.BatchNorm2d,
+                 cache: dict | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_fold`, served from ``cache`` while the pair's tensors are provably unchanged."""
+    if cache is None:
+        return _fold(conv, bn)
+    sources = (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
+    # Weak references: a dead module's id reused by a new module never hits.
+    stamp = (weakref.ref(conv), weakref.ref(bn), bn.eps) + _stamp(*sources)
+    key = (id(conv), id(bn))
+    hit = cache.get(key)
+    if hit is not None and hit[0] == stamp and all(
+            (a is None and b is None) or (a is not None and b is not None and torch.equal(a, b))
+            for a, b in zip(hit[1], sources, strict=True)):
+        return hit[2], hit[3]
+    weight, bias = _fold(conv, bn)
+    snapshot = tuple(None if t is None else t.detach().clone() for t in sources)
+    cache[key] = (stamp, snapshot, weight, bias)
+    return weight, bias
+
+
 @contextlib.contextmanager
-def folded_batchnorm(model: nn.Module) -> Iterator[int]:
+def folded_batchnorm(model: nn.Module, cache: dict | None = None) -> Iterator[int]:
     """Inside the block, every foldable pair computes ``conv'(x)`` with BN folded in and the BN
     is an ``nn.Identity``; everything is put back on exit (also on error). Yields the number of
-    folded pairs. The model must be in eval mode and must not be used concurrently elsewhere."""
+    folded pairs. The model must be in eval mode and must not be used concurrently elsewhere.
+
+    ``cache``: a dict owned by the caller (an attack keeps one) that keeps each pair's folded
+    tensors between calls, so an unchanged model is folded once instead of at every attack
+    (folding a ResNet-50 in float64 is ~10% of a 10-step PGD on a CPU; checking the cache is
+    ~1.5%). An entry is reused only while the conv's and BN's tensors are the same objects, at
+    the same in-place version and equal to a snapshot taken when they were folded (so even
+    ``p.data`` writes, which bypass version counters, refold). It costs two extra copies of
+    the conv weights (the folded ones and the snapshot) for the cache's lifetime.
+    """
     saved = []
     try:
-        with torch.no_grad():
-            for parent, _, conv, bn_name in foldable_pairs(model):
-                bn = parent._modules[bn_name]
-                f64 = torch.float64  # fold in double, round once to the conv's dtype
-                scale = bn.running_var.to(f64).add(bn.eps).rsqrt_()  # [C_out]
-                if bn.weight is not None:
-                    scale.mul_(bn.weight.to(f64))
-                bias = -bn.running_mean.to(f64) * scale
-                if conv.bias is not None:
-                    bias.add_(conv.bias.to(f64) * scale)
-                if bn.bias is not None:
-                    bias.add_(bn.bias.to(f64))
-                # float32 weight * float64 scale promotes to float64: one rounding below.
-                weight = conv.weight * scale.view(-1, *([1] * (conv.weight.dim() - 1)))
-                saved.append((parent, bn_name, bn, conv, conv._parameters["weight"],
-                              conv._parameters.get("bias")))
-                # Plain tensors in the parameter slots: the conv's own forward (padding rules
-                # included) runs unchanged on the folded values.
-                conv._parameters["weight"] = weight.to(conv.weight.dtype)
-                conv._parameters["bias"] = bias.to(conv.weight.dtype)
-                parent._modules[bn_name] = nn.Identity()
+        for parent, _, conv, bn_name in foldable_pairs(model):
+            bn = parent._modules[bn_name]
+            weight, bias = _cached_fold(conv, bn, cache)
+            saved.append((parent, bn_name, bn, conv, conv._parameters["weight"],
+                          conv._parameters.get("bias")))
+            # Plain tensors in the parameter slots: the conv's own forward (padding rules
+            # included) runs unchanged on the folded values.
+            conv._parameters["weight"] = weight
+            conv._parameters["bias"] = bias
+            parent._modules[bn_name] = nn.Identity()
         yield len(saved)
     finally:
         for parent, bn_name, bn, conv, weight, bias in reversed(saved):
