@@ -103,7 +103,7 @@ def bench_case(name: str, model: nn.Module, shape: tuple[int, ...], num_classes:
     # Ours with its speed option on (BatchNorm folded for the attack; off by default for
     # bit-level parity with the official attacker).
     ours = PGD(model, eps=EPS, steps=STEPS, targeted=False, random_start=False, step_rule="paper",
-               fold_bn=True)
+               fold_bn=True, prepack=True)
     theirs = torchattacks.PGD(model, eps=EPS, alpha=ours.step, steps=STEPS, random_start=False)
 
     adv_ours, adv_theirs = ours(x, y), theirs(x, y)  # warm-up, and the agreement check
@@ -143,8 +143,9 @@ def run(args: argparse.Namespace) -> int:
     repeats = args.repeats or (1 if quick else 5)
     peak = matmul_gflops(device, 1024 if quick else 2048)
     print(f"PGD {STEPS} steps, untargeted, eps 16/255, step {max(1, 16 / STEPS):g}/255, clean "
-          f"start, ours with fold_bn=True; device {device}, {torch.get_num_threads()} threads, "
-          f"{repeats} repeats (median); matmul {peak:.1f} GFLOP/s")
+          f"start, ours with fold_bn=True, prepack=True; device {device}, "
+          f"{torch.get_num_threads()} threads, {repeats} repeats (median); "
+          f"matmul {peak:.1f} GFLOP/s")
     ratios = []
     for name, model, shape, num_classes in _cases(quick):
         ratios.append(bench_case(name, model, shape, num_classes, device, repeats, peak))

@@ -121,20 +121,27 @@ class TrainAttack:
     ``eps`` and ``step_size`` are given in [0, 1] pixel units (16/255, 1/255 in the paper).
     ``fold_bn``: let the attack fold inference-mode BatchNorm into the convolutions (exact up to
     rounding, faster); turn it off for a ``torch.compile``d model, whose graphs would otherwise be
-    recompiled for the swapped weights at every step.
+    recompiled for the swapped weights at every step. ``prepack``: on a CPU, pack each
+    convolution's weights once per attack instead of at every call
+    (:mod:`featdenoise.attacks.prepack`; off for a compiled model too). The two attacks (random
+    and clean start) share their folding and packing caches.
     """
 
     def __init__(self, model: nn.Module, steps: int, eps: float, step_size: float,
-                 clean_start_prob: float = 0.2, targeted: bool = True, fold_bn: bool = True):
+                 clean_start_prob: float = 0.2, targeted: bool = True, fold_bn: bool = True,
+                 prepack: bool = True):
         self.steps, self.clean_start_prob = steps, clean_start_prob
         self.random_start = self.clean_start = None
         if steps > 0:
             from featdenoise.attacks import PGD
 
             common = dict(eps=eps, step_size=step_size, steps=steps, targeted=targeted,
-                          fold_bn=fold_bn)
+                          fold_bn=fold_bn, prepack=prepack)
             self.random_start = PGD(model, random_start=True, **common)
             self.clean_start = PGD(model, random_start=False, **common)
+            # One copy of the folded and packed weights, not one per attack.
+            self.clean_start._fold_cache = self.random_start._fold_cache
+            self.clean_start._packer = self.random_start._packer
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor):
         if self.steps == 0:
