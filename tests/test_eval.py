@@ -287,3 +287,25 @@ def test_eval_sanity_flag_calls_the_sanity_checks(tmp_path, monkeypatch, capsys)
     assert calls == [(pytest.approx(16 / 255), 3, 4)]
     assert "FAIL" in capsys.readouterr().out
     assert not os.path.exists(tmp_path / "ev" / "summary.json")  # not evaluated
+
+
+def test_fast_attack_gives_the_same_numbers(tmp_path):
+    """--fast (BN folded, packed convolutions) moves nothing beyond rounding."""
+    from featdenoise.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("small_resnet", in_channels=1, num_classes=K, width=4, blocks=[1, 1, 1])
+    with torch.no_grad():  # non-trivial BatchNorm statistics, so folding changes the weights
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+    data = QuadrantData(8)
+    exact = evaluate_whitebox(model, data, str(tmp_path / "exact"), **SETTINGS)
+    fast = evaluate_whitebox(model, data, str(tmp_path / "fast"), fast=True, **SETTINGS)
+    assert _numbers(fast) == _numbers(exact)
+    assert [r["pred_pgd5"] for r in _records(str(tmp_path / "fast"))] == \
+        [r["pred_pgd5"] for r in _records(str(tmp_path / "exact"))]
+    with open(tmp_path / "fast" / "settings.json") as f:
+        assert json.load(f)["fast"] is True

@@ -282,6 +282,7 @@ def evaluate_whitebox(
     max_batches: int | None = None,
     num_workers: int = 0,
     progress: bool = True,
+    fast: bool = False,
     extra: dict | None = None,
 ) -> dict | None:
     """Evaluate ``model`` on ``dataset`` clean and under an attack at several iteration counts.
@@ -312,6 +313,11 @@ def evaluate_whitebox(
         device: default :func:`default_device`.
         rank, world_size: run one shard by hand (no collectives); default from torch.distributed.
         max_batches: stop after this many batches of this call (an interruption, for tests).
+        fast: let the attack fold BatchNorm into the convolutions and run them on packed weights
+            (``fold_bn`` and ``prepack`` of :class:`~featdenoise.attacks.base.Attack`): the same
+            function up to float rounding, ~1.3x faster on a CPU; off by default for bit-level
+            agreement with the official attacker. Recorded in the settings; a resumed run may
+            change it (it moves no result beyond rounding).
         extra: more JSON-able facts stored in settings and summary (model source, dataset name).
 
     Returns:
@@ -341,7 +347,7 @@ def evaluate_whitebox(
         "eps_255": round(float(eps) * 255, 6), "step_size_255": round(float(step_size) * 255, 6),
         "restarts": int(restarts), "targeted": bool(targeted), "step_rule": step_rule,
         "seed": int(seed), "batch_size": int(batch_size), "num_images": len(order),
-        "limit": limit, "num_classes": num_classes,
+        "limit": limit, "num_classes": num_classes, "fast": bool(fast),
         "ids_digest": hashlib.sha256("\n".join(all_ids[i] for i in order).encode()).hexdigest(),
         **(extra or {}),
     }
@@ -353,7 +359,7 @@ def evaluate_whitebox(
         lambda x, y, b, indices: _evaluate_batch(
             model, x, y, b, indices, all_ids, names, steps, attack=attack, eps=eps,
             step_size=step_size, restarts=restarts, targeted=targeted, step_rule=step_rule,
-            seed=seed, num_classes=num_classes, device=device),
+            seed=seed, num_classes=num_classes, device=device, fast=fast),
         model=model, device=device, rank=rank, world_size=world_size, collective=collective,
         max_batches=max_batches, num_workers=num_workers, progress=progress)
     if records is None:
@@ -421,7 +427,7 @@ def _progress(total: int, desc: str, enabled: bool):
 
 def _evaluate_batch(model, x, y, batch_index, indices, all_ids, names, steps, *, attack, eps,
                     step_size, restarts, targeted, step_rule, seed, num_classes,
-                    device) -> list[dict]:
+                    device, fast=False) -> list[dict]:
     """Clean and attacked predictions of one batch as per-image records.
 
     Images with label -1 (files the dataset could not read) get a record ``{"skipped": true}``
@@ -449,7 +455,8 @@ def _evaluate_batch(model, x, y, batch_index, indices, all_ids, names, steps, *,
     for name, n in zip(names, steps, strict=True):
         s = derive_seed(seed, "start", batch_index, name)
         atk = make_attack(attack, model, eps=eps, step_size=step_size, steps=n, targeted=targeted,
-                          restarts=restarts, step_rule=step_rule, seed=s)
+                          restarts=restarts, step_rule=step_rule, seed=s, fold_bn=fast,
+                          prepack=fast)
         devices = [device] if device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(s)
