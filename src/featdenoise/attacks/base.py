@@ -82,7 +82,8 @@ class Attack:
         prepack: on a CPU in float32, run each convolution on weights packed once for oneDNN
             instead of at every call, forward and input gradient
             (:mod:`featdenoise.attacks.prepack`; the same function up to float rounding, each
-            conv and shape checked once). Default False, like ``fold_bn``: the input gradient
+            conv and shape checked once; skipped under ``bf16`` and for a ``torch.compile``d
+            model). Default False, like ``fold_bn``: the input gradient
             is not bit-identical (~5e-7 relative), although on the official fixtures the pixel
             agreement with the authors' attacker is unchanged (99.92% and 99.84%);
             training and ``bench attacks`` turn it on. ResNet-50, 64x64, batch 8: 14-17% faster.
@@ -232,7 +233,8 @@ class Attack:
             with contextlib.ExitStack() as stack:
                 if self.fold_bn and self._fold_is_exact(x):
                     stack.enter_context(folded_batchnorm(self.model, self._fold_cache))
-                if self.prepack and not self.bf16:
+                # A compiled model would trace (and recompile) through the packed path.
+                if self.prepack and not self.bf16 and not hasattr(self.model, "_orig_mod"):
                     stack.enter_context(prepacked_convolutions(self.model, self._packer))
                 stack.enter_context(torch.enable_grad())
                 yield
