@@ -234,7 +234,8 @@ class Attack:
                 if self.fold_bn and self._fold_is_exact(x):
                     stack.enter_context(folded_batchnorm(self.model, self._fold_cache))
                 # A compiled model would trace (and recompile) through the packed path.
-                if self.prepack and not self.bf16 and not hasattr(self.model, "_orig_mod"):
+                if (self.prepack and not self.bf16 and x.device.type == "cpu"
+                        and not hasattr(self.model, "_orig_mod")):
                     stack.enter_context(prepacked_convolutions(self.model, self._packer))
                 stack.enter_context(torch.enable_grad())
                 yield
