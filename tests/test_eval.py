@@ -255,6 +255,13 @@ def test_eval_cli_writes_results_and_merges_plots(tmp_path, capsys):
                  "--out", str(tmp_path / "merged")]) == 0
     table = (tmp_path / "merged" / "table.md").read_text()
     assert "| net_a | 6 |" in table and "| net_b | 6 |" in table
+    # --fast: the same per-image outcomes, and the choice is recorded
+    fast = [a if a != str(tmp_path / "ev") else str(tmp_path / "fast") for a in args] + ["--fast"]
+    assert main(fast) == 0
+    for name in ("net_a", "net_b"):
+        with open(tmp_path / "fast" / name / "settings.json") as f:
+            assert json.load(f)["fast"] is True
+        assert _records(str(tmp_path / "fast" / name)) == _records(str(tmp_path / "ev" / name))
 
 
 def test_eval_cli_errors_are_one_clear_line(tmp_path, capsys):
