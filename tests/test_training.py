@@ -396,9 +396,10 @@ def test_bf16_and_channels_last_options_train(tmp_path):
 
 @pytest.mark.slow
 def test_compile_option_trains(tmp_path, monkeypatch):
-    # Inductor's CPU backward of a strided 1x1 conv crashes in torch 2.14.1 (double free:
-    # torch.compile(nn.Conv2d(4, 8, 1, stride=2)) then .backward()); aot_eager still checks that
-    # the update and the attack run through compiled modules sharing one set of weights.
+    # Inductor's CPU backward of a strided 1x1 conv crashed on some machines with torch 2.14.1
+    # (double free: torch.compile(nn.Conv2d(4, 8, 1, stride=2)) then .backward()), not on
+    # others; aot_eager still checks that the update and the attack run through compiled
+    # modules sharing one set of weights, on any machine.
     import functools
 
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
