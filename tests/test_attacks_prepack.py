@@ -91,6 +91,16 @@ def test_ineligible_or_unverified_convs_run_the_normal_path(monkeypatch):
     with pp.prepacked_convolutions(conv, packer):
         out = conv(x)
     assert out.equal(ref)  # bitwise: PyTorch's own convolution ran
+    monkeypatch.undo()
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("this build's operator takes other arguments")
+
+    other = pp.ConvPacker()
+    monkeypatch.setattr(torch.ops.mkldnn, "_reorder_convolution_weight", broken)
+    with pp.prepacked_convolutions(conv, other):
+        assert conv(x).equal(ref)
+    assert list(other._checked.values()) == [False]
 
 
 @pytest.mark.parametrize("name,kwargs,size", [
