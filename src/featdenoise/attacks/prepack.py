@@ -104,7 +104,7 @@ class ConvPacker:
 
     def __init__(self):
         self._packs: dict[int, dict] = {}  # id(conv) -> {shape: entry}
-        self._checked: dict[tuple, bool] = {}  # (id(conv), shape) -> packed path verified
+        self._checked: dict[tuple, bool] = {}  # (conv, shape, layout, geometry) -> verified
 
     def conv_forward(self, conv: nn.Conv2d, x: torch.Tensor, weight: torch.Tensor,
                      bias: torch.Tensor | None) -> torch.Tensor:
