@@ -5,6 +5,9 @@
 - :func:`build_attack` picks one by name; :func:`draw_targets` draws ``(y + U{1..K-1}) mod K``.
 - :mod:`featdenoise.attacks.metrics`: per-image outcomes, accuracy and targeted success rate.
 - :class:`LinfBall` is the threat model (projection, random start) the update rules walk in.
+- Speed options of every attack, the same function up to float rounding:
+  :mod:`featdenoise.attacks.fold` (``fold_bn``: BatchNorm folded into the convolutions) and
+  :mod:`featdenoise.attacks.prepack` (``prepack``: convolutions on weights packed once, CPU).
 """
 
 from __future__ import annotations
