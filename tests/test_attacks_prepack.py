@@ -7,6 +7,7 @@ from torch import nn
 
 from featdenoise.attacks import PGD
 from featdenoise.attacks import prepack as pp
+from featdenoise.attacks.base import speed_caches
 from featdenoise.models import create_model
 
 pytestmark = pytest.mark.skipif(not pp.available(), reason="this PyTorch build has no oneDNN")
@@ -118,8 +119,26 @@ def test_prepacked_attack_gives_the_same_images(name, kwargs, size, fold_bn):
     plain = PGD(model, **common)(x, y)
     attack = PGD(model, prepack=True, **common)
     packed = attack(x, y)
-    assert attack._packer._checked and all(attack._packer._checked.values())
+    checked = speed_caches(model).packer._checked
+    assert checked and all(checked.values())
     assert ((packed - plain).abs() <= 1e-6).float().mean() >= 0.999
     assert packed.is_contiguous()
     assert all(p.requires_grad for p in model.parameters())  # frozen only during the attack
     assert not any("_conv_forward" in m.__dict__ for m in model.modules())
+
+
+def test_attacks_on_one_model_share_its_packs_and_folded_weights():
+    """An evaluation builds a new attack per batch: the second must not fold or pack again."""
+    torch.manual_seed(0)
+    model = create_model("small_resnet", in_channels=3, num_classes=10).eval()
+    x, y = torch.rand(4, 3, 28, 28), torch.randint(0, 10, (4,))
+    common = dict(steps=2, random_start=False, seed=0, fold_bn=True, prepack=True)
+    first = PGD(model, **common)(x, y)
+    caches = speed_caches(model)
+    packs = {k: dict(v) for k, v in caches.packer._packs.items()}
+    folded = dict(caches.folded)
+    assert packs and folded and caches.fold_exact is True
+    again = PGD(model, **common)(x, y)
+    assert again.equal(first)
+    assert all(caches.packer._packs[k][s] is e for k, v in packs.items() for s, e in v.items())
+    assert all(caches.folded[k] is e for k, e in folded.items())

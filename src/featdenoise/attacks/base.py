@@ -20,6 +20,8 @@ the attack's forward passes must not take part in gradient synchronisation.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import weakref
 from collections.abc import Iterator
 
 import torch
@@ -29,6 +31,29 @@ from torch import nn
 from featdenoise.attacks.fold import fold_is_exact, folded_batchnorm
 from featdenoise.attacks.prepack import ConvPacker, prepacked_convolutions
 from featdenoise.attacks.threat import LinfBall
+
+
+@dataclasses.dataclass
+class _SpeedCaches:
+    """What the speed options keep for one model, shared by every attack on it (an evaluation
+    builds a new attack per batch, training two per run): whether folding is exact, the folded
+    weights and the packed convolutions, each refreshed whenever the model's tensors change."""
+
+    fold_exact: bool | None = None
+    folded: dict = dataclasses.field(default_factory=dict)
+    packer: ConvPacker = dataclasses.field(default_factory=ConvPacker)
+
+
+# Weak keys: the caches go with the model; they hold no strong reference to any module.
+_CACHES: weakref.WeakKeyDictionary[nn.Module, _SpeedCaches] = weakref.WeakKeyDictionary()
+
+
+def speed_caches(model: nn.Module) -> _SpeedCaches:
+    """The speed options' caches of ``model`` (created on first use)."""
+    caches = _CACHES.get(model)
+    if caches is None:
+        caches = _CACHES[model] = _SpeedCaches()
+    return caches
 
 
 def draw_targets(y: torch.Tensor, num_classes: int,
@@ -77,8 +102,8 @@ class Attack:
             authors' attacker moves from 99.84% to 99.83% (denoise) and from 99.92% to 99.96%
             (plain). Training turns
             it on (speed matters there, exactness to the last bit does not). The folded
-            weights are kept between calls while the model's tensors are unchanged (two extra
-            copies of the conv weights for the attack's lifetime).
+            weights are kept per model, for every attack on it, while the model's tensors are
+            unchanged (two extra copies of the conv weights for the model's lifetime).
         prepack: on a CPU in float32, run each convolution on weights packed once for oneDNN
             instead of at every call, forward and input gradient
             (:mod:`featdenoise.attacks.prepack`; the same function up to float rounding, each
@@ -106,10 +131,7 @@ class Attack:
         self.bf16 = bool(bf16)
         self.channels_last = channels_last
         self.fold_bn = bool(fold_bn)
-        self._fold_checked: dict[int, bool] = {}  # id(model) -> folding verified to be exact
-        self._fold_cache: dict = {}  # folded conv tensors, reused while the model is unchanged
         self.prepack = bool(prepack)
-        self._packer = ConvPacker()  # packed conv weights, reused while the model is unchanged
         self.last_target: torch.Tensor | None = None
         self._generators: dict[torch.device, torch.Generator] = {}
 
@@ -231,12 +253,13 @@ class Attack:
             for p in params:
                 p.requires_grad_(False)
             with contextlib.ExitStack() as stack:
+                caches = speed_caches(self.model)
                 if self.fold_bn and self._fold_is_exact(x):
-                    stack.enter_context(folded_batchnorm(self.model, self._fold_cache))
+                    stack.enter_context(folded_batchnorm(self.model, caches.folded))
                 # A compiled model would trace (and recompile) through the packed path.
                 if (self.prepack and not self.bf16 and x.device.type == "cpu"
                         and not hasattr(self.model, "_orig_mod")):
-                    stack.enter_context(prepacked_convolutions(self.model, self._packer))
+                    stack.enter_context(prepacked_convolutions(self.model, caches.packer))
                 stack.enter_context(torch.enable_grad())
                 yield
         finally:
@@ -253,10 +276,10 @@ class Attack:
     def _fold_is_exact(self, x: torch.Tensor) -> bool:
         """Whether BN folding is valid for this model (:func:`~featdenoise.attacks.fold.
         fold_is_exact`: structure and logits), checked once per model; else it runs unfolded."""
-        key = id(self.model)
-        if key not in self._fold_checked:
-            self._fold_checked[key] = fold_is_exact(self.model, x)
-        return self._fold_checked[key]
+        caches = speed_caches(self.model)
+        if caches.fold_exact is None:
+            caches.fold_exact = fold_is_exact(self.model, x)
+        return caches.fold_exact
 
     def _num_classes(self, x: torch.Tensor) -> int:
         if self.num_classes is None:

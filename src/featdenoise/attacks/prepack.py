@@ -92,7 +92,7 @@ class _PackedConv(torch.autograd.Function):
 
 
 class ConvPacker:
-    """Packed weights of one attack's model, kept while the weights are unchanged.
+    """Packed weights of one model (shared by the attacks on it), kept while they are unchanged.
 
     A pack is keyed on the conv and the input shape and is reused only while the weight and bias
     are the same tensors at the same in-place version; a ``nn.Parameter`` must also still equal

@@ -124,7 +124,7 @@ class TrainAttack:
     recompiled for the swapped weights at every step. ``prepack``: on a CPU, pack each
     convolution's weights once per attack instead of at every call
     (:mod:`featdenoise.attacks.prepack`; off for a compiled model too). The two attacks (random
-    and clean start) share their folding and packing caches.
+    and clean start) share the model's folding and packing caches.
     """
 
     def __init__(self, model: nn.Module, steps: int, eps: float, step_size: float,
@@ -139,9 +139,6 @@ class TrainAttack:
                           fold_bn=fold_bn, prepack=prepack)
             self.random_start = PGD(model, random_start=True, **common)
             self.clean_start = PGD(model, random_start=False, **common)
-            # One copy of the folded and packed weights, not one per attack.
-            self.clean_start._fold_cache = self.random_start._fold_cache
-            self.clean_start._packer = self.random_start._packer
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor):
         if self.steps == 0:
