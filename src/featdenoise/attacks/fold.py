@@ -15,11 +15,12 @@ torchvision's ``conv1, bn1, ...``); because that order need not be the forward o
 from __future__ import annotations
 
 import contextlib
-import weakref
 from collections.abc import Iterator
 
 import torch
 from torch import nn
+
+from featdenoise.attacks.unchanged import Unchanged
 
 
 def foldable_pairs(model: nn.Module) -> list[tuple[nn.Module, str, nn.Conv2d, str]]:
@@ -34,13 +35,6 @@ def foldable_pairs(model: nn.Module) -> list[tuple[nn.Module, str, nn.Conv2d, st
                     and bn.num_features == conv.out_channels):
                 pairs.append((parent, conv_name, conv, bn_name))
     return pairs
-
-
-def _stamp(*tensors: torch.Tensor | None) -> tuple:
-    """Identity and in-place version of each tensor: changes whenever any of them is written
-    (optimizer steps, ``load_state_dict`` and BN statistic updates all bump ``_version``)."""
-    return tuple(None if t is None else (t.data_ptr(), t._version, t.dtype, t.device)
-                 for t in tensors)
 
 
 @torch.no_grad()
@@ -66,17 +60,12 @@ def _cached_fold(conv: nn.Conv2d, bn: nn.BatchNorm2d,
     if cache is None:
         return _fold(conv, bn)
     sources = (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
-    # Weak references: a dead module's id reused by a new module never hits.
-    stamp = (weakref.ref(conv), weakref.ref(bn), bn.eps) + _stamp(*sources)
     key = (id(conv), id(bn))
     hit = cache.get(key)
-    if hit is not None and hit[0] == stamp and all(
-            (a is None and b is None) or (a is not None and b is not None and torch.equal(a, b))
-            for a, b in zip(hit[1], sources, strict=True)):
+    if hit is not None and hit[0] == bn.eps and hit[1].holds(sources):
         return hit[2], hit[3]
     weight, bias = _fold(conv, bn)
-    snapshot = tuple(None if t is None else t.detach().clone() for t in sources)
-    cache[key] = (stamp, snapshot, weight, bias)
+    cache[key] = (bn.eps, Unchanged(sources), weight, bias)
     return weight, bias
 
 

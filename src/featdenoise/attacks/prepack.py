@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from featdenoise.attacks.unchanged import Unchanged
+
 _SHAPES_PER_CONV = 2  # packs kept per conv (a full batch and an eval's smaller last batch)
 
 
@@ -139,14 +141,9 @@ class ConvPacker:
 
     def _entry(self, conv: nn.Conv2d, shape: tuple, weight: torch.Tensor,
                bias: torch.Tensor | None) -> dict:
-        versions = tuple(None if t is None else t._version for t in (weight, bias))
         packs = self._packs.setdefault(id(conv), {})
         entry = packs.get(shape)
-        # The entry holds its source tensors, so "is" cannot be fooled by a reused id.
-        if (entry is not None and entry["conv"]() is conv and entry["weight"] is weight
-                and entry["bias"] is bias and entry["versions"] == versions
-                and all(s is None or torch.equal(s, t)
-                        for s, t in zip(entry["snapshot"], (weight, bias), strict=True))):
+        if entry is not None and entry["conv"]() is conv and entry["sources"].holds((weight, bias)):
             return entry
         if shape not in packs and len(packs) >= _SHAPES_PER_CONV:
             packs.clear()
@@ -157,10 +154,11 @@ class ConvPacker:
             packed_t = torch.ops.mkldnn._reorder_convolution_transpose_weight(
                 weight, geo.padding, geo.output_padding, geo.stride, geo.dilation, geo.groups,
                 geo.y_shape)
-        snapshot = tuple(t.detach().clone() if isinstance(t, nn.Parameter) else None
-                         for t in (weight, bias))
-        entry = dict(conv=weakref.ref(conv), weight=weight, bias=bias, versions=versions,
-                     snapshot=snapshot, packed=packed, packed_t=packed_t, geo=geo)
+        # Folded weights are the folding cache's own tensors (replaced, never written, when the
+        # model changes): only parameters need a snapshot.
+        sources = Unchanged((weight, bias), snapshot=lambda t: isinstance(t, nn.Parameter))
+        entry = dict(conv=weakref.ref(conv), sources=sources, packed=packed, packed_t=packed_t,
+                     geo=geo)
         packs[shape] = entry
         return entry
 

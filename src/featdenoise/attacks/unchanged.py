@@ -1,0 +1,42 @@
+"""Whether tensors are still the ones a cache was built from, unmodified.
+
+The attacks' speed caches (folded BatchNorm in :mod:`featdenoise.attacks.fold`, packed
+convolutions in :mod:`featdenoise.attacks.prepack`) derive tensors from a model's weights and
+must refresh them whenever those weights change, however they change.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+
+
+def _versions(tensors: tuple) -> tuple:
+    return tuple(None if t is None else t._version for t in tensors)
+
+
+class Unchanged:
+    """A record of ``tensors`` (entries may be None) taken now; :meth:`holds` tells later whether
+    the given tensors are the very same objects, at the same in-place version (optimizer steps,
+    ``load_state_dict`` and BatchNorm statistic updates all bump it) and, for those ``snapshot``
+    selects, still equal to a copy taken now (``p.data`` writes bypass version counters).
+
+    The record holds its tensors, so a freed tensor's id or address can never be mistaken for a
+    new one. Memory: one copy of each snapshotted tensor.
+    """
+
+    def __init__(self, tensors: Iterable[torch.Tensor | None],
+                 snapshot: Callable[[torch.Tensor], bool] = lambda t: True):
+        self.tensors = tuple(tensors)
+        self.versions = _versions(self.tensors)
+        self.copies = tuple(t.detach().clone() if t is not None and snapshot(t) else None
+                            for t in self.tensors)
+
+    def holds(self, tensors: Iterable[torch.Tensor | None]) -> bool:
+        tensors = tuple(tensors)
+        return (len(tensors) == len(self.tensors)
+                and all(a is b for a, b in zip(self.tensors, tensors, strict=True))
+                and _versions(tensors) == self.versions
+                and all(c is None or torch.equal(c, t)
+                        for c, t in zip(self.copies, tensors, strict=True)))
