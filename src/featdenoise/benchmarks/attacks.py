@@ -8,16 +8,15 @@ and the ratio (target: ours >= 1.2x). Achieved GFLOP/s counts a PGD step as 2x t
 that computes input gradients only, which is all either implementation computes. It is printed
 against the machine's large-matmul GFLOP/s measured here.
 
-Where the speed comes from (``featdenoise.attacks.base``, ``fold.py``): each eval-mode BatchNorm
-is folded into its convolution for the attack (one pass fewer forward and backward per layer),
-with the folded weights kept between calls while the model is unchanged, and on one thread with
-batches < 16 the attack runs on a channels-last copy of the images (there PyTorch runs 1x1
-convolutions as GEMMs, which are much faster on NHWC data). Both implementations compute input
-gradients only (``torch.autograd.grad`` prunes the weight-gradient work in both), and both run the
-same convolution kernels, which dominate: the ratio is bounded by the BatchNorm share of a step,
-which is smallest on small batches of a deep network (its deep layers are bound by reading
-weights). On a CPU the ratio is taken on process CPU time (steady under other jobs' load);
-wall-clock is printed too.
+Where the speed comes from (``featdenoise.attacks.base``, ``fold.py``, ``prepack.py``): each
+eval-mode BatchNorm is folded into its convolution for the attack (one pass fewer forward and
+backward per layer); each convolution runs on weights packed once for oneDNN instead of reordered
+at every call, forward and backward (at small batches the deep layers are bound by reading
+weights); both are kept per model while it is unchanged. On one thread with batches < 16 the
+attack also runs on a channels-last copy of the images (there PyTorch runs 1x1 convolutions as
+GEMMs, which are much faster on NHWC data). Both implementations compute input gradients only
+(``torch.autograd.grad`` prunes the weight-gradient work in both) on the same model. On a CPU the
+ratio is taken on process CPU time (steady under other jobs' load); wall-clock is printed too.
 """
 
 from __future__ import annotations
@@ -100,8 +99,8 @@ def bench_case(name: str, model: nn.Module, shape: tuple[int, ...], num_classes:
     g = torch.Generator().manual_seed(0)
     x = torch.rand(shape, generator=g).to(device)
     y = torch.randint(0, num_classes, shape[:1], generator=g).to(device)
-    # Ours with its speed option on (BatchNorm folded for the attack; off by default for
-    # bit-level parity with the official attacker).
+    # Ours with its speed options on (BatchNorm folded, convolutions packed; both off by default
+    # for bit-level parity with the official attacker).
     ours = PGD(model, eps=EPS, steps=STEPS, targeted=False, random_start=False, step_rule="paper",
                fold_bn=True, prepack=True)
     theirs = torchattacks.PGD(model, eps=EPS, alpha=ours.step, steps=STEPS, random_start=False)
