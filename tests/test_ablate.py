@@ -1,4 +1,4 @@
-"""Ablations (paper Fig. 7, Table 1): featdenoise.evaluation.ablate and `featdenoise ablate`."""
+"""Ablations (paper Fig. 7, Table 1): featdenoise.experiments.ablate and `featdenoise ablate`."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 import yaml
 from idx_files import write_idx
 
-from featdenoise.evaluation import ablate
+from featdenoise.experiments import ablate
 
 
 @pytest.fixture()

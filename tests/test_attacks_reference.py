@@ -1,6 +1,6 @@
 """Attacks against independent implementations: the official TF attacker and torchattacks.
 
-- Official: ``shared/fixtures/official/*/reference.npz`` holds one targeted PGD step of the
+- Official: ``tests/fixtures/official/*/reference.npz`` holds one targeted PGD step of the
   authors' ``adv_model.py`` ``PGDAttacker`` (BGR, [-1, 1]); our PGD on [0, 1] RGB, mapped to that
   scale, must match on >= 99.5% of pixels (fixture README).
 - torchattacks (an independent PyTorch implementation): PGD, BIM, MIFGSM and FGSM with the same
@@ -19,7 +19,7 @@ import torch
 from featdenoise.attacks import FGSM, IFGSM, MIFGSM, PGD
 from featdenoise.models import create_model
 
-FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "official"
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "official"
 FOLDERS = {"resnet_1111": ("ResNet", [1, 1, 1, 1]),
            "resnet_denoise_2211": ("ResNetDenoise", [2, 2, 1, 1])}
 
@@ -27,8 +27,7 @@ FOLDERS = {"resnet_1111": ("ResNet", [1, 1, 1, 1]),
 @pytest.mark.parametrize("fast", [False, True], ids=["exact", "fold_bn+prepack"])
 @pytest.mark.parametrize("folder", sorted(FOLDERS))
 def test_pgd_matches_official_attacker(folder, fast):
-    if not (FIXTURES / folder).is_dir():
-        pytest.skip(f"official fixtures not found at {FIXTURES / folder}")
+    assert (FIXTURES / folder).is_dir(), f"official fixture missing: {FIXTURES / folder}"
     from featdenoise.pretrained import load_tensorpack
 
     arch, blocks = FOLDERS[folder]

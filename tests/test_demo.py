@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from idx_files import write_idx
 
-from featdenoise import demo
+from featdenoise.experiments import demo
 
 FMNIST = "/usr/share/datasets/fashion-mnist"
 

@@ -1,8 +1,9 @@
 """Official tensorpack checkpoints: logit parity with the authors' TF code, strict loading, convert.
 
-The parity fixtures (``<repo>/../shared/fixtures/official/*``) hold the official networks'
-own outputs; everything else here builds checkpoints in the official format by hand, from the
-official code's variable scopes (written out below independently of the loader).
+The parity fixtures (``tests/fixtures/official/*``, shipped with the repository) hold the
+official networks' own outputs; everything else here builds checkpoints in the official format
+by hand, from the official code's variable scopes (written out below independently of the
+loader).
 """
 
 from __future__ import annotations
@@ -22,9 +23,18 @@ from featdenoise.pretrained import (
     load_tensorpack,
 )
 
-FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "official"
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "official"
 FOLDERS = sorted(p for p in FIXTURES.iterdir() if p.is_dir()) if FIXTURES.is_dir() else []
-needs_fixtures = pytest.mark.skipif(not FOLDERS, reason=f"no official fixtures at {FIXTURES}")
+
+
+def test_official_fixtures_are_present():
+    """The parity tests below must run on every clone: a missing fixture fails, never skips."""
+    names = {p.name for p in FOLDERS}
+    assert {"resnet_1111", "resnet_denoise_2211"} <= names, f"fixtures missing in {FIXTURES}"
+    for folder in FOLDERS:
+        for f in ("checkpoint.npz", "reference.npz"):
+            assert (folder / f).is_file(), f"{folder / f} is missing"
+
 
 # folder name -> official --arch; the trailing digits are the blocks per group
 _FOLDER_ARCH = {"resnet": "ResNet", "resnet_denoise": "ResNetDenoise",
@@ -49,7 +59,6 @@ def _rel_err(ours: np.ndarray, ref: np.ndarray) -> float:
 
 # ---------------------------------------------------------------- the acceptance test
 
-@needs_fixtures
 @pytest.mark.parametrize("folder", FOLDERS, ids=[f.name for f in FOLDERS])
 def test_logits_match_official_tensorflow(folder):
     arch, blocks = _folder_arch(folder)
@@ -77,8 +86,6 @@ def _small_npz(tmp_path: Path, variables: dict, name: str = "ckpt.npz") -> Path:
 
 @pytest.fixture(scope="module")
 def resnet_vars():
-    if not FOLDERS:
-        pytest.skip(f"no official fixtures at {FIXTURES}")
     folder = FIXTURES / "resnet_1111"
     with np.load(folder / "checkpoint.npz", allow_pickle=False) as data:
         return {k: data[k] for k in data.files}
@@ -139,7 +146,6 @@ def test_missing_or_pickled_file(tmp_path):
 
 # ---------------------------------------------------------------- convert round trip
 
-@needs_fixtures
 def test_convert_round_trip(tmp_path):
     folder = FIXTURES / "resnet_denoise_2211"
     out = tmp_path / "r.safetensors"
@@ -159,7 +165,6 @@ def test_convert_round_trip(tmp_path):
         assert torch.equal(checkpoint.load_model(str(out)).eval()(x), expected)
 
 
-@needs_fixtures
 def test_convert_command(tmp_path, capsys):
     out = tmp_path / "cli.safetensors"
     rc = cli_main(["convert", "--arch", "ResNet", "--blocks", "1,1,1,1", "--check", "--size",
@@ -257,7 +262,6 @@ def test_resnext_denoise_all_in_official_format(tmp_path):
     np.testing.assert_allclose(ours, ref, rtol=1e-8, atol=1e-8)
 
 
-@needs_fixtures
 @pytest.mark.parametrize("folder", FOLDERS, ids=[f.name for f in FOLDERS])
 def test_input_gradient_matches_official_pgd_step(folder):
     """One official PGD step (adv_model.py, from the clean image) depends only on the sign of

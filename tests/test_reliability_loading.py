@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from featdenoise.safeio import read_npz, restricted_pickle_load, safe_torch_load
+from featdenoise.runtime.safeio import read_npz, restricted_pickle_load, safe_torch_load
 
 
 class _Payload:
@@ -188,7 +188,7 @@ def test_no_source_file_unpickles_unsafely():
                     offenders.append(f"{where} with allow_pickle not False")
             if name in ("pickle.load", "pickle.loads", "pickle.Unpickler") \
                     and path.name != "safeio.py":
-                offenders.append(f"{where}: use featdenoise.safeio.restricted_pickle_load")
+                offenders.append(f"{where}: use featdenoise.runtime.safeio.restricted_pickle_load")
             if name in ("yaml.load", "yaml.unsafe_load", "yaml.full_load", "yaml.load_all",
                         "eval", "exec", "torch.jit.load", "marshal.loads", "joblib.load",
                         "dill.load", "shelve.open"):
@@ -211,7 +211,7 @@ def test_cli_refuses_a_code_pickle_with_one_line(tmp_path, capsys):
 def test_truncated_or_foreign_safetensors_is_one_line(tmp_path):
     from safetensors.torch import save_file
 
-    from featdenoise.safeio import read_safetensors
+    from featdenoise.runtime.safeio import read_safetensors
 
     good = tmp_path / "w.safetensors"
     save_file({"a": torch.arange(6.0).reshape(2, 3)}, str(good), metadata={"model": "x"})

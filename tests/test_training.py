@@ -16,8 +16,8 @@ from torch import nn
 
 from featdenoise.config import load_config
 from featdenoise.models import create_model
+from featdenoise.runtime import distributed as dist
 from featdenoise.training import checkpoint as ckpt
-from featdenoise.training import distributed as dist
 from featdenoise.training import loop, recipe
 from featdenoise.training.logging import read_metrics
 

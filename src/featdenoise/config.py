@@ -23,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from featdenoise.atomic import atomic_write
+from featdenoise.runtime.atomic import atomic_write
 
 DATASETS = ("fashion_mnist", "cifar10", "imagenet")
 

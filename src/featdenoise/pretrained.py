@@ -33,10 +33,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from featdenoise.atomic import atomic_write
 from featdenoise.models.denoise import DenoisingBlock
 from featdenoise.models.registry import create_model, model_from_metadata, model_metadata
 from featdenoise.models.resnet import NUM_BLOCKS, ConvBN
+from featdenoise.runtime.atomic import atomic_write
 
 ARCHS = {
     # official --arch -> (registry name, its ImageNet depth tag)

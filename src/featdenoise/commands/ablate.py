@@ -8,7 +8,7 @@ from featdenoise.commands.common import int_list, str_list
 
 
 def _run(args: argparse.Namespace) -> int:
-    from featdenoise.evaluation.ablate import run_ablation
+    from featdenoise.experiments.ablate import run_ablation
 
     if args.eps is not None and not 0 < args.eps <= 255:
         raise ValueError(f"--eps {args.eps:g} is outside (0, 255]; eps is on the 0..255 scale")
@@ -27,7 +27,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from featdenoise.evaluation.ablate import DEFAULT_VARIANTS, VARIANTS
+    from featdenoise.experiments.ablate import DEFAULT_VARIANTS, VARIANTS
 
     p = sub.add_parser(
         "ablate", help="train + evaluate denoising variants with one budget (Fig. 7, Table 1)",

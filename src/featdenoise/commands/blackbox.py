@@ -64,7 +64,7 @@ def _run(args: argparse.Namespace) -> int:
     from featdenoise.evaluation import blackbox as bb
     from featdenoise.evaluation.predict import model_in_channels
     from featdenoise.evaluation.whitebox import model_num_classes
-    from featdenoise.training import distributed
+    from featdenoise.runtime import distributed
 
     check_run_args(args)
     device = resolve_device(args.device)

@@ -1,4 +1,6 @@
-"""``featdenoise demo``: train, attack, picture and report on Fashion-MNIST (see ``demo.py``)."""
+"""``featdenoise demo``: train, attack, picture and report on Fashion-MNIST.
+
+The work is done by :mod:`featdenoise.experiments.demo`."""
 
 from __future__ import annotations
 
@@ -6,7 +8,7 @@ import argparse
 
 
 def _run(args: argparse.Namespace) -> int:
-    from featdenoise.demo import run_demo
+    from featdenoise.experiments.demo import run_demo
 
     run_demo(out_dir=args.out, quick=args.quick, data_root=args.data_root, threads=args.threads,
              seed=args.seed, progress=not args.no_progress)

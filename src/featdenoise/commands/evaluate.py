@@ -146,7 +146,7 @@ def check_compatible(model: nn.Module, dataset, what: str) -> None:
 
 def resolve_device(name: str) -> torch.device:
     """``auto`` -> this process's GPU when there is one, else the CPU (joins torchrun's group)."""
-    from featdenoise.training import distributed
+    from featdenoise.runtime import distributed
 
     return distributed.init(name)
 
@@ -172,7 +172,7 @@ def _run(args: argparse.Namespace) -> int:
     try:
         return _evaluate(args, device)
     finally:
-        from featdenoise.training import distributed
+        from featdenoise.runtime import distributed
 
         distributed.shutdown()
 
@@ -200,7 +200,7 @@ def _evaluate(args: argparse.Namespace, device: torch.device) -> int:
     from featdenoise.evaluation import report
     from featdenoise.evaluation.predict import model_in_channels
     from featdenoise.evaluation.whitebox import evaluate_whitebox
-    from featdenoise.training import distributed
+    from featdenoise.runtime import distributed
 
     models = models_from_args(args)
     several = len(models) > 1

@@ -14,7 +14,7 @@ from featdenoise.commands.evaluate import add_model_args, models_from_args, reso
 
 def _run(args: argparse.Namespace) -> int:
     from featdenoise.evaluation.predict import predict_to_csv
-    from featdenoise.training import distributed
+    from featdenoise.runtime import distributed
 
     device = resolve_device(args.device)
     try:

@@ -7,7 +7,8 @@ import argparse
 
 def _run(args: argparse.Namespace) -> int:
     from featdenoise.config import load_config
-    from featdenoise.training import distributed, train
+    from featdenoise.runtime import distributed
+    from featdenoise.training import train
 
     overrides = list(args.overrides)
     if args.resume:

@@ -28,7 +28,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset, Subset
 
 from featdenoise.data import transforms as T
-from featdenoise.safeio import restricted_pickle_load
+from featdenoise.runtime.safeio import restricted_pickle_load
 
 DEFAULT_ROOTS = {
     "fashion_mnist": "/usr/share/datasets/fashion-mnist",

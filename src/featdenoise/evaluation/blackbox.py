@@ -36,8 +36,8 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from featdenoise.atomic import atomic_write
 from featdenoise.evaluation import whitebox as wb
+from featdenoise.runtime.atomic import atomic_write
 
 TRANSFER_ATTACKS = ("pgd", "fgsm", "ifgsm", "mifgsm")
 

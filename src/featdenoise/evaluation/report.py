@@ -14,7 +14,7 @@ import json
 import os
 from collections.abc import Sequence
 
-from featdenoise.atomic import atomic_write
+from featdenoise.runtime.atomic import atomic_write
 
 TABLE_FILE = "table.md"
 PLOT_FILE = "accuracy_vs_iterations.png"

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from featdenoise.atomic import atomic_write
+from featdenoise.runtime.atomic import atomic_write
 
 SETTINGS_FILE = "settings.json"
 OUTCOMES_FILE = "outcomes.jsonl"
@@ -210,20 +210,20 @@ def _rank_world(rank: int | None, world_size: int | None) -> tuple[int, int, boo
             raise ValueError(f"give both rank and world_size with 0 <= rank < world_size, "
                              f"got rank={rank}, world_size={world_size}")
         return int(rank), int(world_size), False
-    from featdenoise.training import distributed as dist
+    from featdenoise.runtime import distributed as dist
 
     return int(dist.rank()), int(dist.world_size()), dist.is_dist()
 
 
 def _barrier() -> None:
-    from featdenoise.training import distributed as dist
+    from featdenoise.runtime import distributed as dist
 
     dist.barrier()
 
 
 def _shard(n: int, rank: int, world_size: int) -> list[int]:
     """Round-robin share of ``n`` batches for ``rank`` (whole batches, so batches never change)."""
-    from featdenoise.training.distributed import ShardSampler
+    from featdenoise.runtime.distributed import ShardSampler
 
     return list(ShardSampler(n, world_size, rank))
 
@@ -289,7 +289,7 @@ def evaluate_whitebox(
 
     Paper Sec. 6.1 / Fig. 6. Resumable: records already in ``out_dir`` are kept and only the
     remaining batches run. Distributed: under torchrun each rank takes every ``world_size``-th batch
-    (``featdenoise.training.distributed`` gives rank and size) and rank 0 merges; in one process,
+    (``featdenoise.runtime.distributed`` gives rank and size) and rank 0 merges; in one process,
     ``rank``/``world_size`` may be given to run one shard by hand (the last shard to finish merges).
 
     Args:

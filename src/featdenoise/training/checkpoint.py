@@ -21,14 +21,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from featdenoise.atomic import atomic_write
+from featdenoise.runtime.atomic import atomic_write
 
 CHECKPOINT = "checkpoint.pt"
 WEIGHTS = "model.safetensors"
 
 
 def atomic_save(obj, path: str) -> None:
-    """``torch.save`` to ``path`` all at once or not at all (see :mod:`featdenoise.atomic`)."""
+    """``torch.save`` to ``path`` all at once or not at all (:mod:`featdenoise.runtime.atomic`)."""
     with atomic_write(path, "wb") as f:
         torch.save(obj, f)
 
@@ -85,7 +85,7 @@ def save_checkpoint(path: str, *, model: nn.Module, model_name: str, model_kwarg
 def load_checkpoint(path: str, map_location="cpu") -> dict:
     """``torch.load(path, weights_only=True)`` (never runs code from the file); one-line errors
     for a missing, truncated or refused file."""
-    from featdenoise.safeio import safe_torch_load
+    from featdenoise.runtime.safeio import safe_torch_load
 
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path} not found")
@@ -126,7 +126,7 @@ def load_model(path: str | os.PathLike, map_location="cpu") -> nn.Module:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"model file {path} not found")
     if path.endswith(".safetensors"):
-        from featdenoise.safeio import read_safetensors
+        from featdenoise.runtime.safeio import read_safetensors
 
         state, meta = read_safetensors(path, device=str(map_location))
         if "model" not in meta:

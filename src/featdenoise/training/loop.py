@@ -22,8 +22,8 @@ from tqdm import tqdm
 
 from featdenoise.config import Config, load_config, save_config
 from featdenoise.data.datasets import SeededDataset, build_dataset, drop_skipped
+from featdenoise.runtime import distributed as dist
 from featdenoise.training import checkpoint as ckpt
-from featdenoise.training import distributed as dist
 from featdenoise.training import recipe
 from featdenoise.training.logging import MetricsLogger
 
