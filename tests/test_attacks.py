@@ -19,9 +19,9 @@ from featdenoise.attacks import (
     LinfBall,
     build_attack,
     draw_targets,
-    metrics,
 )
 from featdenoise.attacks.base import speed_caches
+from featdenoise.evaluation import metrics
 
 EPS = 16 / 255
 K = 5

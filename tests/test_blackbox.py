@@ -80,7 +80,7 @@ def test_adversarial_folders_are_matched_by_file_name(tmp_path):
             save_image(x, str(tmp_path / name / f"img_{i}{ext}"))
     save_image(_image(0, 0.5), str(tmp_path / "atk2" / "unrelated.png"))
     assert match_files(ids, str(tmp_path / "atk1"))["img_6"] == "img_6.bmp"
-    attackers = folder_attackers([str(tmp_path / "atk1"), str(tmp_path / "atk2")], ids)
+    attackers = folder_attackers([str(tmp_path / "atk1"), str(tmp_path / "atk2")])
     s = evaluate_blackbox(Quadrants(), ds, str(tmp_path / "out"), attackers, batch_size=3,
                           device="cpu", progress=False)
     assert s["clean"] == 1.0 and s["num_images"] == 8
@@ -100,7 +100,7 @@ def test_clip_eps_projects_folder_images(tmp_path):
     ds = ImageFiles(str(clean), labels=read_labels_csv(str(labels)))
     for i in range(4):
         save_image(_image((i + 1) % K, 0.7), str(tmp_path / "far" / f"img_{i}.png"))
-    att = folder_attackers([str(tmp_path / "far")], [f"img_{i}" for i in range(4)])
+    att = folder_attackers([str(tmp_path / "far")])
     loose = evaluate_blackbox(Quadrants(), ds, str(tmp_path / "o1"), att, device="cpu",
                               progress=False)
     clipped = evaluate_blackbox(Quadrants(), ds, str(tmp_path / "o2"), att, clip_eps=True,
@@ -112,14 +112,36 @@ def test_clip_eps_projects_folder_images(tmp_path):
 def test_missing_adversarial_files(tmp_path):
     clean, labels = _clean_folder(tmp_path, n=4)
     ds = ImageFiles(str(clean), labels=read_labels_csv(str(labels)))
-    ids = [f"img_{i}" for i in range(4)]
     save_image(_image(1, 0.7), str(tmp_path / "partial" / "img_0.png"))  # fools image 0 only
-    with pytest.raises(ValueError, match="lacks 3 of 4"):
-        folder_attackers([str(tmp_path / "partial")], ids)
-    att = folder_attackers([str(tmp_path / "partial")], ids, allow_missing=True)
+    with pytest.raises(ValueError, match="lacks 3 of the 4 evaluated"):
+        evaluate_blackbox(Quadrants(), ds, str(tmp_path / "o0"),
+                          folder_attackers([str(tmp_path / "partial")]), device="cpu",
+                          progress=False)
+    assert not os.path.exists(tmp_path / "o0")  # refused before anything was written
+    att = folder_attackers([str(tmp_path / "partial")], allow_missing=True)
     s = evaluate_blackbox(Quadrants(), ds, str(tmp_path / "o"), att, device="cpu",
                           progress=False)
     assert s["per_attacker"]["dir:partial"] == 0.75  # the clean image stands in for the rest
+    assert s["missing"] == {"dir:partial": 3}  # and every substitution is counted
+    recs = [json.loads(x) for x in open(tmp_path / "o" / "outcomes.jsonl")]
+    assert [r["missing_dir:partial"] for r in recs] == [False, True, True, True]
+
+
+def test_missing_files_are_counted_against_the_evaluated_subset(tmp_path):
+    """--save-adv with --limit, read back with --adv-dirs and the same --limit: only the
+    evaluated images must be there."""
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(40) % K
+    x = torch.stack([_image(int(c), 0.2 + 0.3 * float(torch.rand(1, generator=g))) for c in y])
+    ds = torch.utils.data.TensorDataset(x, y)
+    att = transfer_attackers([("src", Quadrants())], ["fgsm"])
+    evaluate_blackbox(Quadrants(), ds, str(tmp_path / "a"), att, eps=0.1, limit=6,
+                      device="cpu", progress=False, save_adv=str(tmp_path / "adv"))
+    assert len(os.listdir(tmp_path / "adv" / "src_fgsm")) == 6
+    back = folder_attackers([str(tmp_path / "adv" / "src_fgsm")])
+    s = evaluate_blackbox(Quadrants(), ds, str(tmp_path / "b"), back, eps=0.1, limit=6,
+                          device="cpu", progress=False)
+    assert s["num_images"] == 6 and s["missing"] == {"dir:src_fgsm": 0}
 
 
 # --------------------------------------------------------------------------- transfer
@@ -181,7 +203,7 @@ def test_saved_transfer_images_read_back_as_an_adversarial_folder(tmp_path):
                               progress=False, save_adv=str(tmp_path / "adv"))
     saved = tmp_path / "adv" / "src_ifgsm"
     assert sorted(os.listdir(saved)) == sorted(f"{i}.png" for i in range(8))
-    back = folder_attackers([str(saved)], [str(i) for i in range(8)])
+    back = folder_attackers([str(saved)])
     again = evaluate_blackbox(Quadrants(), ds, str(tmp_path / "b"), back, eps=0.2,
                               device="cpu", progress=False)
     assert again["max_linf_255"]["dir:src_ifgsm"] <= 0.2 * 255 + 0.5 + 1e-6

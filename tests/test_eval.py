@@ -10,13 +10,9 @@ import torch
 from torch import nn
 
 from featdenoise.evaluation import report
-from featdenoise.evaluation.whitebox import (
-    OUTCOMES_FILE,
-    PARTS_DIR,
-    evaluate_whitebox,
-    image_targets,
-    summarize,
-)
+from featdenoise.evaluation.engine import OUTCOMES_FILE, PARTS_DIR, image_targets
+from featdenoise.evaluation.metrics import summarize
+from featdenoise.evaluation.whitebox import evaluate_whitebox
 
 K = 4  # classes
 
@@ -136,7 +132,7 @@ def test_interrupted_evaluation_resumes_to_the_same_numbers(tmp_path):
     assert evaluate_whitebox(Quadrants(), data, out, max_batches=2, **SETTINGS) is None
     part = os.path.join(out, PARTS_DIR, "outcomes-rank0.jsonl")
     lines = open(part).read().splitlines(keepends=True)
-    assert len(lines) == 8  # two batches of 4, flushed per batch
+    assert len(lines) == 2 * 4 * 3  # two batches of 4: clean + 2 attacks, flushed per column
     # A kill in the middle of writing: the last record is cut in half.
     with open(part, "w") as f:
         f.write("".join(lines[:-1]) + lines[-1][: len(lines[-1]) // 2])
@@ -255,13 +251,13 @@ def test_eval_cli_writes_results_and_merges_plots(tmp_path, capsys):
                  "--out", str(tmp_path / "merged")]) == 0
     table = (tmp_path / "merged" / "table.md").read_text()
     assert "| net_a | 6 |" in table and "| net_b | 6 |" in table
-    # --fast: the same per-image outcomes, and the choice is recorded
-    fast = [a if a != str(tmp_path / "ev") else str(tmp_path / "fast") for a in args] + ["--fast"]
-    assert main(fast) == 0
+    # --exact: the same per-image outcomes, and the choice is recorded
+    exact = [a if a != str(tmp_path / "ev") else str(tmp_path / "ex") for a in args] + ["--exact"]
+    assert main(exact) == 0
     for name in ("net_a", "net_b"):
-        with open(tmp_path / "fast" / name / "settings.json") as f:
-            assert json.load(f)["fast"] is True
-        assert _records(str(tmp_path / "fast" / name)) == _records(str(tmp_path / "ev" / name))
+        with open(tmp_path / "ex" / name / "settings.json") as f:
+            assert json.load(f)["exact"] is True
+        assert _records(str(tmp_path / "ex" / name)) == _records(str(tmp_path / "ev" / name))
 
 
 def test_eval_cli_errors_are_one_clear_line(tmp_path, capsys):
@@ -296,8 +292,8 @@ def test_eval_sanity_flag_calls_the_sanity_checks(tmp_path, monkeypatch, capsys)
     assert not os.path.exists(tmp_path / "ev" / "summary.json")  # not evaluated
 
 
-def test_fast_attack_gives_the_same_numbers(tmp_path):
-    """--fast (BN folded, packed convolutions) moves nothing beyond rounding."""
+def test_speed_layer_gives_the_same_numbers(tmp_path):
+    """The default speed layer (BN folded, packed convolutions) moves nothing beyond rounding."""
     from featdenoise.models import create_model
 
     torch.manual_seed(0)
@@ -309,10 +305,10 @@ def test_fast_attack_gives_the_same_numbers(tmp_path):
                 m.running_var.uniform_(0.5, 2.0)
                 m.weight.uniform_(0.5, 1.5)
     data = QuadrantData(8)
-    exact = evaluate_whitebox(model, data, str(tmp_path / "exact"), **SETTINGS)
-    fast = evaluate_whitebox(model, data, str(tmp_path / "fast"), fast=True, **SETTINGS)
+    exact = evaluate_whitebox(model, data, str(tmp_path / "exact"), exact=True, **SETTINGS)
+    fast = evaluate_whitebox(model, data, str(tmp_path / "fast"), **SETTINGS)
     assert _numbers(fast) == _numbers(exact)
     assert [r["pred_pgd5"] for r in _records(str(tmp_path / "fast"))] == \
         [r["pred_pgd5"] for r in _records(str(tmp_path / "exact"))]
-    with open(tmp_path / "fast" / "settings.json") as f:
-        assert json.load(f)["fast"] is True
+    with open(tmp_path / "exact" / "settings.json") as f:
+        assert json.load(f)["exact"] is True

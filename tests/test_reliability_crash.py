@@ -208,7 +208,8 @@ EVAL_SETTINGS = dict(steps=[2, 4], eps=0.1, step_size=0.02, batch_size=4, seed=5
 def test_sigkill_during_evaluation_then_resume_gives_the_same_numbers(tmp_path):
     """A real SIGKILL in the middle of the third batch of a white-box evaluation; rerunning the
     same call finishes the remaining batches and reports exactly the uninterrupted numbers."""
-    from featdenoise.evaluation.whitebox import PARTS_DIR, evaluate_whitebox
+    from featdenoise.evaluation.engine import PARTS_DIR
+    from featdenoise.evaluation.whitebox import evaluate_whitebox
 
     cut = tmp_path / "cut"
     # forward passes per batch: 1 clean + (2 + 1) + (4 + 1) for PGD-2 and PGD-4 -> 9
@@ -226,7 +227,9 @@ def test_sigkill_during_evaluation_then_resume_gives_the_same_numbers(tmp_path):
     assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
     assert not (cut / "summary.json").exists()
     done = list((cut / PARTS_DIR).iterdir())
-    assert done and sum(len(p.read_text().splitlines()) for p in done) == 8  # 2 batches of 4
+    # records are flushed per attack: batches 1-2 whole (clean, PGD-2, PGD-4 lines for 4 images
+    # each), batch 3 up to its PGD-2, so the rerun redoes only batch 3's PGD-4 onwards
+    assert done and sum(len(p.read_text().splitlines()) for p in done) == 2 * 3 * 4 + 2 * 4
 
     resumed = evaluate_whitebox(_EvalNet(), _eval_data(), str(cut), **EVAL_SETTINGS)
     full = evaluate_whitebox(_EvalNet(), _eval_data(), str(tmp_path / "full"), **EVAL_SETTINGS)

@@ -231,3 +231,38 @@ def test_skipped_files_in_the_loader_are_left_out(trained):
     results = run_sanity(trained, [(x[:8], y[:8]), (x[8:], y[8:])], eps=EPS, steps=2,
                          restarts=2)
     assert all(r.numbers["images"] == 14 for r in results)
+
+
+class _StartDependent(nn.Module):
+    """Robust or not depending on where PGD starts: it reads one pixel ``p`` (0.5 on clean
+    images) and the wrong class wins when ``g(u) > 1``, ``u = (p - 0.5) / eps``, with
+    ``g = 2u`` for ``u > 0`` (ascent walks to the box edge: fooled) and a bump topping at 0.5 at
+    ``u = -0.5`` for ``u < 0`` (ascent stops there: robust). A random start picks the side."""
+
+    num_classes = 2
+
+    def __init__(self, eps: float):
+        super().__init__()
+        self.eps = eps
+
+    def forward(self, x):
+        u = (x[:, 0, 0, 0] - 0.5) / self.eps  # [N]
+        g = torch.where(u > 0, 2 * u, 0.5 * (1 - (2 * u + 1) ** 2))
+        return torch.stack([torch.ones_like(g), g], dim=1)  # [N, 2]
+
+
+def test_restarts_check_flags_start_dependent_robustness(trained):
+    eps = 0.1
+    x = torch.full((64, 1, 4, 4), 0.5)
+    loader = [(x, torch.zeros(64, dtype=torch.long))]
+    results = _by_name(run_sanity(_StartDependent(eps), loader, eps=eps, steps=20, restarts=5,
+                                  targeted=False))
+    r = results["restarts"]
+    assert not r.passed, r.message
+    # about half the images survive one start, about 1/32 survive five independent starts
+    assert 0.3 < r.numbers["acc_1"] < 0.7 and r.numbers["acc_5"] < 0.15
+    assert r.numbers["drop"] > r.numbers["allowed"] and "--restarts 5" in r.message
+    # a normal model's robustness does not hinge on the start
+    normal = _by_name(run_sanity(trained, _loader(), eps=EPS, steps=8, restarts=3))["restarts"]
+    assert normal.passed, normal.message
+    assert normal.numbers["drop"] <= normal.numbers["allowed"]

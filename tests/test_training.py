@@ -239,7 +239,8 @@ def test_run_dir_contents_checkpoint_and_load_model(tmp_path):
     torch.testing.assert_close(outs[0], outs[1])
     torch.testing.assert_close(outs[0], outs[2])
     final = [r for r in read_metrics(run) if r["kind"] == "final"][0]
-    assert final["n"] == 10 and 0 <= final["clean_acc"] <= 1 and final["attack_steps"] == 2
+    assert final["n"] == 10 and 0 <= final["clean_acc"] <= 1 and "pgd2_acc" in final
+    assert 0 <= final["pgd2_top5"] <= 1 and "pgd2_success" in final  # targeted by default
     # Starting over (resume=never) starts a fresh metrics file.
     loop.train(tiny_config(tmp_path, "optim.epochs=1", "attack.steps=0", "run.resume=never"))
     assert [r["kind"] for r in read_metrics(run)].count("final") == 1
@@ -463,3 +464,24 @@ def test_imagenet_folder_training_skips_and_reports_unreadable_files(tmp_path):
     assert epoch[0]["skipped_files"] == 1  # 18 images, batch 9: 2 steps see all, one is bad
     final = [r for r in read_metrics(run) if r["kind"] == "final"][0]
     assert final["n"] == 6
+
+
+@pytest.mark.parametrize("eval_every", [0, 1])
+def test_untargeted_training_runs_to_its_final_evaluation_from_the_cli(tmp_path, capsys,
+                                                                       eval_every):
+    """``attack.targeted=false`` trains, evaluates every epoch (or only at the end) and logs
+    no targeted success rate anywhere."""
+    from featdenoise.cli import main
+
+    cfg = tiny_config(tmp_path, "optim.epochs=2", "data.train_subset=32", "data.val_subset=6",
+                      "attack.targeted=false", f"run.eval_every={eval_every}")
+    from featdenoise.config import save_config
+
+    path = save_config(cfg, str(tmp_path / "cfg"))
+    assert main(["train", "--config", path]) == 0
+    recs = read_metrics(str(tmp_path / "run"))
+    final = [r for r in recs if r["kind"] == "final"]
+    assert len(final) == 1 and final[0]["n"] == 6 and "pgd2_acc" in final[0]
+    assert not any("success" in k for r in recs for k in r)
+    evals = [r for r in recs if r["kind"] == "eval"]
+    assert len(evals) == (1 if eval_every else 0)  # epoch 1 of 2; the last one is the final

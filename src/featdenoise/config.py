@@ -86,7 +86,11 @@ class OptimConfig:
 @dataclass(frozen=True)
 class RunConfig:
     """Where and how to run. ``out_dir`` is the run directory. ``checkpoint_every`` is in steps
-    (0: only at epoch ends); ``eval_every`` in epochs (0: only the final evaluation).
+    (0: only at epoch ends); ``eval_every`` in epochs (0: only the final evaluation): clean and
+    PGD-``eval_attack_steps``; ``eval_sweeps``: more ``[steps, every epochs]`` evaluations (the
+    official trainer's PGD-50 every 20 and PGD-100 every 10 epochs); ``final_eval_steps`` at the
+    end. Every evaluation reports adversarial top-1 and top-5 (and targeted success when the
+    attack is targeted) on the same images.
     ``resume``: ``auto`` (continue if out_dir holds a checkpoint), ``never``, or a checkpoint path.
     ``stop_after`` stops cleanly after that many global steps (0: off), for time-boxed jobs."""
 
@@ -95,6 +99,7 @@ class RunConfig:
     checkpoint_every: int = 1000
     eval_every: int = 1
     eval_attack_steps: int = 10
+    eval_sweeps: list = field(default_factory=lambda: [[50, 20], [100, 10]])
     final_eval_steps: int = 100
     resume: str = "auto"
     bf16: bool = False
@@ -183,6 +188,11 @@ _CHECKS: dict[str, tuple[Any, str]] = {
     "run.checkpoint_every": (_non_negative, "an integer >= 0 (steps; 0: epoch ends only)"),
     "run.eval_every": (_non_negative, "an integer >= 0 (epochs; 0: final evaluation only)"),
     "run.eval_attack_steps": (_non_negative, "an integer >= 0"),
+    "run.eval_sweeps": (
+        lambda v: all(isinstance(e, (list, tuple)) and len(e) == 2
+                      and all(isinstance(i, int) and not isinstance(i, bool) and i > 0 for i in e)
+                      for e in v),
+        "a list of [steps, every epochs] pairs of integers >= 1, e.g. [[50, 20], [100, 10]]"),
     "run.final_eval_steps": (_non_negative, "an integer >= 0"),
     "run.device": (lambda v: v in ("auto", "cpu", "cuda") or v.startswith("cuda:"),
                    "auto, cpu, cuda or cuda:N"),

@@ -3,7 +3,7 @@
 - :class:`PGD`: the paper's targeted PGD (official ``adv_model.py`` rule), random or clean start,
   restarts, bf16 option; :class:`FGSM`, :class:`IFGSM` (BIM), :class:`MIFGSM` (momentum).
 - :func:`build_attack` picks one by name; :func:`draw_targets` draws ``(y + U{1..K-1}) mod K``.
-- :mod:`featdenoise.attacks.metrics`: per-image outcomes, accuracy and targeted success rate.
+- Rates (accuracy, targeted success) live in :mod:`featdenoise.evaluation.metrics`.
 - :class:`LinfBall` is the threat model (projection, random start) the update rules walk in.
 - Speed options of every attack, the same function up to float rounding:
   :mod:`featdenoise.attacks.fold` (``fold_bn``: BatchNorm folded into the convolutions) and
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from torch import nn
 
-from featdenoise.attacks import metrics
 from featdenoise.attacks.base import Attack, draw_targets
 from featdenoise.attacks.fgsm import FGSM, IFGSM, MIFGSM
 from featdenoise.attacks.pgd import PGD
@@ -37,4 +36,4 @@ def build_attack(name: str, model: nn.Module, **kwargs) -> Attack:
 
 
 __all__ = ["ATTACKS", "Attack", "FGSM", "IFGSM", "LinfBall", "MIFGSM", "PGD", "build_attack",
-           "draw_targets", "metrics"]
+           "draw_targets"]

@@ -12,58 +12,26 @@ from __future__ import annotations
 import argparse
 import os
 
-from torch import nn
-
 from featdenoise.commands.common import str_list
 from featdenoise.commands.evaluate import (
     add_data_args,
+    add_exact_arg,
     add_model_args,
-    check_compatible,
+    add_restart_arg,
     check_run_args,
     dataset_from_args,
-    load_checkpoint_model,
-    load_official_model,
     models_from_args,
     print_table,
     resolve_device,
 )
 
 
-def source_model(spec: str, num_classes: int, in_channels: int) -> tuple[str, nn.Module]:
-    """A source model from ``spec``: a checkpoint path / run directory, ``FILE.npz:ARCH[:DEPTH]``
-    (an official checkpoint), or a registered model name (built untrained, with a warning)."""
-    cut = spec.find(".npz:") + 4 if ".npz:" in spec else len(spec)
-    path, rest = spec[:cut], spec[cut + 1:]
-    if path.endswith(".npz"):
-        arch, _, depth = rest.partition(":")
-        if not arch:
-            raise ValueError(f"--source {spec}: an official checkpoint needs its arch, "
-                             "as FILE.npz:ARCH[:DEPTH] (e.g. R152.npz:ResNet:152)")
-        model = load_official_model(path, arch, int(depth) if depth else None, None)
-        return os.path.splitext(os.path.basename(path))[0], model
-    if os.path.exists(spec):
-        from featdenoise.commands.evaluate import _model_name_from_path
-
-        return _model_name_from_path(spec), load_checkpoint_model(spec)
-    from featdenoise.models import create_model, list_models
-
-    if spec not in list_models():
-        raise ValueError(f"--source {spec!r} is neither an existing checkpoint nor a registered "
-                         f"model ({', '.join(list_models())})")
-    print(f"featdenoise blackbox: warning: source {spec} is a registered model with random "
-          "weights (no checkpoint); its transfer attacks are weak")
-    try:
-        model = create_model(spec, num_classes=num_classes, in_channels=in_channels)
-    except TypeError:
-        model = create_model(spec, num_classes=num_classes)
-    return spec, model.eval()
-
-
 def _run(args: argparse.Namespace) -> int:
-    from featdenoise.data.files import ImageFiles, dataset_image_ids, read_labels_csv
+    from featdenoise.data.files import ImageFiles, read_labels_csv
     from featdenoise.evaluation import blackbox as bb
+    from featdenoise.evaluation.engine import model_num_classes
     from featdenoise.evaluation.predict import model_in_channels
-    from featdenoise.evaluation.whitebox import model_num_classes
+    from featdenoise.loading import check_compatible, load_model_spec
     from featdenoise.runtime import distributed
 
     check_run_args(args)
@@ -90,21 +58,30 @@ def _run(args: argparse.Namespace) -> int:
         attackers = []
         k = model_num_classes(model)
         for spec in args.source:
-            src_name, src = source_model(spec, k, channels)
+            src_name, src, _ = load_model_spec(spec, num_classes=k, in_channels=channels)
+            src_channels = model_in_channels(src)
+            if src_channels != channels:
+                raise ValueError(f"--source {spec} takes {src_channels}-channel images but the "
+                                 f"clean images have {channels}; use a source trained on this "
+                                 "data")
             attackers += bb.transfer_attackers(
                 [(src_name, src)], args.source_attacks, steps=args.source_steps,
                 step_size=args.source_step_size / 255, targeted=args.targeted)
         if args.adv_dirs:
-            ids = dataset_image_ids(dataset)
-            attackers += bb.folder_attackers(args.adv_dirs, ids, allow_missing=args.allow_missing)
+            attackers += bb.folder_attackers(args.adv_dirs, allow_missing=args.allow_missing)
         summary = bb.evaluate_blackbox(
             model, dataset, args.out, attackers, eps=args.eps / 255, clip_eps=args.clip_eps,
-            seed=args.seed, batch_size=args.batch_size, limit=args.limit,
-            name=args.name or name, device=device, num_workers=args.workers,
-            progress=not args.no_progress, save_adv=args.save_adv,
+            targeted=args.targeted, seed=args.seed, batch_size=args.batch_size,
+            limit=args.limit, name=args.name or name, device=device, num_workers=args.workers,
+            progress=not args.no_progress, save_adv=args.save_adv, exact=args.exact,
+            restart=args.restart,
             extra={"source": source, "data": args.data or os.path.abspath(args.clean_dir)})
         if summary is not None and distributed.is_main():
             print_table(os.path.join(args.out, "table.md"))
+            for attacker, n in summary.get("missing", {}).items():
+                if n:
+                    print(f"{attacker}: the clean image stood in for {n} missing file(s) "
+                          "(--allow-missing)")
             print(f"results: {args.out}")
         return 0
     finally:
@@ -141,11 +118,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="a clean image stands in where an --adv-dirs folder lacks a file")
     a.add_argument("--clip-eps", action="store_true",
                    help="clip --adv-dirs images into the eps-box of the clean image")
+    add_exact_arg(a)
     a.add_argument("--save-adv", metavar="DIR",
                    help="also write the transfer attacks' images as PNG folders "
                         "DIR/<source>_<attack>/<image id>.png (readable with --adv-dirs)")
     r = p.add_argument_group("run")
     r.add_argument("--out", required=True, metavar="DIR", help="output folder (reused to resume)")
+    add_restart_arg(r)
     r.add_argument("--name", help="label of the defended model")
     r.add_argument("--batch-size", type=int, default=32)
     r.add_argument("--seed", type=int, default=0)

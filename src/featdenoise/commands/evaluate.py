@@ -1,6 +1,7 @@
 """``featdenoise eval``: white-box robustness sweep (paper Sec. 6.1, Fig. 6) or a merge of sweeps.
 
-Also holds the argument helpers shared by ``blackbox`` and ``predict`` (model and data options).
+Also holds the argument helpers shared by ``blackbox``, ``visualize`` and ``predict`` (model and
+data options); the loading itself is :mod:`featdenoise.loading`.
 eps and step size are given on the 0..255 pixel scale, as in the paper and the official flags
 (``--eps 16`` is 16/255 on the [0, 1] pixels the library uses).
 """
@@ -53,36 +54,10 @@ def add_data_args(p: argparse.ArgumentParser, required: bool = True) -> None:
                    help="evaluate a fixed random subset of N images (same subset every run)")
 
 
-def _model_name_from_path(path: str) -> str:
-    path = os.path.normpath(path)
-    if os.path.isdir(path):
-        return os.path.basename(path)
-    base, _ = os.path.splitext(os.path.basename(path))
-    if base in ("checkpoint", "model"):
-        return os.path.basename(os.path.dirname(os.path.abspath(path))) or base
-    return base
-
-
-def load_checkpoint_model(path: str) -> nn.Module:
-    """A trained model from a run directory, ``checkpoint.pt`` or ``.safetensors`` (eval mode)."""
-    from featdenoise.training.checkpoint import load_model
-
-    return load_model(path).eval()
-
-
-def load_official_model(path: str, arch: str | None, depth: int | None,
-                        blocks: list[int] | None) -> nn.Module:
-    """An official tensorpack ``.npz`` checkpoint as our model (eval mode)."""
-    from featdenoise.pretrained import load_tensorpack
-
-    if not arch:
-        raise ValueError(f"--official {path} needs --arch (ResNet, ResNetDenoise or "
-                         "ResNeXtDenoiseAll; see the official model zoo)")
-    return load_tensorpack(path, arch, depth=depth, blocks=blocks).eval()
-
-
 def models_from_args(args: argparse.Namespace) -> list[tuple[str, nn.Module, dict]]:
     """``[(name, model, source facts)]`` from ``--checkpoint`` / ``--official``."""
+    from featdenoise.loading import load_model_spec
+
     ckpts = args.checkpoint or []
     if isinstance(ckpts, str):
         ckpts = [ckpts]
@@ -91,13 +66,15 @@ def models_from_args(args: argparse.Namespace) -> list[tuple[str, nn.Module, dic
                          "(exactly one of them)")
     out = []
     for path in ckpts:
-        out.append((_model_name_from_path(path), load_checkpoint_model(path),
-                    {"checkpoint": os.path.abspath(path)}))
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"--checkpoint {path} does not exist")
+        out.append(load_model_spec(path))
     if args.official:
-        model = load_official_model(args.official, args.arch, args.depth, args.blocks)
-        out.append((_model_name_from_path(args.official), model,
-                    {"official": os.path.abspath(args.official), "arch": args.arch,
-                     "depth": args.depth}))
+        if not args.arch:
+            raise ValueError(f"--official {args.official} needs --arch (ResNet, ResNetDenoise or "
+                             "ResNeXtDenoiseAll; see the official model zoo)")
+        out.append(load_model_spec(args.official, arch=args.arch, depth=args.depth,
+                                   blocks=args.blocks))
     names = [n for n, _, _ in out]
     for i, n in enumerate(names):  # make names unique for output folders and legends
         if names.count(n) > 1:
@@ -107,41 +84,10 @@ def models_from_args(args: argparse.Namespace) -> list[tuple[str, nn.Module, dic
 
 def dataset_from_args(args: argparse.Namespace, channels: int = 3):
     """The evaluation dataset of ``--data`` (a named dataset, or ``folder`` + ``--labels``)."""
-    if args.data == "folder":
-        from featdenoise.data.files import ImageFiles, read_labels_csv
+    from featdenoise.loading import load_dataset
 
-        if not args.data_root:
-            raise ValueError("--data folder needs --data-root DIR (the folder of images)")
-        if not args.labels:
-            raise ValueError("--data folder needs --labels CSV (filename,label lines)")
-        labels = read_labels_csv(args.labels)
-        ds = ImageFiles(args.data_root, labels=labels, channels=channels)
-        missing = [n for n, y in zip(ds.names, ds.labels, strict=True) if y < 0]
-        if missing:
-            raise ValueError(f"{args.labels} has no label for {len(missing)} images of "
-                             f"{args.data_root} (e.g. {missing[0]}); add them")
-        return ds
-    from featdenoise.data.datasets import build_dataset
-
-    return build_dataset(args.data, args.data_root, args.split, augment=False,
-                         image_size=args.image_size)
-
-
-def check_compatible(model: nn.Module, dataset, what: str) -> None:
-    """One clear error when the data's channels or labels cannot fit the model."""
-    from featdenoise.evaluation.predict import model_in_channels
-    from featdenoise.evaluation.whitebox import model_num_classes
-
-    if len(dataset) == 0:
-        raise ValueError(f"{what} holds no images")
-    x, y = dataset[0]
-    c, k = model_in_channels(model), model_num_classes(model)
-    if x.dim() != 3 or x.shape[0] != c:
-        raise ValueError(f"the model takes {c}-channel images but {what} gives shape "
-                         f"{tuple(x.shape)}; use a model trained on this data")
-    if int(y) >= k:
-        raise ValueError(f"{what} has label {int(y)} but the model has {k} classes; "
-                         "use a model trained on this data")
+    return load_dataset(args.data, root=args.data_root, split=args.split, labels=args.labels,
+                        image_size=args.image_size, channels=channels)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -149,6 +95,22 @@ def resolve_device(name: str) -> torch.device:
     from featdenoise.runtime import distributed
 
     return distributed.init(name)
+
+
+def add_exact_arg(g) -> None:
+    """``--exact``: attacks without the speed layer (bit for bit as written); ``--fast`` is kept
+    as an accepted no-op (the speed layer is on by default)."""
+    g.add_argument("--exact", action="store_true",
+                   help="run attacks without the speed layer (BatchNorm folding, packed "
+                        "convolutions): bit-for-bit as written, ~1.3-1.6x slower on a CPU")
+    g.add_argument("--fast", action="store_true", help=argparse.SUPPRESS)
+
+
+def add_restart_arg(g) -> None:
+    """``--restart``: discard another evaluation found in ``--out`` instead of refusing."""
+    g.add_argument("--restart", action="store_true",
+                   help="if --out holds an evaluation with other settings, model or images, "
+                        "discard it and start over (default: refuse)")
 
 
 def print_table(path: str) -> None:
@@ -200,6 +162,7 @@ def _evaluate(args: argparse.Namespace, device: torch.device) -> int:
     from featdenoise.evaluation import report
     from featdenoise.evaluation.predict import model_in_channels
     from featdenoise.evaluation.whitebox import evaluate_whitebox
+    from featdenoise.loading import check_compatible
     from featdenoise.runtime import distributed
 
     models = models_from_args(args)
@@ -223,7 +186,8 @@ def _evaluate(args: argparse.Namespace, device: torch.device) -> int:
             step_rule=args.step_rule, seed=args.seed, batch_size=args.batch_size,
             limit=args.limit, name=args.name if (args.name and not several) else name,
             device=device, num_workers=args.workers, progress=not args.no_progress,
-            fast=args.fast, extra={"source": source, "data": args.data, "split": args.split},
+            exact=args.exact, restart=args.restart,
+            extra={"source": source, "data": args.data, "split": args.split},
         )
         if summary is not None:
             summaries.append(summary)
@@ -248,14 +212,15 @@ def _sanity(model: nn.Module, dataset, args: argparse.Namespace, device: torch.d
                          "installation lacks")
     from torch.utils.data import DataLoader, Subset
 
-    from featdenoise.evaluation.whitebox import subset_indices
+    from featdenoise.data.datasets import subset_indices
 
     idx = subset_indices(len(dataset), args.limit, args.seed)[: args.sanity_images]
     loader = DataLoader(Subset(dataset, idx), batch_size=args.batch_size)
     model.to(device)
     results = sanity.run_sanity(
         model, loader, args.eps / 255, min(args.steps), device, targeted=not args.untargeted,
-        max_images=args.sanity_images, seed=args.seed)
+        max_images=args.sanity_images, seed=args.seed, restarts=args.sanity_restarts,
+        exact=args.exact)
     fmt = getattr(sanity, "format_report", None)
     print(fmt(results) if fmt else "\n".join(str(r) for r in results))
     return all(getattr(r, "passed", bool(r)) for r in results)
@@ -281,13 +246,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="step on the 0..255 scale (default 1; see --step-rule)")
     g.add_argument("--step-rule", default="paper", choices=["paper", "fixed"],
                    help="paper: step = max(step, eps/steps), i.e. 1.6 for 10 steps (Sec. 6.1)")
-    g.add_argument("--fast", action="store_true",
-                   help="fold BatchNorm and pack conv weights during the attack (same function "
-                        "up to float rounding, ~1.3x on a CPU; off: bit-level official parity)")
+    add_exact_arg(g)
     g.add_argument("--untargeted", action="store_true",
                    help="untargeted attack (default: the paper's targeted attack, random target)")
     r = p.add_argument_group("run")
     r.add_argument("--out", required=True, metavar="DIR", help="output folder (reused to resume)")
+    add_restart_arg(r)
     r.add_argument("--name", help="model label in the table and plot (default: from the path)")
     r.add_argument("--batch-size", type=int, default=32, help="images per batch (per process)")
     r.add_argument("--seed", type=int, default=0, help="seeds targets, random starts, --limit")
@@ -302,4 +266,6 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="first run the gradient-masking sanity checks on a few images; a model "
                         "that fails them is not evaluated (exit status 1)")
     r.add_argument("--sanity-images", type=int, default=64, help="images for --sanity")
+    r.add_argument("--sanity-restarts", type=int, default=5,
+                   help="random restarts compared with one start in --sanity (default 5)")
     p.set_defaults(func=_run)

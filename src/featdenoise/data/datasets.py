@@ -29,6 +29,7 @@ from torch.utils.data import Dataset, Subset
 
 from featdenoise.data import transforms as T
 from featdenoise.runtime.safeio import restricted_pickle_load
+from featdenoise.runtime.seeds import generator
 
 DEFAULT_ROOTS = {
     "fashion_mnist": "/usr/share/datasets/fashion-mnist",
@@ -227,11 +228,19 @@ def drop_skipped(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.
     return x[keep], y[keep], n_bad
 
 
-def subset_indices(n: int, k: int, seed: int = 0) -> list[int]:
-    """A fixed random subset of ``k`` of ``n`` indices (sorted); all of them when k is 0 or >= n."""
-    if k <= 0 or k >= n:
+def subset_indices(n: int, k: int | None, seed: int = 0) -> list[int]:
+    """The fixed random subset of ``k`` of ``n`` image indices, sorted; all for k None, 0 or >= n.
+
+    The one subset rule of the library: training's ``data.train_subset`` / ``val_subset``,
+    ``eval --limit``, ``blackbox --limit`` and the sanity checks all call it, so the same ``k``
+    and seed pick the same images everywhere. Random rather than the first ``k`` because
+    ImageNet's validation folder is sorted by class; depends only on ``(n, k, seed)``.
+    """
+    if k is not None and k < 0:
+        raise ValueError(f"a subset size must be positive, got {k}")
+    if not k or k >= n:
         return list(range(n))
-    g = torch.Generator().manual_seed(seed)
+    g = generator(seed, "subset", n, k)
     return sorted(torch.randperm(n, generator=g)[:k].tolist())
 
 

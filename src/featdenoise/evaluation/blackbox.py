@@ -22,48 +22,27 @@ Attackers are of two kinds:
 
 Output folder: ``settings.json``, per-image records (``outcomes.jsonl``: ``index``, ``id``,
 ``label``, ``pred_clean``, ``pred_<attacker>``, and for folders ``linf_<attacker>`` on the 0..255
-scale), ``summary.json`` and ``table.md``. Resumable and shardable like the white-box evaluation.
+scale and ``missing_<attacker>`` when the clean image stood in for a missing file),
+``summary.json`` and ``table.md``. Images, sharding, resumption and the refusal to mix two
+evaluations in one folder are the engine's (:mod:`featdenoise.evaluation.engine`), so ``blackbox
+--limit N`` evaluates the same images as ``eval --limit N`` with the same seed.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from featdenoise.evaluation import whitebox as wb
-from featdenoise.runtime.atomic import atomic_write
+from featdenoise.evaluation import engine
+from featdenoise.evaluation.metrics import all_or_nothing, kept
+from featdenoise.evaluation.whitebox import attack_column
 
 TRANSFER_ATTACKS = ("pgd", "fgsm", "ifgsm", "mifgsm")
-
-
-def all_or_nothing(correct: Mapping[str, Sequence[bool]]) -> dict:
-    """Accuracy per attacker and the all-or-nothing accuracy (paper Sec. 6.2, CAAD 2018 criterion).
-
-    Args:
-        correct: ``{attacker: per-image correctness}``, every sequence over the same images in the
-            same order (bools or 0/1).
-    Returns:
-        ``{"per_attacker": {attacker: fraction correct}, "all_or_nothing": fraction of images
-        correct under every attacker, "n": number of images}``. With no attacker the
-        all-or-nothing accuracy is undefined and raises ValueError.
-    """
-    if not correct:
-        raise ValueError("all-or-nothing needs at least one attacker")
-    lengths = {name: len(v) for name, v in correct.items()}
-    n = next(iter(lengths.values()))
-    if any(m != n for m in lengths.values()):
-        raise ValueError(f"attackers cover different numbers of images: {lengths}")
-    if n == 0:
-        raise ValueError("all-or-nothing needs at least one image")
-    per = {name: sum(1 for c in v if c) / n for name, v in correct.items()}
-    every = sum(1 for flags in zip(*correct.values(), strict=True) if all(flags)) / n
-    return {"per_attacker": per, "all_or_nothing": every, "n": n}
 
 
 @dataclass
@@ -78,11 +57,16 @@ class TransferAttacker:
 
 @dataclass
 class FolderAttacker:
-    """A folder of adversarial images matched to the clean images by file name."""
+    """A folder of adversarial images matched to the clean images by file name.
+
+    ``files`` maps image id -> file name for the images found; ``allow_missing``: a missing
+    image is replaced by the clean one (counted in the summary), else it is an error.
+    """
 
     name: str
     folder: str
-    files: dict[str, str] = field(default_factory=dict)  # image id -> file name
+    files: dict[str, str] = field(default_factory=dict)
+    allow_missing: bool = False
 
 
 def transfer_attackers(sources: Sequence[tuple[str, nn.Module]],
@@ -99,30 +83,97 @@ def transfer_attackers(sources: Sequence[tuple[str, nn.Module]],
     return out
 
 
-def folder_attackers(folders: Sequence[str], ids: Sequence[str],
-                     allow_missing: bool = False) -> list[FolderAttacker]:
-    """One :class:`FolderAttacker` per folder, named by the folder, its files matched to ``ids``.
+def folder_attackers(folders: Sequence[str], allow_missing: bool = False) -> list[FolderAttacker]:
+    """One :class:`FolderAttacker` per folder, named ``dir:<folder name>``.
 
-    A folder lacking some images raises ValueError naming a few, unless ``allow_missing``: then the
-    clean image stands in for each missing one (the attacker "gave up" on it).
+    Files are matched to the evaluated images when the evaluation runs (so only the images it
+    evaluates must be there; see :func:`featdenoise.data.files.match_files`).
     """
-    from featdenoise.data.files import match_files
-
     out, seen = [], set()
     for folder in folders:
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(f"adversarial folder {folder} does not exist")
         name = os.path.basename(os.path.normpath(folder)) or folder
         while name in seen:
             name += "_"
         seen.add(name)
-        files = match_files(ids, folder)
-        missing = [i for i in ids if i not in files]
-        if missing and not allow_missing:
-            raise ValueError(
-                f"adversarial folder {folder!r} lacks {len(missing)} of {len(ids)} images "
-                f"(e.g. {', '.join(missing[:3])}); name files like the clean images, or pass "
-                "--allow-missing to use the clean image for those")
-        out.append(FolderAttacker(f"dir:{name}", folder, files))
+        out.append(FolderAttacker(f"dir:{name}", folder, allow_missing=allow_missing))
     return out
+
+
+def _match(attackers: Sequence[TransferAttacker | FolderAttacker], ids: Sequence[str]) -> None:
+    """Match every folder attacker to the evaluated ``ids``; refuse missing files unless allowed."""
+    from featdenoise.data.files import match_files
+
+    for a in attackers:
+        if not isinstance(a, FolderAttacker):
+            continue
+        a.files = match_files(ids, a.folder)
+        missing = [i for i in ids if i not in a.files]
+        if missing and not a.allow_missing:
+            raise ValueError(
+                f"adversarial folder {a.folder} lacks {len(missing)} of the {len(ids)} evaluated "
+                f"images (e.g. {', '.join(missing[:3])}); name files like the clean images, or "
+                "pass --allow-missing to use the clean image for those (they are counted)")
+
+
+def _folder_column(a: FolderAttacker, eps: float, clip_eps: bool) -> engine.Column:
+    """The attacker's files for the batch, optionally clipped into the eps-box, classified."""
+    from featdenoise.data.files import load_image
+
+    def run(model: nn.Module, batch: engine.Batch) -> dict:
+        x = batch.x
+        advs, missing = [], []
+        for m, image_id in enumerate(batch.ids):
+            f = a.files.get(image_id)
+            missing.append(f is None)
+            if f is None:
+                advs.append(x[m])  # the attacker gave up on it: the clean image stands in
+                continue
+            path = os.path.join(a.folder, f)
+            xa = load_image(path, channels=x.shape[1]).to(x.device)
+            if xa.shape != x[m].shape:
+                raise ValueError(
+                    f"{path} is {tuple(xa.shape)} (C, H, W) but the clean image {image_id!r} "
+                    f"is {tuple(x[m].shape)}; the adversarial images must have the clean "
+                    "images' size")
+            advs.append(xa)
+        x_adv = torch.stack(advs)  # [n, C, H, W]
+        linf = (x_adv - x).abs().flatten(1).amax(1) * 255  # [n], 0..255 scale
+        if clip_eps:
+            x_adv = torch.minimum(torch.maximum(x_adv, x - eps), x + eps).clamp(0, 1)
+        out = engine.predict_fields(model, a.name, x_adv, batch.y)
+        out[f"linf_{a.name}"] = [round(float(v), 4) for v in linf]
+        out[f"missing_{a.name}"] = missing
+        return out
+
+    return engine.Column(a.name, run)
+
+
+def _transfer_column(a: TransferAttacker, eps: float, save_adv: str | None, exact: bool,
+                     num_classes: int) -> engine.Column:
+    """The attack run on the source model; its images shown to the defended model."""
+    kw = dict(a.kwargs)
+    targeted = bool(kw.pop("targeted", False))
+    kw.setdefault("num_classes", num_classes)  # the source may not know the defended label set
+    inner = attack_column(a.name, a.attack, source=a.source, seed_tag="transfer", eps=eps,
+                          targeted=targeted, exact=exact, **kw)
+    if not save_adv:
+        return inner
+
+    def run(model: nn.Module, batch: engine.Batch) -> dict:
+        from featdenoise.data.files import save_image
+        from featdenoise.evaluation.whitebox import make_attack
+
+        atk = make_attack(a.attack, a.source, eps=eps, targeted=targeted, seed=batch.seed,
+                          exact=exact, **kw)
+        x_adv = atk.attack(batch.x, batch.y, target=batch.target if targeted else None)
+        sub = os.path.join(save_adv, adv_folder_name(a.name))
+        for m, image_id in enumerate(batch.ids):
+            save_image(x_adv[m], os.path.join(sub, f"{image_id}.png"))
+        return engine.predict_fields(model, a.name, x_adv, batch.y)
+
+    return engine.Column(a.name, run, seed_tag="transfer")
 
 
 def evaluate_blackbox(
@@ -133,6 +184,7 @@ def evaluate_blackbox(
     *,
     eps: float = 32 / 255,
     clip_eps: bool = False,
+    targeted: bool = False,
     seed: int = 0,
     batch_size: int = 32,
     limit: int | None = None,
@@ -145,6 +197,8 @@ def evaluate_blackbox(
     num_workers: int = 0,
     progress: bool = True,
     save_adv: str | None = None,
+    exact: bool = False,
+    restart: bool = False,
     extra: dict | None = None,
 ) -> dict | None:
     """Evaluate ``model`` against ``attackers``: per-attacker and all-or-nothing accuracy (6.2).
@@ -157,9 +211,12 @@ def evaluate_blackbox(
         attackers: from :func:`transfer_attackers` and :func:`folder_attackers`.
         eps: L-inf radius of the attacks on the [0, 1] scale (paper: 32/255); transfer attacks use
             it, folder images are clipped to it when ``clip_eps``.
-        seed: seeds the transfer attacks (random starts, targets if targeted).
+        targeted: transfer attacks aim at the engine's random target per image (default:
+            untargeted, the CAAD non-targeted track).
+        seed: seeds the transfer attacks (random starts, targets) and the ``limit`` subset.
         batch_size, limit, ids, name, device, rank, world_size, max_batches, num_workers,
-        progress, extra: as in :func:`featdenoise.evaluation.whitebox.evaluate_whitebox`.
+        progress, exact, restart, extra: as in
+            :func:`featdenoise.evaluation.whitebox.evaluate_whitebox`.
         save_adv: if given, the transfer attackers' images are also written there as PNG,
             ``<save_adv>/<source>_<attack>/<image id>.png``, a folder per attacker that
             ``folder_attackers`` (``--adv-dirs``) reads back, e.g. to attack other defences with
@@ -168,47 +225,56 @@ def evaluate_blackbox(
     Returns:
         The summary (``summary.json``) once every image is done, else None.
     """
-    from featdenoise.data.files import dataset_image_ids
-
     if not attackers:
         raise ValueError("give at least one attacker (--source or --adv-dirs)")
-    names = [a.name for a in attackers]
-    if len(set(names)) != len(names):
-        raise ValueError(f"attacker names must be unique, got {names}")
-    rank, world_size, collective = wb._rank_world(rank, world_size)
-    device = torch.device(device) if device is not None else wb.default_device()
-    all_ids = list(ids) if ids is not None else dataset_image_ids(dataset)
-    if len(all_ids) != len(dataset):
-        raise ValueError(f"{len(all_ids)} ids for a dataset of {len(dataset)} images")
-    order = wb.subset_indices(len(dataset), limit, seed)
-    num_classes = wb.model_num_classes(model)
+    if not 0 < eps <= 1:
+        raise ValueError(f"eps={eps:g} is outside (0, 1] (the [0, 1] pixel scale)")
+    channels = _channels(dataset)
+    for a in attackers:
+        if isinstance(a, TransferAttacker):
+            a.kwargs.setdefault("targeted", targeted)
+            c = getattr(a.source, "in_channels", None)
+            if c is not None and channels is not None and int(c) != channels:
+                raise ValueError(f"source model of {a.name} takes {c}-channel images but the "
+                                 f"clean images have {channels}; use a source trained on "
+                                 "this data")
+    k = engine.model_num_classes(model)
+    columns = [_folder_column(a, eps, clip_eps) if isinstance(a, FolderAttacker)
+               else _transfer_column(a, eps, save_adv, exact, k) for a in attackers]
+    p = engine.plan(model, dataset, columns, batch_size=batch_size, limit=limit, seed=seed,
+                    targeted=any(a.kwargs.get("targeted") for a in attackers
+                                 if isinstance(a, TransferAttacker)), ids=ids)
+    _match(attackers, [p.ids[i] for i in p.order])
     settings = {
         "name": name or os.path.basename(os.path.normpath(out_dir)),
         "kind": "blackbox",
         "attackers": [_describe(a) for a in attackers],
         "eps": float(eps), "eps_255": round(float(eps) * 255, 6), "clip_eps": bool(clip_eps),
-        "seed": int(seed), "batch_size": int(batch_size), "num_images": len(order),
-        "limit": limit, "num_classes": num_classes,
-        "ids_digest": hashlib.sha256("\n".join(all_ids[i] for i in order).encode()).hexdigest(),
+        "seed": int(seed), "batch_size": int(batch_size), "num_images": len(p.order),
+        "limit": limit, "num_classes": p.num_classes, "ids_digest": p.ids_digest,
+        "exact": bool(exact), "model": engine.model_identity(model),
+        "sources": {a.name: engine.model_identity(a.source) for a in attackers
+                    if isinstance(a, TransferAttacker)},
         **(extra or {}),
     }
-    os.makedirs(out_dir, exist_ok=True)
-    _check_settings(out_dir, settings, write=rank == 0)
+    engine.prepare(out_dir, settings, restart=restart, rank=rank, world_size=world_size)
+    dev = torch.device(device) if device is not None else engine.default_device()
     for a in attackers:
         if isinstance(a, TransferAttacker):
-            a.source.eval().to(device)
-
-    def process(x, y, b, indices):
-        return _blackbox_batch(model, x, y, b, indices, all_ids, attackers, eps=eps,
-                               clip_eps=clip_eps, seed=seed, device=device, save_adv=save_adv)
-
-    records = wb.run_batches(out_dir, dataset, order, batch_size, f"blackbox {settings['name']}",
-                             process, model=model, device=device, rank=rank,
-                             world_size=world_size, collective=collective,
-                             max_batches=max_batches, num_workers=num_workers, progress=progress)
+            a.source.eval().to(dev)
+    records = engine.run(model, p, out_dir, desc=f"blackbox {settings['name']}", device=dev,
+                         rank=rank, world_size=world_size, max_batches=max_batches,
+                         num_workers=num_workers, progress=progress)
     if records is None:
         return None
     return finalize_blackbox(out_dir, records, settings)
+
+
+def _channels(dataset: Dataset) -> int | None:
+    if len(dataset) == 0:
+        return None
+    x = dataset[0][0]
+    return int(x.shape[0]) if hasattr(x, "shape") and len(x.shape) == 3 else None
 
 
 def adv_folder_name(attacker: str) -> str:
@@ -223,86 +289,13 @@ def _describe(a: TransferAttacker | FolderAttacker) -> dict:
     return {"name": a.name, "kind": "transfer", "attack": a.attack, **kw}
 
 
-_BLACKBOX_KEYS = ("attackers", "eps", "clip_eps", "seed", "batch_size", "num_images", "ids_digest",
-                  "num_classes")
-
-
-def _check_settings(out_dir: str, settings: dict, write: bool) -> None:
-    wb._check_settings(out_dir, settings, write=write, keys=_BLACKBOX_KEYS)
-
-
-def _blackbox_batch(model, x, y, batch_index, indices, all_ids, attackers, *, eps, clip_eps,
-                    seed, device, save_adv=None) -> list[dict]:
-    """Clean and per-attacker predictions of one batch as per-image records."""
-    from featdenoise.data.files import load_image
-
-    keep = (y >= 0).tolist()
-    base = [{"index": int(i), "id": all_ids[i], "batch": int(batch_index), "label": int(lab)}
-            for i, lab in zip(indices, y.tolist(), strict=True)]
-    kept = [j for j, k in enumerate(keep) if k]
-    for j, k in enumerate(keep):
-        if not k:
-            base[j]["skipped"] = True
-    if not kept:
-        return base
-    sel = torch.tensor(kept)
-    x, y = x[sel].to(device), y[sel].to(device).long()  # [n, C, H, W], [n]
-    batch_ids = [base[j]["id"] for j in kept]
-    rec: dict[str, list] = {}
-    with torch.no_grad():
-        rec["pred_clean"] = model(x).argmax(1).tolist()
-    for a in attackers:
-        if isinstance(a, TransferAttacker):
-            s = wb.derive_seed(seed, "transfer", batch_index, a.name)
-            kw = dict(a.kwargs)
-            targeted = bool(kw.pop("targeted", False))
-            atk = wb.make_attack(a.attack, a.source, eps=eps, targeted=targeted, seed=s,
-                                 num_classes=wb.model_num_classes(model), **kw)
-            target = None
-            if targeted:
-                target = wb.image_targets(batch_ids, y, wb.model_num_classes(model), seed)
-                target = target.to(device)
-            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-                torch.manual_seed(s)
-                x_adv = atk.attack(x, y, target=target)
-            if save_adv:
-                from featdenoise.data.files import save_image
-
-                sub = os.path.join(save_adv, adv_folder_name(a.name))
-                for m, image_id in enumerate(batch_ids):
-                    save_image(x_adv[m], os.path.join(sub, f"{image_id}.png"))
-        else:
-            advs = []
-            for m, image_id in enumerate(batch_ids):
-                f = a.files.get(image_id)
-                if f is None:
-                    advs.append(x[m])  # missing: the clean image stands in (allow_missing)
-                    continue
-                xa = load_image(os.path.join(a.folder, f), channels=x.shape[1]).to(device)
-                if xa.shape != x[m].shape:
-                    raise ValueError(
-                        f"{os.path.join(a.folder, f)} is {tuple(xa.shape)} (C, H, W) but the "
-                        f"clean image {image_id!r} is {tuple(x[m].shape)}; the adversarial "
-                        "images must have the clean images' size")
-                advs.append(xa)
-            x_adv = torch.stack(advs)  # [n, C, H, W]
-            linf = (x_adv - x).abs().flatten(1).amax(1) * 255  # [n], 0..255 scale
-            rec[f"linf_{a.name}"] = [round(float(v), 4) for v in linf]
-            if clip_eps:
-                x_adv = torch.minimum(torch.maximum(x_adv, x - eps), x + eps).clamp(0, 1)
-        with torch.no_grad():
-            rec[f"pred_{a.name}"] = model(x_adv).argmax(1).tolist()  # [n]
-    for m, j in enumerate(kept):
-        base[j].update({k: v[m] for k, v in rec.items()})
-    return base
-
-
 def summarize_blackbox(records: Sequence[dict], names: Sequence[str]) -> dict:
-    """Clean accuracy, per-attacker and all-or-nothing accuracy from per-image records (pure)."""
-    skipped = sum(1 for r in records if r.get("skipped"))
-    records = [r for r in records if not r.get("skipped")]
-    if not records:
-        raise ValueError("no per-image records to summarize (all skipped, or none given)")
+    """Clean accuracy, per-attacker and all-or-nothing accuracy from per-image records (pure).
+
+    Also ``missing``: per folder attacker, how many images the clean image stood in for, and
+    ``max_linf_255``: the largest L-inf distance found per folder attacker (0..255 scale).
+    """
+    records, skipped = kept(records)
     correct = {a: [r[f"pred_{a}"] == r["label"] for r in records] for a in names}
     out = all_or_nothing(correct)
     n = len(records)
@@ -313,21 +306,19 @@ def summarize_blackbox(records: Sequence[dict], names: Sequence[str]) -> dict:
             if f"linf_{a}" in records[0]}
     if linf:
         out["max_linf_255"] = linf
+        out["missing"] = {a: sum(1 for r in records if r.get(f"missing_{a}")) for a in linf}
     return out
 
 
 def finalize_blackbox(out_dir: str, records: Sequence[dict], settings: dict) -> dict:
     """Write ``outcomes.jsonl``, ``summary.json`` and ``table.md``; return the summary."""
-    import json
-
     from featdenoise.evaluation import report
+    from featdenoise.runtime.atomic import atomic_write
 
     names = [a["name"] for a in settings["attackers"]]
     summary = {**settings, **summarize_blackbox(records, names)}
-    with atomic_write(os.path.join(out_dir, wb.OUTCOMES_FILE)) as f:
-        f.write("".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
-    wb._write_json(os.path.join(out_dir, wb.SUMMARY_FILE), summary)
-    table = os.path.join(out_dir, report.TABLE_FILE)
-    with atomic_write(table) as f:
+    engine.write_outcomes(out_dir, records)
+    engine.write_json(os.path.join(out_dir, engine.SUMMARY_FILE), summary)
+    with atomic_write(os.path.join(out_dir, report.TABLE_FILE)) as f:
         f.write(report.blackbox_table(summary))
     return summary

@@ -50,7 +50,7 @@ def predict_folder(model: nn.Module, folder: str, *, size: int | None = 224,
     """
     from tqdm.auto import tqdm
 
-    from featdenoise.evaluation.whitebox import default_device
+    from featdenoise.evaluation.engine import default_device
 
     device = torch.device(device) if device is not None else default_device()
     names = list_images(folder)

@@ -13,7 +13,8 @@ attack and a few images, and returns one :class:`CheckResult` per check:
                      and targeted success to ~100%;
 ``pgd_vs_noise``     PGD beats random noise of the same size (uniform in the eps-box and random
                      signs of magnitude eps);
-``restarts``         more random restarts never raise accuracy.
+``restarts``         the worst case over R independent random starts is not much below one start
+                     (else single-start PGD overestimates robustness).
 
 A gradient-masked model (for example one that rounds its input) fails ``gradient``,
 ``unbounded`` and ``pgd_vs_noise``; a normally trained one passes all of them.
@@ -33,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from featdenoise.attacks import draw_targets
+from featdenoise.runtime.seeds import derive_seed, generator
 
 
 @dataclass
@@ -116,8 +118,10 @@ def _collect(
 class _Runner:
     """Runs one attack setting or noise over all collected batches with fixed targets."""
 
-    def __init__(self, model: nn.Module, batches, targets, targeted: bool, seed: int):
+    def __init__(self, model: nn.Module, batches, targets, targeted: bool, seed: int,
+                 exact: bool = False):
         self.model = model
+        self.exact = exact
         self.batches = batches
         self.targets = targets  # one LongTensor [N] per batch: the wrong class to aim at
         self.targeted = targeted
@@ -130,7 +134,7 @@ class _Runner:
 
         The attack loss is the cross-entropy to the target when targeted, minus the
         cross-entropy to the label otherwise: lower is better for the attacker."""
-        from featdenoise.attacks import metrics
+        from featdenoise.evaluation import metrics
 
         correct, hit, loss = [], [], 0.0
         for (_, y), t, xa in zip(self.batches, self.targets, per_batch_x, strict=True):
@@ -151,8 +155,10 @@ class _Runner:
     def clean(self) -> tuple[float, float, float]:
         return self._score([x for x, _ in self.batches])
 
-    def pgd(self, eps: float, steps: int, step_size: float, restarts: int = 1):
-        """(accuracy, targeted success, attack loss) under PGD with a fixed step size."""
+    def pgd(self, eps: float, steps: int, step_size: float, restarts: int = 1,
+            seed: int | None = None, per_image: bool = False):
+        """(accuracy, targeted success, attack loss) under PGD with a fixed step size;
+        ``per_image``: the list of per-image correctness instead."""
         from featdenoise.attacks import PGD
 
         eps = min(float(eps), 1.0)
@@ -165,7 +171,8 @@ class _Runner:
             random_start=True,
             restarts=restarts,
             step_rule="fixed",
-            seed=self.seed,
+            seed=self.seed if seed is None else seed,
+            fold_bn=not self.exact, prepack=not self.exact,  # TEMP until the accel merge
         )
         advs = []
         for (x, y), t in zip(self.batches, self.targets, strict=True):
@@ -176,11 +183,15 @@ class _Runner:
                     f"sanity: the attack left the eps={eps:.4g} box or [0, 1]; fix the attack first"
                 )
             advs.append(x_adv)
+        if per_image:
+            with torch.no_grad():
+                return [bool(c) for (_, y), xa in zip(self.batches, advs, strict=True)
+                        for c in (self.model(xa).argmax(1) == y).tolist()]
         return self._score(advs)
 
     def noise(self, eps: float, kind: str) -> tuple[float, float, float]:
         """(accuracy, success, attack loss) under ``uniform`` or ``sign`` noise of size eps."""
-        gen = torch.Generator().manual_seed(self.seed + 7)
+        gen = generator(self.seed, "noise", kind)
         noisy = []
         for x, _ in self.batches:
             if kind == "uniform":
@@ -206,6 +217,36 @@ class _Runner:
             zero += int((finite & ~nonzero).sum())
             nonfinite += int((~finite).sum())
         return usable, zero, nonfinite
+
+
+def _restarts_check(run: _Runner, eps: float, steps: int, step: float, restarts: int,
+                    tolerance: float) -> CheckResult:
+    """Single-start PGD against the per-image worst case of ``restarts`` independent starts.
+
+    Each run has its own random start (seeds ``(seed, "restart", r)``). ``acc_1`` is the mean
+    single-start accuracy, ``acc_R`` the fraction of images correct under every run, and the
+    drop ``acc_1 - acc_R`` is compared with the binomial standard error of a single-start
+    accuracy on these images, ``se = sqrt(acc_1 (1 - acc_1) / n)``: the check fails when the drop
+    exceeds ``max(2 se, tolerance)`` plus one image. (The authors' released models lost about 5
+    points of robust accuracy to 100 restarts.)
+    """
+    per_run = [run.pgd(eps, steps, step, seed=derive_seed(run.seed, "restart", r),
+                       per_image=True) for r in range(restarts)]
+    n = len(per_run[0])
+    acc_1 = sum(sum(c) for c in per_run) / (n * restarts)
+    acc_r = sum(1 for flags in zip(*per_run, strict=True) if all(flags)) / n
+    drop = acc_1 - acc_r
+    se = math.sqrt(max(acc_1 * (1 - acc_1), 0.0) / n)
+    allowed = max(2 * se, tolerance) + 1.0 / n
+    passed = drop <= allowed + 1e-9
+    msg = (f"PGD-{steps} accuracy: one random start {acc_1:.1%} (mean of {restarts}), worst of "
+           f"{restarts} starts {acc_r:.1%}, drop {drop:.1%} (allowed {allowed:.1%})")
+    if not passed:
+        msg += (": robustness depends on the random start, so single-start PGD overestimates "
+                f"it; evaluate with --restarts {restarts} or more")
+    return CheckResult("restarts", passed, {"images": n, "acc_1": acc_1,
+                                            f"acc_{restarts}": acc_r, "drop": drop,
+                                            "allowed": allowed, "restarts": restarts}, msg)
 
 
 def _monotone_check(
@@ -241,6 +282,7 @@ def run_sanity(
     min_grad_fraction: float = 0.9,
     unbounded_max_accuracy: float = 0.05,
     unbounded_min_success: float = 0.95,
+    exact: bool = False,
 ) -> list[CheckResult]:
     """Run the Athalye et al. (2018) / Carlini et al. (2019) sanity checks of an evaluation.
 
@@ -255,7 +297,7 @@ def run_sanity(
         step_size: fixed PGD step; default ``2.5 * eps / steps`` (Madry et al.), scaled with eps
             in the eps sweep.
         targeted: attack a random wrong class (the paper's setting) or the label.
-        restarts: restarts compared against a single start.
+        restarts: independent random starts compared with one start (see ``restarts``).
         unbounded_steps: iterations of the eps = 1 attack (default ``max(steps, 20)``).
         max_images: how many images of the loader to use (None: all).
         seed: seeds the targets, the attack's random starts and the noise.
@@ -263,6 +305,7 @@ def run_sanity(
             (at least one image is always allowed).
         min_grad_fraction: fraction of images that must have a finite non-zero input gradient.
         unbounded_max_accuracy / unbounded_min_success: the thresholds of "~0" and "~100%".
+        exact: run the attacks without the speed layer (:mod:`featdenoise.accel`).
 
     Returns:
         One :class:`CheckResult` per check, in the order listed in the module docstring;
@@ -277,14 +320,14 @@ def run_sanity(
     modes = [(m, m.training) for m in model.modules()]  # restored exactly, even if mixed
     model.eval()
     try:
-        gen = torch.Generator().manual_seed(seed)
+        gen = generator(seed, "sanity-targets")
         with torch.no_grad():
             if num_classes is None:
                 num_classes = int(model(batches[0][0][:1]).shape[1])
         if num_classes < 2:
             raise ValueError(f"sanity: the model has {num_classes} class(es); need at least 2")
         targets = [draw_targets(y.cpu(), num_classes, gen).to(y.device) for _, y in batches]
-        run = _Runner(model, batches, targets, targeted, seed)
+        run = _Runner(model, batches, targets, targeted, seed, exact)
         return _checks(
             run,
             n,
@@ -424,18 +467,7 @@ def _checks(
         )
     )
 
-    # 6. More restarts keep the per-image worst case, so accuracy cannot rise.
-    rs_acc, _, _ = run.pgd(eps, steps, base_step, restarts=restarts)
-    passed = rs_acc <= acc_eval + slack
-    msg = f"PGD-{steps} accuracy with 1 start {acc_eval:.1%}, with {restarts} restarts {rs_acc:.1%}"
-    if not passed:
-        msg += ": restarts raised accuracy, so the attack does not keep the worst case"
-    results.append(
-        CheckResult(
-            "restarts",
-            passed,
-            {"images": n, "acc_1": acc_eval, f"acc_{restarts}": rs_acc, "restarts": restarts},
-            msg,
-        )
-    )
+    # 6. Random restarts: if R independent random starts lower accuracy by more than sampling
+    # noise explains, one start overestimates robustness (a start-dependent model).
+    results.append(_restarts_check(run, eps, steps, base_step, restarts, tolerance))
     return results

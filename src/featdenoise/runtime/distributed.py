@@ -158,3 +158,13 @@ class ShardSampler(Sampler):
 
     def __len__(self) -> int:
         return len(range(self.rank, self.n, self.world))
+
+
+def all_gather_objects(items: list) -> list:
+    """The concatenation of every process's ``items`` (picklable), rank order; ``items`` alone
+    on one process."""
+    if not is_dist():
+        return list(items)
+    out: list = [None] * world_size()
+    dist.all_gather_object(out, list(items))
+    return [x for part in out for x in part]

@@ -23,6 +23,7 @@ from tqdm import tqdm
 from featdenoise.config import Config, load_config, save_config
 from featdenoise.data.datasets import SeededDataset, build_dataset, drop_skipped
 from featdenoise.runtime import distributed as dist
+from featdenoise.runtime.seeds import derive_seed
 from featdenoise.training import checkpoint as ckpt
 from featdenoise.training import recipe
 from featdenoise.training.logging import MetricsLogger
@@ -44,6 +45,7 @@ class State:
                                                 "n": 0.0, "skipped": 0.0})
     epoch_skipped: int = 0
     tick: float = field(default_factory=time.perf_counter)
+    targeted: bool = True
 
 
 # ---------------------------------------------------------------------------------------------
@@ -68,7 +70,7 @@ def _build_data(cfg: Config):
     return SeededDataset(train_set, cfg.run.seed), val_set
 
 
-def _loaders(cfg: Config, train_set, val_set, device):
+def _loaders(cfg: Config, train_set, device):
     d = cfg.data
     sampler = dist.TrainSampler(train_set, seed=cfg.run.seed)
     if sampler.num_samples < d.batch_size:
@@ -80,10 +82,7 @@ def _loaders(cfg: Config, train_set, val_set, device):
     train_loader = DataLoader(train_set, batch_size=d.batch_size, sampler=sampler,
                               num_workers=d.workers, drop_last=True, pin_memory=pin,
                               generator=gen)
-    val_loader = DataLoader(val_set, batch_size=d.eval_batch_size or d.batch_size,
-                            sampler=dist.ShardSampler(len(val_set)), num_workers=d.workers,
-                            pin_memory=pin)
-    return train_loader, val_loader, sampler
+    return train_loader, sampler
 
 
 def _build_model(cfg: Config, device):
@@ -141,7 +140,7 @@ def train_step(model, attack, criterion, optimizer, schedule, x, y, state: State
     """One synchronized SGD step on an adversarial-only minibatch."""
     # Attack randomness (coin, targets, random start) is a function of (seed, step, rank), so a
     # resumed run, whatever its world size, draws exactly what the interrupted one would have.
-    torch.manual_seed((cfg.run.seed * 1_000_003 + state.step) * 4099 + dist.rank())
+    torch.manual_seed(derive_seed(cfg.run.seed, "train-step", state.step, dist.rank()))
     # Learning rate for this global step (warm-up and milestones are functions of the step).
     schedule.apply(state.step)
     # Craft the adversarial batch: targeted PGD, BN in inference mode (the attack switches it).
@@ -173,49 +172,52 @@ def train_step(model, attack, criterion, optimizer, schedule, x, y, state: State
         s["n"] += len(y)
 
 
-def evaluate(model, loader, *, steps: int, eps: float, step_size: float, cfg: Config, device,
-             seed: int = 0, desc: str = "eval") -> dict:
-    """Clean and targeted-PGD accuracy over the whole validation set, each image counted once.
+def evaluate(model, dataset, *, steps: list[int], cfg: Config, device,
+             desc: str = "eval") -> dict:
+    """Clean and PGD accuracy over the validation set through the evaluation engine.
 
-    Returns ``{"clean_acc", "adv_acc", "attack_success", "n"}`` (fractions; ``adv_*`` only when
-    ``steps > 0``), all-reduced over processes. PGD starts at a random point (official eval).
+    ``steps``: PGD iteration counts (empty: clean only). Images, targets and random starts are the
+    engine's (the same images as ``featdenoise eval --limit data.val_subset`` with the run's
+    seed); each rank evaluates every ``world_size``-th batch and all ranks get every record.
+    Returns ``{"clean_acc", "clean_top5", "n"}`` plus, per count k, ``pgd<k>_acc`` and
+    ``pgd<k>_top5`` and, for a targeted attack, ``pgd<k>_success`` (fractions).
     """
+    from featdenoise.evaluation import engine, metrics
+    from featdenoise.evaluation.whitebox import attack_column
+
     net = dist.unwrap(model)
     dist.sync_buffers(net)  # every process evaluates rank 0's network
-    was_training = net.training
-    net.eval()
-    pgd = None
-    if steps > 0:
-        from featdenoise.attacks import PGD
-
-        pgd = PGD(net, eps=eps, step_size=step_size, steps=steps, targeted=cfg.attack.targeted,
-                  random_start=True)
-    sums = [0.0, 0.0, 0.0, 0.0]  # clean correct, adv correct, target hits, images
-    bar = tqdm(loader, desc=desc, leave=False, disable=not (dist.is_main() and cfg.run.progress))
-    # Private RNG so evaluation neither depends on nor disturbs the training random stream.
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed * 1000 + dist.rank())
-        for x, y in bar:
-            x, y, _ = drop_skipped(x, y)
-            if len(y) == 0:
-                continue
-            x, y = _to_device(x, y, cfg, device)
-            with torch.no_grad(), _autocast(cfg, device):
-                sums[0] += (net(x).argmax(1) == y).sum().item()
-            if pgd is not None:
-                with _autocast(cfg, device):
-                    x_adv = pgd(x, y)
-                with torch.no_grad(), _autocast(cfg, device):
-                    pred = net(x_adv).argmax(1)
-                sums[1] += (pred == y).sum().item()
-                sums[2] += (pred == pgd.last_target).sum().item()
-            sums[3] += len(y)
-    net.train(was_training)
-    clean, adv, hit, n = dist.all_reduce_sum(sums, device)
-    out = {"clean_acc": clean / max(n, 1), "n": int(n)}
-    if pgd is not None:
-        out.update(adv_acc=adv / max(n, 1), attack_success=hit / max(n, 1), attack_steps=steps)
+    a, targeted = cfg.attack, cfg.attack.targeted
+    names = [f"pgd{k}" for k in steps]
+    columns = [attack_column(n, "pgd", steps=k, eps=a.eps / 255, step_size=a.step_size / 255,
+                             targeted=targeted, bf16=cfg.run.bf16)
+               for n, k in zip(names, steps, strict=True)]
+    p = engine.plan(net, dataset, columns, batch_size=cfg.data.eval_batch_size
+                    or cfg.data.batch_size, seed=cfg.run.seed, targeted=targeted)
+    records = engine.run(net, p, None, desc=desc, device=device,
+                         num_workers=cfg.data.workers,
+                         progress=dist.is_main() and cfg.run.progress)
+    s = metrics.summarize(records, names, targeted)
+    out = {"clean_acc": s["clean"]["top1"], "clean_top5": s["clean"]["top5"],
+           "n": s["num_images"]}
+    for entry in s["attacks"]:
+        out[f"{entry['name']}_acc"] = entry["accuracy"]
+        out[f"{entry['name']}_top5"] = entry["top5"]
+        if targeted:
+            out[f"{entry['name']}_success"] = entry["success_rate"]
     return out
+
+
+def eval_steps_due(cfg: Config, epoch: int) -> list[int]:
+    """PGD iteration counts to evaluate after ``epoch`` epochs (1-based), before the last one:
+    ``eval_attack_steps`` every ``eval_every`` epochs and each ``[steps, every]`` sweep."""
+    r = cfg.run
+    if not r.eval_every:
+        return []
+    due = {k for k, every in r.eval_sweeps if epoch % every == 0}
+    if epoch % r.eval_every == 0:
+        due.add(r.eval_attack_steps)
+    return sorted(due)  # 0: clean only
 
 
 def _log_train(state: State, schedule, logger: MetricsLogger, bar, device) -> None:
@@ -228,9 +230,10 @@ def _log_train(state: State, schedule, logger: MetricsLogger, bar, device) -> No
     state.sums = {k: 0.0 for k in s}
     if n == 0:
         return
-    values = {"loss": loss / max(n, 1), "adv_acc": correct / max(n, 1),
-              "attack_success": hit / max(n, 1), "lr": schedule.lr(),
+    values = {"loss": loss / max(n, 1), "adv_acc": correct / max(n, 1), "lr": schedule.lr(),
               "img_per_s": n / max(now - state.tick, 1e-9)}
+    if state.targeted:  # an untargeted attack has no target to hit
+        values["attack_success"] = hit / max(n, 1)
     logger.log("train", state.step, state.epoch, values)
     bar.set_postfix({"img/s": f"{values['img_per_s']:.0f}", "loss": f"{values['loss']:.3f}",
                      "adv_acc": f"{values['adv_acc']:.3f}", "lr": f"{values['lr']:.3g}"})
@@ -267,7 +270,7 @@ class Job:
     schedule: recipe.LRSchedule
     train_set: SeededDataset
     train_loader: DataLoader
-    val_loader: DataLoader
+    val_set: torch.utils.data.Dataset
     sampler: dist.TrainSampler
     logger: MetricsLogger
     bar: tqdm
@@ -283,11 +286,9 @@ class Job:
         _save(self.checkpoint_path, self.model, self.cfg, self.optimizer, self.schedule,
               self.state)
 
-    def evaluate(self, steps: int, desc: str) -> dict:
-        c = self.cfg
-        return evaluate(self.net, self.val_loader, steps=steps, eps=c.attack.eps / 255,
-                        step_size=c.attack.step_size / 255, cfg=c, device=self.device,
-                        seed=c.run.seed, desc=desc)
+    def evaluate(self, steps: list[int], desc: str) -> dict:
+        return evaluate(self.net, self.val_set, steps=[k for k in steps if k > 0],
+                        cfg=self.cfg, device=self.device, desc=desc)
 
 
 def _setup(cfg: Config, device) -> Job:
@@ -305,7 +306,7 @@ def _setup(cfg: Config, device) -> Job:
     logger = MetricsLogger(run_dir, enabled=dist.is_main(), tensorboard=cfg.run.tensorboard)
     # Data: seeded augmentation, sharded samplers.
     train_set, val_set = _build_data(cfg)
-    train_loader, val_loader, sampler = _loaders(cfg, train_set, val_set, device)
+    train_loader, sampler = _loaders(cfg, train_set, device)
     steps_per_epoch = recipe.steps_per_epoch_for(sampler.num_samples, cfg.data.batch_size)
     global_batch = cfg.data.batch_size * dist.world_size()
     # Model, optimizer (decay on conv/fc weights only), per-step schedule, loss.
@@ -313,7 +314,7 @@ def _setup(cfg: Config, device) -> Job:
     optimizer = recipe.build_optimizer(model, cfg.optim)
     schedule = recipe.LRSchedule(optimizer, steps_per_epoch, cfg.optim, global_batch)
     criterion = recipe.loss_fn(cfg.optim.label_smoothing)
-    state = State()
+    state = State(targeted=cfg.attack.targeted)
     # Resume: weights, optimizer, schedule, position and RNG states from the last checkpoint.
     if resume is not None:
         saved = ckpt.load_checkpoint(resume)
@@ -339,7 +340,7 @@ def _setup(cfg: Config, device) -> Job:
     bar = tqdm(total=total_steps, initial=state.step, unit="step", dynamic_ncols=True,
                disable=not (dist.is_main() and cfg.run.progress))
     return Job(cfg, device, model, net, attack, criterion, optimizer, schedule, train_set,
-               train_loader, val_loader, sampler, logger, bar, state, steps_per_epoch,
+               train_loader, val_set, sampler, logger, bar, state, steps_per_epoch,
                total_steps)
 
 
@@ -386,8 +387,9 @@ def _end_epoch(job: Job) -> None:
     job.logger.log("epoch", state.step, state.epoch + 1, {"skipped_files": state.epoch_skipped})
     state.epoch_skipped = 0
     done = state.epoch + 1
-    if cfg.run.eval_every and done % cfg.run.eval_every == 0 and done < cfg.optim.epochs:
-        metrics = job.evaluate(cfg.run.eval_attack_steps, f"eval epoch {done}")
+    due = eval_steps_due(cfg, done) if done < cfg.optim.epochs else []
+    if due:
+        metrics = job.evaluate(due, f"eval epoch {done}")
         job.logger.log("eval", state.step, done, metrics)
         if dist.is_main():
             tqdm.write(f"epoch {done}: " + _fmt(metrics))
@@ -401,7 +403,7 @@ def _finish(job: Job) -> None:
     if dist.is_main():
         ckpt.save_weights(os.path.join(cfg.run.out_dir, ckpt.WEIGHTS), job.model, cfg.model.name,
                           dict(cfg.model.kwargs), {"step": job.state.step})
-    metrics = job.evaluate(cfg.run.final_eval_steps, "final eval")
+    metrics = job.evaluate([cfg.run.final_eval_steps], "final eval")
     job.logger.log("final", job.state.step, job.state.epoch, metrics)
     if dist.is_main():
         tqdm.write("final: " + _fmt(metrics))
@@ -430,9 +432,13 @@ def fit(cfg: Config, device) -> str:
 
 def _fmt(metrics: dict) -> str:
     parts = [f"clean acc {metrics['clean_acc']:.4f}"]
-    if "adv_acc" in metrics:
-        parts.append(f"PGD-{metrics['attack_steps']} acc {metrics['adv_acc']:.4f} "
-                     f"(attack success {metrics['attack_success']:.4f})")
+    for key in sorted((k for k in metrics if k.startswith("pgd") and k.endswith("_acc")),
+                      key=lambda k: int(k[3:-4])):
+        name = key[:-4]
+        text = f"PGD-{name[3:]} acc {metrics[key]:.4f} top-5 {metrics[name + '_top5']:.4f}"
+        if name + "_success" in metrics:
+            text += f" (attack success {metrics[name + '_success']:.4f})"
+        parts.append(text)
     return ", ".join(parts) + f" on {metrics['n']} images"
 
 

@@ -1,0 +1,503 @@
+"""The evaluation engine: every robustness number of the library is computed here.
+
+White-box sweeps (:mod:`.whitebox`), black-box attackers (:mod:`.blackbox`), AutoAttack
+(:mod:`.autoattack`), training's periodic evaluation and the ablations describe *what* to run as a
+list of :class:`Column`; the engine owns the rest, once:
+
+- which images: :func:`featdenoise.data.datasets.subset_indices` (the library's one subset rule),
+  cut into fixed batches of the evaluation order, so a batch's images never depend on the number
+  of processes;
+- which target per image: :func:`image_targets`, seeded by ``(seed, image id)``;
+- randomness of a column on a batch: seeded by ``(seed, tag, batch index, column name)``, so a
+  result never depends on sharding, resumption or the order the columns ran in;
+- running: clean logits once per batch, then each column; a column sees the records of earlier
+  columns (an AutoAttack stage runs only on images every earlier stage failed on);
+- per-image records: appended to ``parts/outcomes-rank<R>.jsonl`` and fsynced after every column of
+  every batch, so a kill loses at most the column that was running; a rerun resumes there;
+- sharding: under torchrun each rank takes every ``world_size``-th unfinished batch; one process
+  merges; every image is counted once;
+- identity: ``settings.json`` holds everything that determines the numbers, the model (name,
+  kwargs, SHA-256 of its weights) and the data included; a run into a folder holding another
+  evaluation is refused with one line naming what differs (``restart=True`` starts over).
+
+A record is a JSON object per image: ``index`` (position in the dataset), ``id`` (file stem or
+index), ``batch``, ``label``, ``target`` (-1 untargeted), ``pred_clean``, ``top5_clean``, and for
+each column ``pred_<name>`` (+ ``top5_<name>`` and whatever else the column adds, e.g.
+``margin_<name>``); an unreadable file gives ``{"skipped": true}`` and counts nowhere.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from featdenoise.data.datasets import subset_indices
+from featdenoise.evaluation.metrics import topk_correct
+from featdenoise.runtime import distributed as dist
+from featdenoise.runtime.atomic import atomic_write
+from featdenoise.runtime.seeds import derive_seed, generator
+
+SETTINGS_FILE = "settings.json"
+OUTCOMES_FILE = "outcomes.jsonl"
+SUMMARY_FILE = "summary.json"
+PARTS_DIR = "parts"
+# Files the engine writes into an evaluation folder (and may remove on restart=True).
+OWN_FILES = (SETTINGS_FILE, OUTCOMES_FILE, SUMMARY_FILE, PARTS_DIR, "table.md",
+             "accuracy_vs_iterations.png")
+
+
+# --------------------------------------------------------------------------- images and targets
+def image_targets(ids: Sequence[str], labels: torch.Tensor, num_classes: int,
+                  seed: int) -> torch.Tensor:
+    """One target per image, uniform over the wrong classes, from a generator seeded by its id.
+
+    The rule is :func:`featdenoise.attacks.draw_targets` (``(label + U{1..K-1}) mod K``, the
+    official ``_create_random_target``); the draw of image ``ids[i]`` depends only on
+    ``(seed, ids[i])``. Shapes: ``labels [N]`` -> ``[N]`` int64 on the CPU.
+    """
+    from featdenoise.attacks import draw_targets
+
+    if num_classes < 2:
+        raise ValueError(f"a targeted attack needs at least 2 classes, got {num_classes}")
+    labels = labels.long().cpu()
+    return torch.cat([draw_targets(labels[i:i + 1], num_classes, generator(seed, "target", i_d))
+                      for i, i_d in enumerate(ids)]) if len(ids) else labels.clone()
+
+
+def model_num_classes(model: nn.Module) -> int:
+    """``model.num_classes`` (every model of the library has it)."""
+    k = getattr(model, "num_classes", None)
+    if k is None:
+        raise ValueError("the model has no num_classes attribute; build it with "
+                         "featdenoise.models.create_model or set model.num_classes")
+    return int(k)
+
+
+def weights_digest(model: nn.Module) -> str:
+    """SHA-256 over the model's state dict (names, dtypes, shapes and values), hex."""
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def model_identity(model: nn.Module) -> dict:
+    """What a resumed evaluation must find unchanged about the model: class, registry name and
+    kwargs where known, and :func:`weights_digest`."""
+    out = {"class": type(model).__name__, "weights_sha256": weights_digest(model)}
+    for key in ("model_name", "model_kwargs"):
+        if getattr(model, key, None) is not None:
+            out[key] = getattr(model, key)
+    return out
+
+
+def default_device() -> torch.device:
+    """``cuda:<LOCAL_RANK>`` when a GPU is present (torchrun sets LOCAL_RANK), else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def rank_world(rank: int | None, world_size: int | None) -> tuple[int, int, bool]:
+    """``(rank, world_size, collective)``; collective: the ranks come from torch.distributed."""
+    if rank is not None or world_size is not None:
+        if rank is None or world_size is None or not 0 <= rank < world_size:
+            raise ValueError(f"give both rank and world_size with 0 <= rank < world_size, "
+                             f"got rank={rank}, world_size={world_size}")
+        return int(rank), int(world_size), False
+    return dist.rank(), dist.world_size(), dist.is_dist()
+
+
+# --------------------------------------------------------------------------- columns
+@dataclass
+class Batch:
+    """What a column sees of one batch (only the readable images).
+
+    ``x [n, C, H, W]`` in [0, 1] and ``y [n]`` on the evaluation device; ``target [n]`` (None when
+    untargeted); ``ids`` the image ids; ``records`` the batch's records so far (clean fields and
+    earlier columns), one dict per image; ``seed`` the seed of this column on this batch.
+    """
+
+    x: torch.Tensor
+    y: torch.Tensor
+    target: torch.Tensor | None
+    ids: list[str]
+    records: list[dict]
+    index: int
+    seed: int
+
+
+@dataclass
+class Column:
+    """One attack (or attacker) of an evaluation: ``run(model, batch) -> {field: [n values]}``.
+
+    The returned fields are added to the records as given (e.g. ``{"pred_pgd10": [...]}``);
+    :func:`predict_fields` turns adversarial images into the usual ``pred_``/``top5_`` fields.
+    ``done_key`` names the field whose presence marks the column done for an image;
+    ``seed_tag`` labels its per-batch seed ``(seed, seed_tag, batch index, name)``.
+    """
+
+    name: str
+    run: Callable[[nn.Module, Batch], dict[str, list]]
+    done_key: str = ""
+    seed_tag: str = "start"
+
+    def __post_init__(self):
+        self.done_key = self.done_key or f"pred_{self.name}"
+
+
+def predict_fields(model: nn.Module, name: str, x_adv: torch.Tensor, y: torch.Tensor) -> dict:
+    """``pred_<name>`` and ``top5_<name>`` of ``model`` on ``x_adv [n, C, H, W]``."""
+    with torch.no_grad():
+        logits = model(x_adv)  # [n, K]
+    return {f"pred_{name}": logits.argmax(1).tolist(),
+            f"top5_{name}": topk_correct(logits, y, 5).tolist()}
+
+
+def seeded(batch_seed: int, device: torch.device, fn: Callable[[], torch.Tensor]):
+    """Run ``fn`` with the global RNG seeded by ``batch_seed`` and restored afterwards."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(batch_seed)
+        return fn()
+
+
+def process_batch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, indices: Sequence[int],
+                  batch_index: int, ids: Sequence[str], columns: Sequence[Column], *,
+                  done: dict[int, dict], num_classes: int, targeted: bool, seed: int,
+                  device: torch.device, emit: Callable[[list[dict]], None]) -> None:
+    """Clean fields, then every column not yet done, for one batch; ``emit`` gets new records.
+
+    ``done`` holds records already on disk (a resumed batch continues where it stopped).
+    """
+    keep = (y >= 0).tolist()
+    recs = [dict(done.get(int(i), {})) for i in indices]
+    base = [{"index": int(i), "id": ids[int(i)], "batch": int(batch_index), "label": int(lab)}
+            for i, lab in zip(indices, y.tolist(), strict=True)]
+    for r, b in zip(recs, base, strict=True):
+        r.update(b)
+    skipped = [r for r, k in zip(recs, keep, strict=True) if not k and not r.get("skipped")]
+    for r in skipped:
+        r["skipped"] = True
+    if skipped:
+        emit(skipped)
+    kept = [j for j, k in enumerate(keep) if k]
+    if not kept:
+        return
+    sel = torch.tensor(kept)
+    x, y = x[sel].to(device), y[sel].to(device).long()  # [n, C, H, W], [n]
+    rk = [recs[j] for j in kept]
+    batch_ids = [r["id"] for r in rk]
+    if not all("pred_clean" in r for r in rk):
+        with torch.no_grad():
+            logits = model(x)  # [n, K]
+        target = image_targets(batch_ids, y, num_classes, seed) if targeted else None
+        fields = {"pred_clean": logits.argmax(1).tolist(),
+                  "top5_clean": topk_correct(logits, y, 5).tolist(),
+                  "target": target.tolist() if target is not None else [-1] * len(rk)}
+        _add(rk, fields)
+        emit([{k: r[k] for k in ("index", "id", "batch", "label", *fields)} for r in rk])
+    target = torch.tensor([r["target"] for r in rk], device=device) if targeted else None
+    for col in columns:
+        if all(col.done_key in r for r in rk):
+            continue
+        batch = Batch(x, y, target, batch_ids, rk, batch_index,
+                      derive_seed(seed, col.seed_tag, batch_index, col.name))
+        fields = seeded(batch.seed, device, lambda c=col, b=batch: c.run(model, b))
+        _add(rk, fields)
+        emit([{"index": r["index"], **{k: r[k] for k in fields}} for r in rk])
+
+
+def _add(records: list[dict], fields: dict[str, list]) -> None:
+    for k, values in fields.items():
+        if len(values) != len(records):
+            raise RuntimeError(f"column field {k!r} has {len(values)} values for "
+                               f"{len(records)} images")
+        for r, v in zip(records, values, strict=True):
+            r[k] = v
+
+
+# --------------------------------------------------------------------------- record files
+def _read_jsonl(path: str) -> list[dict]:
+    """Records of a JSONL file; a line cut short by an interruption is dropped."""
+    out = []
+    if not os.path.isfile(path):
+        return out
+    with open(path) as f:
+        for line in f:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # partially written last line of an interrupted run
+    return out
+
+
+def load_records(out_dir: str) -> dict[int, dict]:
+    """Every per-image record in ``out_dir`` (merged file and per-rank parts), by image index.
+
+    Partial lines of one image (one per column) are merged in file order.
+    """
+    records: dict[int, dict] = {}
+    paths = [os.path.join(out_dir, OUTCOMES_FILE)]
+    parts = os.path.join(out_dir, PARTS_DIR)
+    if os.path.isdir(parts):
+        paths += [os.path.join(parts, p) for p in sorted(os.listdir(parts)) if p.endswith(".jsonl")]
+    for path in paths:
+        for r in _read_jsonl(path):
+            records.setdefault(int(r["index"]), {}).update(r)
+    return records
+
+
+def append_records(path: str, records: Sequence[dict]) -> None:
+    """Append records as JSON lines and push them to disk (flush + fsync): a kill loses none."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "a") as f:
+        f.write("".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_json(path: str, obj) -> None:
+    """``obj`` as indented JSON, written atomically."""
+    with atomic_write(path) as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.write("\n")
+
+
+def write_outcomes(out_dir: str, records: Sequence[dict]) -> None:
+    """The merged ``outcomes.jsonl`` (one line per image, in evaluation order)."""
+    with atomic_write(os.path.join(out_dir, OUTCOMES_FILE)) as f:
+        f.write("".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
+
+
+def is_done(record: dict, columns: Sequence[Column]) -> bool:
+    """Whether an image's record holds the clean fields and every column (or is skipped)."""
+    if record.get("skipped"):
+        return True
+    return "pred_clean" in record and all(c.done_key in record for c in columns)
+
+
+# --------------------------------------------------------------------------- identity
+# Settings that describe a run without changing its numbers: they may differ on resume.
+FREE_KEYS = ("name", "exact", "source", "title")
+
+
+def check_identity(out_dir: str, identity: dict, *, restart: bool = False,
+                   write: bool = True) -> None:
+    """Refuse to mix two evaluations in one folder; write ``settings.json`` for a new one.
+
+    ``identity`` is everything that determines the numbers (attack settings, images, model
+    weights). A folder whose ``settings.json`` differs is refused with one line naming the
+    differing keys, unless ``restart``: then the engine's own files there are removed first.
+    A folder holding records but no settings is refused too (not ours, or damaged).
+    """
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ValueError(f"--out {out_dir} is an existing file; give a folder")
+    path = os.path.join(out_dir, SETTINGS_FILE)
+    old = None
+    if os.path.isfile(path):
+        try:
+            with open(path) as f:
+                old = json.load(f)
+        except (OSError, json.JSONDecodeError) as err:
+            raise ValueError(f"{path} is unreadable ({err}); remove it or use a new --out "
+                             "folder") from None
+    elif os.path.isdir(os.path.join(out_dir, PARTS_DIR)) or \
+            os.path.isfile(os.path.join(out_dir, OUTCOMES_FILE)):
+        old = {}
+    if old is not None and not restart:
+        was = _flat({k: v for k, v in old.items() if k not in FREE_KEYS})
+        now = _flat({k: v for k, v in identity.items() if k not in FREE_KEYS})
+        diff = [k for k in sorted(set(was) | set(now)) if was.get(k) != now.get(k)]
+        if diff:
+            shown = ", ".join(f"{k}: {_short(was.get(k))} -> {_short(now.get(k))}"
+                              for k in diff[:4])
+            raise ValueError(
+                f"{out_dir} holds another evaluation ({shown}"
+                f"{', ...' if len(diff) > 4 else ''}); use a new --out folder, or --restart to "
+                "discard it")
+        return
+    if not write:
+        return
+    if old is not None and restart:
+        for name in OWN_FILES:
+            p = os.path.join(out_dir, name)
+            if os.path.isdir(p):
+                shutil.rmtree(p)
+            elif os.path.exists(p):
+                os.remove(p)
+    os.makedirs(out_dir, exist_ok=True)
+    write_json(path, identity)
+
+
+def prepare(out_dir: str, identity: dict, *, restart: bool = False, rank: int | None = None,
+            world_size: int | None = None) -> None:
+    """:func:`check_identity` once per evaluation: by every hand-run shard, or by rank 0 under
+    torchrun with its verdict shared, so every rank refuses (or goes on) together."""
+    rank, _, collective = rank_world(rank, world_size)
+    if not collective:
+        check_identity(out_dir, identity, restart=restart)
+        return
+    error = None
+    if rank == 0:
+        try:
+            check_identity(out_dir, identity, restart=restart)
+        except ValueError as err:
+            error = str(err)
+    error = dist.all_gather_objects([error])[0]
+    if error:
+        raise ValueError(error)
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    """``{"model": {"weights_sha256": h}}`` -> ``{"model.weights_sha256": h}`` (dicts only)."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _short(v) -> str:
+    text = json.dumps(v, sort_keys=True)
+    return text if len(text) <= 40 else text[:18] + "..." + text[-18:]
+
+
+# --------------------------------------------------------------------------- the run
+@dataclass
+class Plan:
+    """Which images, in which batches, with which columns (see the module docstring).
+
+    Build with :func:`plan`; ``order`` holds dataset indices, ``ids`` one id per dataset image.
+    """
+
+    dataset: Dataset
+    ids: list[str]
+    order: list[int]
+    batch_size: int
+    columns: list[Column]
+    targeted: bool
+    seed: int
+    num_classes: int
+    batches: list[list[int]] = field(init=False)
+
+    def __post_init__(self):
+        self.batches = [self.order[k:k + self.batch_size]
+                        for k in range(0, len(self.order), self.batch_size)]
+
+    @property
+    def ids_digest(self) -> str:
+        """SHA-256 of the evaluated image ids in order: the data part of the identity."""
+        return hashlib.sha256("\n".join(self.ids[i] for i in self.order).encode()).hexdigest()
+
+
+def plan(model: nn.Module, dataset: Dataset, columns: Sequence[Column], *, batch_size: int,
+         limit: int | None = None, seed: int = 0, targeted: bool = True,
+         ids: Sequence[str] | None = None) -> Plan:
+    """Validate the arguments and fix the images (``limit``: the seeded random subset)."""
+    from featdenoise.data.files import dataset_image_ids
+
+    if int(batch_size) != batch_size or batch_size < 1:
+        raise ValueError(f"--batch-size must be a positive integer, got {batch_size}")
+    if limit is not None and limit < 1:
+        raise ValueError(f"--limit must be positive, got {limit}")
+    names = [c.name for c in columns]
+    if len(set(names)) != len(names):
+        raise ValueError(f"attack names must be unique, got {names}")
+    all_ids = list(ids) if ids is not None else dataset_image_ids(dataset)
+    if len(all_ids) != len(dataset):
+        raise ValueError(f"{len(all_ids)} ids for a dataset of {len(dataset)} images")
+    num_classes = model_num_classes(model)
+    if targeted and num_classes < 2:
+        raise ValueError(f"a targeted attack needs at least 2 classes, got {num_classes}")
+    return Plan(dataset, all_ids, subset_indices(len(dataset), limit, seed), int(batch_size),
+                list(columns), bool(targeted), int(seed), num_classes)
+
+
+def run(model: nn.Module, p: Plan, out_dir: str | None, *, desc: str = "eval",
+        device: torch.device | str | None = None, rank: int | None = None,
+        world_size: int | None = None, max_batches: int | None = None, num_workers: int = 0,
+        progress: bool = True) -> list[dict] | None:
+    """Run plan ``p``: records to ``out_dir`` (resumable), or in memory when ``out_dir`` is None.
+
+    On disk: this rank takes every ``world_size``-th unfinished batch (under torchrun the ranks
+    share out what is left, so a resumed run with another world size stays balanced; shards run
+    by hand with ``rank``/``world_size`` take a fixed share), and the merging process (rank 0, or
+    any hand-run shard that finds everything done) gets every record in evaluation order; others
+    get None, as does a run stopped by ``max_batches``. In memory (training's evaluation): the
+    ranks' records are gathered and every rank gets all of them. The caller has checked the
+    identity of ``out_dir`` (:func:`check_identity`).
+    """
+    device = torch.device(device) if device is not None else default_device()
+    rank, world_size, collective = rank_world(rank, world_size)
+    done = load_records(out_dir) if out_dir else {}
+    todo = [b for b, idx in enumerate(p.batches)
+            if not all(i in done and is_done(done[i], p.columns) for i in idx)]
+    if collective:
+        dist.barrier()  # every rank has read the records before any rank appends
+        mine = todo[rank::world_size]
+    else:
+        left = set(todo)
+        mine = [b for b in range(rank, len(p.batches), world_size) if b in left]
+    if max_batches is not None:
+        mine = mine[:max_batches]
+    memory: list[dict] = []
+    part = os.path.join(out_dir, PARTS_DIR, f"outcomes-rank{rank}.jsonl") if out_dir else None
+
+    def emit(recs: list[dict]) -> None:
+        if part:
+            append_records(part, recs)
+        else:
+            memory.extend(recs)
+
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval().to(device)
+    try:
+        if mine:
+            loader = DataLoader(p.dataset, batch_sampler=[p.batches[b] for b in mine],
+                                num_workers=num_workers, pin_memory=device.type == "cuda")
+            bar = _progress(len(mine), desc, progress and rank == 0)
+            try:
+                for b, (x, y) in zip(mine, loader, strict=True):
+                    process_batch(model, x, torch.as_tensor(y), p.batches[b], b, p.ids,
+                                  p.columns, done=done, num_classes=p.num_classes,
+                                  targeted=p.targeted, seed=p.seed, device=device, emit=emit)
+                    bar.update(1)
+            finally:
+                bar.close()
+    finally:
+        for m, mode in modes:
+            m.training = mode
+    if not out_dir:
+        merged: dict[int, dict] = {}
+        for r in dist.all_gather_objects(memory) if collective else memory:
+            merged.setdefault(int(r["index"]), {}).update(r)
+        return [merged[i] for i in p.order if i in merged]
+    if collective:
+        dist.barrier()
+        if rank != 0:
+            return None
+    records = load_records(out_dir)
+    if not all(i in records and is_done(records[i], p.columns) for i in p.order):
+        return None  # other shards still to run, or stopped early
+    return [records[i] for i in p.order]
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="batch", disable=not enabled, dynamic_ncols=True)
