@@ -57,8 +57,8 @@ LABELS = {
     "no_residual": "non-local, gaussian, removing residual",
 }
 # Block options a variant sets itself; a base config's values for them are dropped.
-_BLOCK_KEYS = ("placement", "denoise", "use_conv", "residual")
-_SUFFIXES = ("_denoise_all", "_denoise", "_bottleneck")
+_BLOCK_KEYS = ("placement", "denoise", "use_conv", "residual", "subsample")
+_SUFFIXES = ("_denoise_all_gaussian", "_denoise_all", "_denoise", "_bottleneck")
 
 
 def backbone(name: str) -> str:
