@@ -98,7 +98,9 @@ class GoogleNetResize:
     As tensorpack's ``GoogleNetRandomCropAndResize(interp=cv2.INTER_CUBIC)`` of the official
     code: area fraction and aspect ratio are uniform (not log-uniform), width and height are
     swapped with probability 1/2, 10 tries, then a fallback of shortest-edge resize to ``size`` +
-    centre crop (:func:`shortest_edge_centre_crop`). Input and output are 8-bit PIL images;
+    centre crop (:func:`shortest_edge_centre_crop`). Crop offsets are drawn from
+    ``[0, w - ww)`` as in the tensorpack of the paper's time (Dec. 2018; versions from Aug. 2019
+    on also allow ``w - ww``). Input and output are 8-bit PIL images;
     ``resize_method`` as :func:`resize_uint8` (default ``"cv2"``, the official resize).
     """
 
