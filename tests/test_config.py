@@ -9,8 +9,9 @@ import pytest
 import yaml
 
 from featdenoise.config import Config, load_config, parse_overrides, save_config
+from featdenoise.configs import list_configs, resolve_config, shipped_config
 
-CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+CONFIGS = [Path(shipped_config(n)) for n in list_configs()]
 
 
 def test_defaults_are_the_paper_recipe():
@@ -117,3 +118,63 @@ def test_saved_config_holds_resolved_values_and_reloads_identically(tmp_path):
     # Every key is written, including defaults the file did not mention.
     assert set(saved["run"]) == {f.name for f in dataclasses.fields(type(cfg.run))}
     assert load_config(path) == cfg
+
+
+# ---------------------------------------------------------------- finding a config
+
+def test_top_level_configs_folder_is_the_shipped_one():
+    top = Path(__file__).resolve().parents[1] / "configs"
+    assert sorted(p.stem for p in top.glob("*.yaml")) == list_configs()
+    assert top.resolve() == Path(shipped_config("fashion_mnist_quick")).parent.resolve()
+    assert len(list_configs()) >= 14
+
+
+def test_config_by_name_from_any_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    by_name = load_config("fashion_mnist_quick")
+    assert by_name.data.name == "fashion_mnist" and by_name.attack.steps == 3
+    assert load_config("fashion_mnist_quick.yaml") == by_name
+    # the README's relative paths mean the shipped file when they do not exist here
+    assert load_config("configs/fashion_mnist_quick.yaml") == by_name
+    assert resolve_config("configs/imagenet_r152.yaml") == shipped_config("imagenet_r152")
+
+
+def test_a_path_that_exists_is_read_as_a_file(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "configs").mkdir()
+    mine = tmp_path / "configs" / "fashion_mnist_quick.yaml"
+    mine.write_text("optim:\n  epochs: 7\n")
+    assert load_config("configs/fashion_mnist_quick.yaml").optim.epochs == 7
+    (tmp_path / "fashion_mnist_quick").write_text("optim:\n  epochs: 5\n")
+    assert load_config("fashion_mnist_quick").optim.epochs == 5
+
+
+def test_unknown_config_names_the_choices(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match="no shipped config named 'fashion_mnist_quik'.*"
+                                                "fashion_mnist_quick"):
+        load_config("fashion_mnist_quik")
+    with pytest.raises(FileNotFoundError, match="mine/absent.yaml not found.*imagenet_r152"):
+        load_config("mine/absent.yaml")
+
+
+def test_train_lists_configs_with_a_line_each(capsys):
+    from featdenoise.cli import main
+
+    assert main(["train", "--list-configs"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines] == list_configs()
+    described = dict(line.split(None, 1) for line in lines)
+    assert "R-152 +all denoise" in described["imagenet_r152_denoise_all"]
+    assert all(len(d) > 10 for d in described.values())
+
+
+def test_train_print_config_of_the_all_denoise_config(capsys, tmp_path, monkeypatch):
+    from featdenoise.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--config", "configs/imagenet_r152_denoise_all.yaml",
+                 "--print-config"]) == 0
+    tree = yaml.safe_load(capsys.readouterr().out)
+    assert tree["model"]["name"] == "resnet152_denoise_all_gaussian"
+    assert tree["model"]["kwargs"] == {"denoise": "nonlocal_gaussian", "subsample": True}

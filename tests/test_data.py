@@ -160,10 +160,86 @@ def test_load_rgb_converts_gray_cmyk_16bit_alpha(tmp_path):
     np.testing.assert_array_equal(alpha, rgb)
 
 
-def test_imagenet_eval_preprocessing_matches_resize_then_centre_crop():
+def _odd_image(h, w, channels=3, seed=0):
+    """Smooth-plus-noise uint8 image (so bicubic overshoots and saturation are exercised)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w]
+    base = 127.5 + 127.5 * np.sin(xx / 3.0 + yy / 5.0)
+    shape = (h, w, channels) if channels > 1 else (h, w)
+    noisy = (base if channels == 1 else base[:, :, None]) + rng.normal(0, 60, shape)
+    return np.clip(noisy, 0, 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize("hw,out", [((37, 53), (224, 224)), ((301, 251), (224, 224)),
+                                    ((9, 7), (5, 11))])
+def test_resize_uint8_is_cv2_inter_cubic_on_the_uint8_pixels(hw, out):
+    cv2 = pytest.importorskip("cv2")
+    rgb = _odd_image(*hw)
+    ref = cv2.resize(rgb, out, interpolation=cv2.INTER_CUBIC)  # (width, height)
+    got = T.resize_uint8(rgb, *out)
+    assert got.dtype == np.uint8 and got.shape == (out[1], out[0], 3)
+    np.testing.assert_array_equal(got, ref)
+    # the official BGR input, flipped back, gives the same pixels (channels are independent)
+    bgr = cv2.resize(np.ascontiguousarray(rgb[:, :, ::-1]), out, interpolation=cv2.INTER_CUBIC)
+    np.testing.assert_array_equal(got, bgr[:, :, ::-1])
+    grey = _odd_image(*hw, channels=1)
+    np.testing.assert_array_equal(T.resize_uint8(grey, *out),
+                                  cv2.resize(grey, out, interpolation=cv2.INTER_CUBIC))
+    pil = np.asarray(Image.fromarray(rgb).resize(out, Image.BICUBIC))
+    np.testing.assert_array_equal(T.resize_uint8(rgb, *out, method="pil"), pil)
+    with pytest.raises(ValueError, match="cv2, pil"):
+        T.resize_uint8(rgb, *out, method="area")
+
+
+@pytest.mark.parametrize("method", ["cv2", "pil"])
+def test_load_image_resizes_as_cv2_or_pil(tmp_path, method):
+    import cv2
+
+    from featdenoise.data.files import load_image
+
+    rgb = _odd_image(41, 29, seed=1)
+    Image.fromarray(rgb).save(tmp_path / "a.png")
+    x = load_image(str(tmp_path / "a.png"), size=224, resize_method=method)
+    if method == "cv2":
+        ref = cv2.resize(rgb, (224, 224), interpolation=cv2.INTER_CUBIC)
+    else:
+        ref = np.asarray(Image.fromarray(rgb).resize((224, 224), Image.BICUBIC))
+    np.testing.assert_array_equal((x * 255).round().byte().permute(1, 2, 0).numpy(), ref)
+    assert torch.equal(x, torch.from_numpy(ref).permute(2, 0, 1).float() / 255)
+
+
+def test_imagenet_eval_is_the_official_shortest_edge_and_centre_crop():
+    cv2 = pytest.importorskip("cv2")
+    rgb = _odd_image(301, 403, seed=2)
+    out = T.imagenet_eval(224)(Image.fromarray(rgb))
+    # tensorpack ResizeShortestEdge(256, INTER_CUBIC): 403 * 256 / 301 + 0.5 -> 343 wide;
+    # CenterCrop(224): offsets int((256 - 224) * 0.5) = 16, int((343 - 224) * 0.5) = 59.
+    ref = cv2.resize(rgb, (343, 256), interpolation=cv2.INTER_CUBIC)[16:240, 59:283]
+    assert out.shape == (3, 224, 224)
+    np.testing.assert_array_equal((out * 255).round().byte().permute(1, 2, 0).numpy(), ref)
+
+
+def test_googlenet_crop_resizes_with_cv2_inter_cubic():
+    cv2 = pytest.importorskip("cv2")
+    rgb = _odd_image(37, 37, seed=3)
+    # area and aspect fixed to 1: the crop is the whole image, then resized to 24 x 24
+    crop = T.GoogleNetResize(24, area=(1.0, 1.0), ratio=(1.0, 1.0))(Image.fromarray(rgb))
+    np.testing.assert_array_equal(np.asarray(crop),
+                                  cv2.resize(rgb, (24, 24), interpolation=cv2.INTER_CUBIC))
+    # a 400 x 5 image has no valid crop: fallback, shortest edge to 32 (2560 x 32), centre crop
+    thin = _odd_image(400, 5, seed=4)
+    out = T.GoogleNetResize(32)(Image.fromarray(thin))
+    ref = cv2.resize(thin, (32, 2560), interpolation=cv2.INTER_CUBIC)[1264:1296]
+    np.testing.assert_array_equal(np.asarray(out), ref)
+    pil = T.GoogleNetResize(24, area=(1.0, 1.0), ratio=(1.0, 1.0), resize_method="pil")
+    np.testing.assert_array_equal(np.asarray(pil(Image.fromarray(rgb))),
+                                  np.asarray(Image.fromarray(rgb).resize((24, 24), Image.BICUBIC)))
+
+
+def test_imagenet_eval_pil_matches_resize_then_centre_crop():
     rng = np.random.default_rng(3)
     img = Image.fromarray(rng.integers(0, 256, size=(300, 400, 3), dtype=np.uint8))
-    out = T.imagenet_eval(224)(img)
+    out = T.imagenet_eval(224, resize_method="pil")(img)
     assert out.shape == (3, 224, 224)
     # Reference with PIL only: shortest edge 256 bicubic (400 x 300 -> 341 x 256), centre crop.
     ref = img.resize((341, 256), Image.BICUBIC)

@@ -19,6 +19,7 @@ from featdenoise.models.denoise import (
     build_op,
     median3x3,
     softmax_attention,
+    subsample_2x2,
 )
 
 
@@ -44,26 +45,27 @@ def _embed(x, weight):
 
 
 def _pool_keys(t):
-    """2x2 max-pool, stride 2, windows clipped at the border (ceil mode), by loops."""
+    """2x2 max-pool, stride 2, no padding (an odd last row/column dropped; a size-1 dimension
+    kept), by loops."""
     _, _, h, w = t.shape
+    kh, kw = min(h, 2), min(w, 2)
     rows = []
-    for i in range(0, h, 2):
+    for i in range(0, h - kh + 1, kh):
         cols = []
-        for j in range(0, w, 2):
-            win = t[:, :, i:i + 2, j:j + 2].flatten(2)
+        for j in range(0, w - kw + 1, kw):
+            win = t[:, :, i:i + kh, j:j + kw].flatten(2)
             cols.append(win.max(-1).values)
         rows.append(torch.stack(cols, -1))
     return torch.stack(rows, -2)
 
 
 def _nonlocal_ref(x, softmax, theta_w=None, phi_w=None, subsample=False):
-    """Eq. (1) by explicit loops over pixels i and j."""
+    """Eq. (1) by explicit loops over pixels i and j; sub-sampling pools x_j before phi."""
     n, c, h, w = x.shape
+    xj = _pool_keys(x) if subsample else x
     theta = _embed(x, theta_w) if theta_w is not None else x
-    phi = _embed(x, phi_w) if phi_w is not None else x
-    g = x
-    if subsample:
-        phi, g = _pool_keys(phi), _pool_keys(g)
+    phi = _embed(xj, phi_w) if phi_w is not None else xj
+    g = xj
     keys = [(a, b) for a in range(phi.shape[2]) for b in range(phi.shape[3])]
     d = theta.shape[1]
     rows = []
@@ -180,6 +182,71 @@ def test_chunked_attention_is_stable_for_large_scores():
 def test_unknown_attention_backend():
     with pytest.raises(ValueError, match="chunked, sdpa, materialise"):
         build_op("nonlocal_gaussian", 4, backend="fast")
+
+
+# ---------------------------------------------------------------- sub-sampling (Sec. 6.2)
+
+def _np_pool(x):
+    """2x2 max pooling, stride 2, no padding, of [N, C, H, W] (size-1 dimensions kept)."""
+    n, c, h, w = x.shape
+    kh, kw = min(h, 2), min(w, 2)
+    x = x[:, :, : h - h % kh, : w - w % kw]
+    return x.reshape(n, c, h // kh, kh, w // kw, kw).max(axis=(3, 5))
+
+
+def _np_nonlocal(x, softmax, theta_w=None, phi_w=None):
+    """Eq. (1) with the x_j side pooled, as array algebra: x^ = pool(x), keys phi(x^),
+    values x^, queries theta(x) at full size."""
+    n, c, h, w = x.shape
+    xj = _np_pool(x)
+    q = x.reshape(n, c, h * w) if theta_w is None else np.einsum(
+        "dc,nci->ndi", theta_w, x.reshape(n, c, h * w))
+    v = xj.reshape(n, c, -1)  # [N, C, M]
+    k = v if phi_w is None else np.einsum("dc,ncj->ndj", phi_w, v)
+    f = np.einsum("ndi,ndj->nij", q, k)  # [N, HW, M]
+    if softmax:
+        f = np.exp(f / np.sqrt(q.shape[1]) - (f / np.sqrt(q.shape[1])).max(-1, keepdims=True))
+        f = f / f.sum(-1, keepdims=True)
+    else:
+        f = f / k.shape[2]
+    return np.einsum("nij,ncj->nci", f, v).reshape(n, c, h, w)
+
+
+@pytest.mark.parametrize("hw", [(4, 6), (5, 7), (7, 4), (1, 5)])
+@pytest.mark.parametrize("name", ["nonlocal_gaussian", "nonlocal_dot"])
+def test_subsampled_nonlocal_matches_numpy_formula(name, hw):
+    """Forward against the NumPy formula, input gradient against its finite differences."""
+    softmax = name.endswith("gaussian")
+    op = build_op(name, 4, subsample=True)
+    if softmax:
+        with torch.no_grad():
+            op.theta.weight.normal_(0, 0.7)
+            op.phi.weight.normal_(0, 0.7)
+    tw = op.theta.weight[:, :, 0, 0].detach().numpy() if softmax else None
+    pw = op.phi.weight[:, :, 0, 0].detach().numpy() if softmax else None
+    x = _x(1, 4, *hw).requires_grad_()
+    y = op(x)
+    assert y.shape == x.shape
+    ref = _np_nonlocal(x.detach().numpy(), softmax, tw, pw)
+    np.testing.assert_allclose(y.detach().numpy(), ref, rtol=1e-10, atol=1e-12)
+    up = _x(*y.shape, seed=3).numpy()
+    (grad,) = torch.autograd.grad(y, x, torch.from_numpy(up))
+    x0, eps = x.detach().numpy(), 1e-6
+    fd = np.zeros_like(x0)
+    for idx in np.ndindex(x0.shape):  # central differences of <up, y(x)>
+        xp, xm = x0.copy(), x0.copy()
+        xp[idx] += eps
+        xm[idx] -= eps
+        fd[idx] = ((_np_nonlocal(xp, softmax, tw, pw) - _np_nonlocal(xm, softmax, tw, pw))
+                   * up).sum() / (2 * eps)
+    np.testing.assert_allclose(grad.numpy(), fd, rtol=1e-5, atol=1e-7)
+
+
+def test_subsampling_keeps_full_size_queries_and_drops_odd_edges():
+    x = _x(1, 2, 5, 7)
+    pooled = torch.nn.functional.max_pool2d(x, 2)  # [1, 2, 2, 3]: row 4 and column 6 dropped
+    torch.testing.assert_close(subsample_2x2(x), pooled)
+    assert subsample_2x2(_x(1, 2, 1, 4)).shape == (1, 2, 1, 2)
 
 
 # ---------------------------------------------------------------- bilateral (Eq. 2)

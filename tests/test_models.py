@@ -52,7 +52,8 @@ def test_every_name_builds_its_depth(name):
     for prefix, d in depth.items():
         if name.startswith(prefix + "_") or name == prefix:
             assert defaults["blocks"] == NUM_BLOCKS[d]
-    suffix = {"_denoise": "stages", "_denoise_all": "all", "_bottleneck": "bottleneck"}
+    suffix = {"_denoise": "stages", "_denoise_all": "all", "_denoise_all_gaussian": "all",
+              "_bottleneck": "bottleneck"}
     expected = next((p for s, p in suffix.items() if name.endswith(s)), "none")
     assert defaults["placement"] == expected
 
@@ -68,7 +69,10 @@ def test_forward_backward_every_parameter(name):
         for m in model.modules():
             if isinstance(m, nn.BatchNorm2d):
                 m.weight.uniform_(0.5, 1.5)
-    x = torch.rand(2, 3, 32 if small else 64, 32 if small else 64)
+    size = 32 if small else 64
+    if name.endswith("_denoise_all_gaussian"):  # res5 pooled to one key: a constant softmax,
+        size *= 2  # so theta/phi would get no gradient; twice the size gives 2x2 keys
+    x = torch.rand(2, 3, size, size)
     out = model(x)
     assert out.shape == (2, 7)
     assert model.num_classes == 7
@@ -236,6 +240,43 @@ def test_variant_defaults_and_denoise_kwarg():
     assert len(create_model("small_resnet", blocks=[1, 4, 2]).stage2) == 4
 
 
+def test_r152_all_denoise_is_the_papers_table2_row():
+    """Sec. 6.2: non-local Gaussian after every residual block, x_j 2x2 max-pooled."""
+    defaults = model_defaults("resnet152_denoise_all_gaussian")
+    assert defaults["blocks"] == NUM_BLOCKS[152] and defaults["placement"] == "all"
+    model = create_model("resnet152_denoise_all_gaussian", blocks=[2, 1, 1, 1])
+    blocks = [m for m in model.modules() if isinstance(m, DenoisingBlock)]
+    assert len(blocks) == 5
+    for block in blocks:
+        assert block.op_name == "nonlocal_gaussian"
+        assert block.op.softmax and block.op.embed and block.op.subsample
+    x101 = tiny("resnext101_32x8d_denoise_all")  # the official model keeps its dot op
+    for block in (m for m in x101.modules() if isinstance(m, DenoisingBlock)):
+        assert not block.op.softmax and not block.op.embed and not block.op.subsample
+
+
+def test_r152_all_denoise_runs_at_224():
+    """The +all denoise network end to end at ImageNet size (2 blocks per stage to stay fast);
+    the keys of the Gaussian op are the pooled maps: 28, 14, 7 and 3 pixels a side."""
+    model = create_model("resnet152_denoise_all_gaussian", blocks=[2, 2, 2, 2]).eval()
+    keys = []
+    for m in model.modules():
+        if isinstance(m, DenoisingBlock):
+            m.op.phi.register_forward_hook(lambda mod, i, o: keys.append(o.shape[-1]))
+    with torch.no_grad():
+        y = model(torch.rand(1, 3, 224, 224))
+    assert y.shape == (1, 1000) and torch.isfinite(y).all()
+    assert keys == [28, 28, 14, 14, 7, 7, 3, 3]
+
+
+@pytest.mark.slow
+def test_full_r152_all_denoise_forward_at_224():
+    model = create_model("resnet152_denoise_all_gaussian").eval()
+    with torch.no_grad():
+        y = model(torch.rand(1, 3, 224, 224))
+    assert y.shape == (1, 1000) and torch.isfinite(y).all()
+
+
 def test_resnext_widths_and_groups():
     block = tiny("resnext101_32x8d").group0.block0
     assert block.conv2.conv.groups == 32
@@ -280,7 +321,7 @@ def test_normalisation_is_official_bgr_scaling():
 def test_registry_names():
     names = list_models()
     for base in ("resnet50", "resnet101", "resnet152", "resnext101_32x8d", "small_resnet"):
-        for suffix in ("", "_denoise", "_denoise_all", "_bottleneck"):
+        for suffix in ("", "_denoise", "_denoise_all", "_denoise_all_gaussian", "_bottleneck"):
             assert base + suffix in names
     assert names == sorted(names)
 

@@ -23,6 +23,7 @@ from typing import Any
 
 import yaml
 
+from featdenoise.configs import resolve_config
 from featdenoise.runtime.atomic import atomic_write
 
 DATASETS = ("fashion_mnist", "cifar10", "imagenet")
@@ -304,11 +305,14 @@ def from_dict(tree: dict) -> Config:
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None,
                 base: dict | None = None) -> Config:
     """Read YAML ``path`` (optional), merge ``base`` (a nested dict, optional) and ``overrides``
-    (``key=value`` strings), validate, and return the frozen :class:`Config`."""
+    (``key=value`` strings), validate, and return the frozen :class:`Config`.
+
+    ``path`` is a file, or the name of a shipped config (``fashion_mnist_quick``; see
+    :func:`featdenoise.configs.resolve_config` and :func:`featdenoise.configs.list_configs`).
+    """
     tree: dict = {}
     if path is not None:
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"config file {path} not found (shipped configs: configs/)")
+        path = resolve_config(path)
         with open(path) as f:
             try:
                 tree = yaml.safe_load(f) or {}

@@ -1,8 +1,9 @@
 """``featdenoise predict DIR --out predictions.csv``: a label for every image of a folder.
 
-The official ``main.py --eval-directory``: every image directly in DIR, resized naively (bicubic,
-no crop) to ``--size`` (224 by default for ``--official`` models; checkpoints keep the files' size
-unless ``--size`` is given), classified; ``filename,label`` lines written without a header.
+The official ``main.py --eval-directory``: every image directly in DIR, resized naively (no crop)
+to ``--size`` (224 by default for ``--official`` models; checkpoints keep the files' size unless
+``--size`` is given) by OpenCV ``INTER_CUBIC`` as the official code (``--resize pil``: Pillow
+bicubic), classified; ``filename,label`` lines written without a header.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ def _run(args: argparse.Namespace) -> int:
             size = None
         out = predict_to_csv(model, args.dir, args.out, size=size, batch_size=args.batch_size,
                              device=device, num_workers=args.workers,
-                             progress=not args.no_progress)
+                             progress=not args.no_progress, resize_method=args.resize)
         print(f"predictions: {out}")
         return 0
     finally:
@@ -47,6 +48,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--size", type=int, default=None,
                    help="bicubic resize to SIZE x SIZE, no crop (default 224 with --official, "
                         "else the files' own size; 0 keeps it)")
+    p.add_argument("--resize", choices=("cv2", "pil"), default="cv2",
+                   help="how --size resizes: cv2 = cv2.resize INTER_CUBIC on 8-bit pixels, the "
+                        "official code bit for bit (default); pil = Pillow bicubic, antialiased")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--workers", type=int, default=0)

@@ -10,6 +10,17 @@ def _run(args: argparse.Namespace) -> int:
     from featdenoise.runtime import distributed
     from featdenoise.training import train
 
+    if args.list_configs:
+        from featdenoise.configs import describe_config, list_configs
+
+        names = list_configs()
+        width = max(map(len, names))
+        for name in names:
+            print(f"{name:<{width}}  {describe_config(name)}")
+        return 0
+    if args.config is None:
+        raise ValueError("train needs --config NAME or --config FILE.yaml (names: featdenoise "
+                         "train --list-configs)")
     overrides = list(args.overrides)
     if args.resume:
         overrides.append("run.resume=auto")
@@ -30,10 +41,14 @@ def _run(args: argparse.Namespace) -> int:
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "train", help="adversarial training with the paper's recipe (Sec. 5)",
-        description="Train a model from a YAML config (configs/*.yaml) with key=value overrides "
-                    "(dotted keys, YAML values), e.g. optim.epochs=2 attack.steps=0 for clean "
-                    "training. Launch with torchrun for several processes/GPUs/nodes.")
-    p.add_argument("--config", required=True, help="YAML config file (see configs/)")
+        description="Train a model from a YAML config (a file, or the name of a shipped config: "
+                    "see --list-configs) with key=value overrides (dotted keys, YAML values), "
+                    "e.g. optim.epochs=2 attack.steps=0 for clean training. Launch with "
+                    "torchrun for several processes/GPUs/nodes.")
+    p.add_argument("--config", default=None,
+                   help="YAML config file, or a shipped config's name (e.g. fashion_mnist_quick)")
+    p.add_argument("--list-configs", action="store_true",
+                   help="list the shipped configs with one line each and exit")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="config overrides, e.g. data.batch_size=64 run.bf16=true")
     p.add_argument("--resume", action="store_true",

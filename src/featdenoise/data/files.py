@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from featdenoise.data.transforms import check_resize_method, resize_uint8
 from featdenoise.runtime.atomic import atomic_write
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm")
@@ -40,18 +41,22 @@ def list_images(folder: str) -> list[str]:
     return names
 
 
-def load_image(path: str, size: int | None = None, channels: int = 3) -> torch.Tensor:
+def load_image(path: str, size: int | None = None, channels: int = 3,
+               resize_method: str = "cv2") -> torch.Tensor:
     """Read one image file as float pixels in [0, 1], shape ``[channels, H, W]``.
 
     Args:
-        path: image file (any format Pillow reads).
-        size: if given, a plain bicubic resize to ``size x size`` (no crop, aspect ratio not kept),
-            exactly what the official ``--eval-directory`` does (``cv2.resize(..., (224, 224),
-            INTER_CUBIC)``); None keeps the file's own size.
+        path: image file (any format Pillow reads), decoded to 8 bits by Pillow.
+        size: if given, a plain bicubic resize of the 8-bit image to ``size x size`` (no crop,
+            aspect ratio not kept) as the official ``--eval-directory`` does; None keeps the
+            file's own size.
         channels: 3 for RGB, 1 for grey (Fashion-MNIST nets).
+        resize_method: ``"cv2"`` (default): ``cv2.resize(img, (size, size),
+            interpolation=cv2.INTER_CUBIC)`` on the uint8 pixels, the official code's resize
+            bit for bit; ``"pil"``: Pillow bicubic (antialiased when shrinking). See
+            :func:`featdenoise.data.transforms.resize_uint8`.
     """
-    from PIL import Image
-
+    check_resize_method(resize_method)
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 or 3, got {channels}")
     from featdenoise.data.datasets import load_rgb
@@ -62,9 +67,9 @@ def load_image(path: str, size: int | None = None, channels: int = 3) -> torch.T
         raise ValueError(f"unreadable image {path} ({err}); remove or replace the file") from None
     if channels == 1:
         img = img.convert("L")
+    arr = np.asarray(img, dtype=np.uint8)  # [H, W, 3] or [H, W]
     if size is not None:
-        img = img.resize((int(size), int(size)), Image.BICUBIC)
-    arr = np.asarray(img, dtype=np.uint8)
+        arr = resize_uint8(arr, int(size), int(size), resize_method)
     if arr.ndim == 2:
         arr = arr[:, :, None]  # [H, W] -> [H, W, 1]
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).float() / 255.0  # [H, W, C] -> [C, H, W]
@@ -137,22 +142,25 @@ class ImageFiles(Dataset):
         labels: optional ``{stem: label}``.
         size: optional bicubic resize to ``size x size`` (see :func:`load_image`).
         channels: 3 (RGB) or 1 (grey).
+        resize_method: ``"cv2"`` (official ``INTER_CUBIC``, default) or ``"pil"``.
     """
 
     def __init__(self, folder: str, names: Sequence[str] | None = None,
                  labels: dict[str, int] | None = None, size: int | None = None,
-                 channels: int = 3) -> None:
+                 channels: int = 3, resize_method: str = "cv2") -> None:
         self.folder = folder
         self.names = list(names) if names is not None else list_images(folder)
         self.size = size
         self.channels = channels
+        self.resize_method = check_resize_method(resize_method)
         self.labels = [int(labels.get(stem(n), -1)) if labels else -1 for n in self.names]
 
     def __len__(self) -> int:
         return len(self.names)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        x = load_image(os.path.join(self.folder, self.names[i]), self.size, self.channels)
+        x = load_image(os.path.join(self.folder, self.names[i]), self.size, self.channels,
+                       self.resize_method)
         return x, self.labels[i]
 
     def image_id(self, i: int) -> str:

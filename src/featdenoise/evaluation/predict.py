@@ -3,10 +3,14 @@
 This is how a defence takes part in a black-box competition (CAAD, paper Sec. 6.2): the organisers'
 attackers write a folder of images, the defence writes ``filename,label`` for each.
 
-Preprocessing as the official code does it: each file is read as RGB (BGR there, which its model
-expects; ours take RGB), resized *naively* to ``size x size`` with bicubic interpolation (no crop,
-aspect ratio not kept; ``cv2.resize(..., (224, 224), INTER_CUBIC)``), scaled to [0, 1]. ``size``
-None keeps the files' own size (then they must all share it).
+Preprocessing as the official code does it: each file is decoded to 8-bit RGB (BGR there, which
+its model expects; ours take RGB and flip inside the model), resized *naively* to ``size x size``
+(no crop, aspect ratio not kept) by ``cv2.resize(img, (224, 224), interpolation=cv2.INTER_CUBIC)``
+on the uint8 pixels, as the official ``main.py --eval-directory``, then scaled to [0, 1]: the same
+pixels as the official input (OpenCV resizes each channel on its own, so the channel order does
+not change them). ``resize_method="pil"`` uses Pillow's antialiased bicubic instead. ``size``
+None keeps the files' own size (then they must all share it). Files are decoded by Pillow where
+the official code uses ``cv2.imread``: the same pixels for PNG/BMP; JPEG decoders may differ.
 """
 
 from __future__ import annotations
@@ -33,13 +37,16 @@ def model_in_channels(model: nn.Module) -> int:
 
 def predict_folder(model: nn.Module, folder: str, *, size: int | None = 224,
                    batch_size: int = 32, device: torch.device | str | None = None,
-                   num_workers: int = 0, progress: bool = True) -> tuple[list[str], list[int]]:
+                   num_workers: int = 0, progress: bool = True,
+                   resize_method: str = "cv2") -> tuple[list[str], list[int]]:
     """Top-1 predictions for every image directly inside ``folder``, in sorted file-name order.
 
     Args:
         model: classifier on ``[N, C, H, W]`` pixels in [0, 1]; run in eval mode (restored after).
         folder: flat folder of image files (see :data:`featdenoise.data.files.IMAGE_EXTENSIONS`).
         size: bicubic resize to ``size x size`` (official: 224); None keeps each file's size.
+        resize_method: ``"cv2"`` (default; official ``cv2.INTER_CUBIC`` on uint8, bit for bit)
+            or ``"pil"`` (Pillow bicubic, antialiased when shrinking).
         batch_size: images per forward pass.
         device: default: the GPU if there is one, else the CPU.
         num_workers: DataLoader workers decoding images.
@@ -54,7 +61,8 @@ def predict_folder(model: nn.Module, folder: str, *, size: int | None = 224,
 
     device = torch.device(device) if device is not None else default_device()
     names = list_images(folder)
-    ds = ImageFiles(folder, names, size=size, channels=model_in_channels(model))
+    ds = ImageFiles(folder, names, size=size, channels=model_in_channels(model),
+                    resize_method=resize_method)
     if size is None:
         shapes = {}
         for n in names:

@@ -57,8 +57,8 @@ LABELS = {
     "no_residual": "non-local, gaussian, removing residual",
 }
 # Block options a variant sets itself; a base config's values for them are dropped.
-_BLOCK_KEYS = ("placement", "denoise", "use_conv", "residual")
-_SUFFIXES = ("_denoise_all", "_denoise", "_bottleneck")
+_BLOCK_KEYS = ("placement", "denoise", "use_conv", "residual", "subsample")
+_SUFFIXES = ("_denoise_all_gaussian", "_denoise_all", "_denoise", "_bottleneck")
 
 
 def backbone(name: str) -> str:
@@ -171,7 +171,8 @@ def run_ablation(config: str | None, out_dir: str, *, variants: Sequence[str] = 
     """Train and evaluate every variant with every seed; write table, plot and JSON.
 
     Args:
-        config: training config YAML (``configs/*.yaml``); its model name gives the backbone.
+        config: training config: a YAML file or a shipped config's name
+            (:func:`featdenoise.configs.list_configs`); its model name gives the backbone.
         out_dir: output folder (see the module docstring); re-running resumes.
         variants: names of :data:`VARIANTS` (default: the nine of Fig. 7).
         seeds: one training + evaluation per seed (``run.seed``); the spread is their std.

@@ -14,9 +14,17 @@ Decisions the paper leaves open, and how they follow the authors' code (``resnet
   (``H*W``; with sub-sampling the number of pooled pixels, so the output stays a mean over the
   set of ``j``). When ``C <= H*W`` the official association ``(phi g^T) theta`` is used: a
   ``C x C`` matrix instead of ``HW x HW`` (cost ``HW*C^2`` rather than ``(HW)^2*C``).
-* Sub-sampling (Sec. 6.2, ``subsample=True``): keys and values ``x_j`` are 2x2 max-pooled with
-  stride 2 and ``ceil_mode=True`` (odd sizes keep their last row/column as a 1-pixel window, so
-  every pixel is represented); queries ``x_i`` stay full size.
+* Sub-sampling (Sec. 6.2, ``subsample=True``, the paper's "R-152 +all denoise"): the feature
+  map of ``x_j`` is 2x2 max-pooled with stride 2 and queries ``x_i`` stay full size. The pooling
+  comes *before* the embedding: ``x^ = maxpool(x)``, keys ``phi(x^_j)``, values ``x^_j``. This is
+  the formula of the non-local networks paper the text cites (Wang et al., CVPR 2018, Sec. 3.3:
+  ``y_i = 1/C(x^) sum_j f(x_i, x^_j) g(x^_j)`` with ``x^`` a pooled version of ``x``) and what
+  its released code does (the block input is max-pooled, then the phi and g 1x1 convs run on
+  it); that paper's sentence "a max pooling layer after phi and g" differs only in the order of
+  the pooling and the linear phi, and the feature-denoising text pools "the feature map of x_j".
+  Pooling is "VALID" (no padding, floor), as both codes' pooling layers do by default: an odd
+  size drops its last row/column (7x7 res5 maps give 3x3 keys); a dimension of size 1 is not
+  pooled (kernel 1 there) so tiny maps still have a key.
 * Bilateral (Eq. 2) border rule: only in-image neighbours belong to ``Omega(i)``; the Gaussian
   version takes its softmax over those, the dot version divides by ``|Omega(i)|`` (4, 6 or 9).
 * Mean: 3x3 average with stride 1 that counts in-image pixels only (``count_include_pad=False``,
@@ -185,6 +193,16 @@ def softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
 # ---------------------------------------------------------------------------------------------
 
 
+def subsample_2x2(x: torch.Tensor) -> torch.Tensor:
+    """2x2 max pooling, stride 2, "VALID" (Sec. 6.2 sub-sampling of ``x_j``).
+
+    Shapes: ``[N, C, H, W] -> [N, C, H // 2, W // 2]``; an odd size drops its last row/column
+    (as a pooling layer without padding does), a dimension of size 1 is kept as it is.
+    """
+    kh, kw = (2 if x.shape[-2] >= 2 else 1), (2 if x.shape[-1] >= 2 else 1)
+    return F.max_pool2d(x, (kh, kw), (kh, kw))
+
+
 class NonLocal(nn.Module):
     """Non-local means, Eq. (1): ``y_i = 1/C(x) * sum_j f(x_i, x_j) x_j`` over all pixels j.
 
@@ -198,7 +216,8 @@ class NonLocal(nn.Module):
         embed: theta/phi 1x1 embeddings to ``C/2`` channels (default: ``softmax``, as the
             official ``ResNetDenoise`` / ``ResNeXtDenoiseAll``). Without embedding
             ``theta = phi = x`` and ``d = C``.
-        subsample: Sec. 6.2 trick: ``x_j`` (keys and values) 2x2 max-pooled, ``x_i`` full size.
+        subsample: Sec. 6.2 trick: ``x_j`` 2x2 max-pooled (:func:`subsample_2x2`) before the
+            phi embedding, so keys ``phi(x^_j)`` and values ``x^_j``; ``x_i`` full size.
         backend: how the Gaussian softmax is computed (:func:`softmax_attention`).
     """
 
@@ -221,10 +240,9 @@ class NonLocal(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, c, h, w = x.shape
-        theta, phi, g = (self.theta(x), self.phi(x), x) if self.embed else (x, x, x)
-        if self.subsample:  # keys/values x_j only; queries x_i keep every pixel
-            phi = F.max_pool2d(phi, 2, ceil_mode=True)
-            g = phi if g is phi else F.max_pool2d(g, 2, ceil_mode=True)
+        # x_j: pooled before the embedding (Wang et al. Sec. 3.3); queries x_i keep every pixel
+        xj = subsample_2x2(x) if self.subsample else x  # [N, C, H', W']
+        theta, phi, g = (self.theta(x), self.phi(xj), xj) if self.embed else (x, xj, xj)
         d, m = theta.shape[1], phi.shape[2] * phi.shape[3]
         q = theta.flatten(2)  # [N, d, HW]
         k = phi.flatten(2)  # [N, d, M]
