@@ -178,3 +178,71 @@ def test_train_print_config_of_the_all_denoise_config(capsys, tmp_path, monkeypa
     tree = yaml.safe_load(capsys.readouterr().out)
     assert tree["model"]["name"] == "resnet152_denoise_all_gaussian"
     assert tree["model"]["kwargs"] == {"denoise": "nonlocal_gaussian", "subsample": True}
+
+
+# --------------------------------------------------------------------------- YAML 1.2 numbers
+@pytest.mark.parametrize("override, key, value", [
+    ("optim.weight_decay=1e-4", ("optim", "weight_decay"), 1e-4),
+    ("optim.lr=1.0e12", ("optim", "lr"), 1.0e12),
+    ("optim.lr=2E-3", ("optim", "lr"), 2e-3),
+    ("optim.lr=.5", ("optim", "lr"), 0.5),
+    ("run.seed=1e3", ("run", "seed"), 1000),
+    ("optim.milestones=[1e1, 2e1]", ("optim", "milestones"), [10.0, 20.0]),
+])
+def test_ordinary_floats_in_overrides_are_numbers(override, key, value):
+    """YAML 1.1 (PyYAML's default) reads ``1e-4`` as a string; overrides read YAML 1.2 floats,
+    and a whole-valued float for an int key is taken as that int."""
+    cfg = load_config(None, [override])
+    got = getattr(getattr(cfg, key[0]), key[1])
+    assert got == value and type(got) is type(value)
+
+
+def test_ordinary_floats_in_config_files_are_numbers(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("optim:\n  weight_decay: 5e-5\n  lr: 1e-1\nrun:\n  seed: 2e1\n")
+    cfg = load_config(path)
+    assert (cfg.optim.weight_decay, cfg.optim.lr, cfg.run.seed) == (5e-5, 0.1, 20)
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("run.seed=2.5", "'run.seed' = 2.5 has the wrong type: expected int"),
+    ("optim.lr=.inf", "'optim.lr' = inf is not a finite number"),
+    ("optim.weight_decay=.nan", "'optim.weight_decay' = nan is not a finite number"),
+    ("data.batch_size=-1e2", "'data.batch_size' = -100 is out of range"),
+])
+def test_non_whole_or_non_finite_numbers_are_refused(override, fragment):
+    with pytest.raises(ValueError) as err:
+        load_config(None, [override])
+    assert fragment in str(err.value) and "\n" not in str(err.value)
+
+
+def test_strings_that_only_look_like_numbers_stay_strings():
+    cfg = load_config(None, ["run.out_dir=1e3x", "run.resume=1.5"])
+    assert (cfg.run.out_dir, cfg.run.resume) == ("1e3x", "1.5")
+
+
+@pytest.mark.parametrize("overrides, fragment", [
+    (["model.name=resnet15"], "config key 'model.name': unknown model 'resnet15'"),
+    (["model.name=small_resnet", "model.kwargs.widht=4"],
+     "config key 'model.kwargs': model 'small_resnet' does not take widht"),
+    (["model.name=small_resnet", "model.kwargs.blocks=[1, 1]"],
+     "config key 'model.kwargs': blocks must be 3"),
+    (["model.name=small_resnet", "model.kwargs.denoise=median3"],
+     "config key 'model.kwargs': unknown denoising op 'median3'"),
+])
+def test_check_model_refuses_what_train_refuses_without_allocating(overrides, fragment):
+    from featdenoise.config import check_model
+
+    with pytest.raises(ValueError) as err:
+        check_model(load_config(None, overrides))
+    assert fragment in str(err.value) and "\n" not in str(err.value)
+
+
+def test_check_model_accepts_every_registry_model():
+    """No false refusal: every registered model (ResNet-152, ResNeXt-101 among them) passes the
+    meta-device build, so its data-dependent initialiser does not trip the check."""
+    from featdenoise.config import check_model
+    from featdenoise.models import list_models
+
+    for name in list_models():
+        check_model(load_config(None, [f"model.name={name}"]))

@@ -7,14 +7,30 @@ adds its parser and sets ``func(args) -> int``.
 from __future__ import annotations
 
 import argparse
+import errno
+import os
 import sys
 
 from featdenoise import __version__
 from featdenoise.commands import COMMANDS
+from featdenoise.runtime.atomic import command_inputs
+
+OUTPUT_ARGS = frozenset({"out", "output", "save_adv"})
+"""Argument names (``dest``) that name what a command writes; every other argument naming an
+existing file is one of the command's inputs, which no write of the command may replace
+(:func:`featdenoise.runtime.atomic.command_inputs`)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose errors are one line (``featdenoise CMD: error: ...``, exit
+    status 2) like every other error of the CLI; ``--help`` still shows the usage."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="featdenoise",
         description="Feature-denoising networks, PGD attacks, adversarial training and evaluation.",
     )
@@ -25,16 +41,44 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def input_files(args: argparse.Namespace) -> list[str]:
+    """Every existing file named by a non-output argument (strings and lists of strings)."""
+    found = []
+    for dest, value in vars(args).items():
+        if dest in OUTPUT_ARGS or dest == "func":
+            continue
+        for item in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(item, str) and item and os.path.isfile(item):
+                found.append(item)
+    return found
+
+
+def describe_os_error(err: OSError) -> str:
+    """One line for an ``OSError`` that escaped a command: a file where a folder belongs (the
+    ``[Errno 17] File exists`` of ``os.makedirs``) is said in words."""
+    name = err.filename
+    if name and err.errno in (errno.EEXIST, errno.ENOTDIR):
+        return (f"{name}: a file is in the way where a folder is needed (an --out that is an "
+                "existing file?); give a folder path or move the file away")
+    if name and err.errno == errno.EISDIR:
+        return f"{name} is a folder; give a file path"
+    return str(err)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return int(args.func(args) or 0)
-    except KeyboardInterrupt:
-        print("featdenoise: interrupted", file=sys.stderr)
+        with command_inputs(input_files(args)):
+            return int(args.func(args) or 0)
+    except KeyboardInterrupt as err:
+        # A command that saved its state says where it stopped and what was kept.
+        detail = str(err).strip()
+        print(f"featdenoise {args.command}: {detail or 'interrupted'}", file=sys.stderr)
         return 130
     except (ValueError, OSError, KeyError) as err:
         # Library errors are written to be one clear line that names the value and what to do.
-        print(f"featdenoise {args.command}: error: {err}", file=sys.stderr)
+        text = describe_os_error(err) if isinstance(err, OSError) else str(err)
+        print(f"featdenoise {args.command}: error: {text}", file=sys.stderr)
         return 2
 
 

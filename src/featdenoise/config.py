@@ -17,16 +17,49 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
 
 from featdenoise.configs import resolve_config
-from featdenoise.runtime.atomic import atomic_write
+from featdenoise.runtime.atomic import atomic_write, ensure_dir
 
 DATASETS = ("fashion_mnist", "cifar10", "imagenet")
+
+
+class _Loader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` reading floats as YAML 1.2 does: ``1e-4``, ``1E3`` and ``1.0e12`` are
+    numbers (YAML 1.1, PyYAML's default, needs a dot and a signed exponent and reads ``1e-4``
+    as the *string* "1e-4")."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:float"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                   |[-+]?(?:[0-9][0-9_]*)[eE][-+]?[0-9]+
+                   |[-+]?\.[0-9][0-9_]*(?:[eE][-+]?[0-9]+)?
+                   |[-+]?\.(?:inf|Inf|INF)
+                   |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."),
+)
+
+
+def yaml_load(stream) -> Any:
+    """``yaml.safe_load`` with YAML 1.2 floats (:class:`_Loader`); used for config files and
+    ``key=value`` overrides alike, so ``optim.weight_decay: 1e-4`` means the number everywhere."""
+    loader = _Loader(stream)  # a SafeLoader: plain data only, never Python objects
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
 
 
 @dataclass(frozen=True)
@@ -204,13 +237,25 @@ _CHECKS: dict[str, tuple[Any, str]] = {
 
 
 def _coerce(key: str, value: Any, default: Any, annotation: str) -> Any:
-    """Check the type of ``value`` against the field's annotation; ints are accepted as floats."""
+    """Check the type of ``value`` against the field's annotation.
+
+    Ints are accepted as floats; a float with a whole value (``run.seed=1e3``) is accepted as an
+    int, any other float (``2.5``, ``.nan``) is refused for an int key; ``nan`` and ``inf`` are
+    refused everywhere (no setting means "infinitely" or "undefined")."""
     optional = "None" in annotation
     if value is None:
         if optional:
             return None
         raise ValueError(f"config key '{key}' may not be null; give a value like {default!r}")
     kind = annotation.replace(" | None", "").strip()
+    if isinstance(value, float) and not math.isfinite(value) and kind in ("int", "float"):
+        raise ValueError(f"config key '{key}' = {value!r} is not a finite number; give a value "
+                         f"like {default!r}")
+    if kind == "int" and isinstance(value, float):
+        if not value.is_integer():
+            raise ValueError(f"config key '{key}' = {value!r} has the wrong type: expected int "
+                             f"(a whole number), e.g. {default!r}")
+        value = int(value)
     ok = {
         "bool": isinstance(value, bool),
         "int": isinstance(value, int) and not isinstance(value, bool),
@@ -258,7 +303,7 @@ def parse_overrides(overrides: list[str]) -> dict:
             raise ValueError(f"override '{item}' is not key=value (e.g. optim.lr=0.2)")
         key, raw = item.split("=", 1)
         try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
+            value = yaml_load(raw) if raw.strip() else ""
         except yaml.YAMLError as err:
             raise ValueError(f"override '{item}': value is not valid YAML ({err})") from None
         _set_dotted(tree, key.strip(), value)
@@ -315,7 +360,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
         path = resolve_config(path)
         with open(path) as f:
             try:
-                tree = yaml.safe_load(f) or {}
+                tree = yaml_load(f) or {}
             except yaml.YAMLError as err:
                 where = getattr(err, "problem_mark", None)
                 at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
@@ -330,10 +375,70 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
     return from_dict(tree)
 
 
+def check_model(cfg: Config) -> None:
+    """Refuse a model name or kwargs that ``train`` would refuse, without allocating weights.
+
+    Builds ``create_model(cfg.model.name, **cfg.model.kwargs)`` on the ``meta`` device (shapes
+    only, no memory, well under a second even for ResNet-152), so a misspelt name, an unknown
+    kwarg or a value the builder rejects is one ``ValueError`` naming the config key, exactly as
+    the real build in ``train`` would give it.
+    """
+    import torch
+    from torch.overrides import TorchFunctionMode
+
+    from featdenoise.models import create_model
+
+    class _NoDataDependentInit(TorchFunctionMode):
+        # Meta tensors hold no values; an initialiser that looks at them (``nonzero`` to redraw
+        # truncated-normal outliers) is told that nothing needs redrawing.
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func in (torch.Tensor.nonzero, torch.nonzero) and args and args[0].is_meta:
+                return torch.empty((0, args[0].dim()), dtype=torch.long, device="meta")
+            return func(*args, **(kwargs or {}))
+
+    m = cfg.model
+    try:
+        with torch.device("meta"), _NoDataDependentInit():
+            create_model(m.name, **dict(m.kwargs))
+    except (ValueError, TypeError) as err:
+        text = str(err).strip().splitlines()
+        what = text[0] if text else type(err).__name__
+        key = "model.name" if m.name not in _model_names() else "model.kwargs"
+        raise ValueError(f"config key '{key}': {what}") from None
+    except (NotImplementedError, RuntimeError):
+        pass  # a builder that needs real values: the build in train checks it
+
+
+def _model_names() -> list[str]:
+    from featdenoise.models import list_models
+
+    return list_models()
+
+
+def is_own_config(path: str | os.PathLike) -> bool:
+    """True if ``path`` is a YAML mapping of config sections (what :func:`save_config` writes)."""
+    try:
+        with open(path) as f:
+            tree = yaml.safe_load(f)
+    except (OSError, yaml.YAMLError, UnicodeDecodeError):
+        return False
+    return isinstance(tree, dict) and bool(tree) and set(tree) <= set(_SECTION_CLASSES)
+
+
 def save_config(cfg: Config, run_dir: str | os.PathLike) -> str:
-    """Write the resolved values to ``run_dir/config.yaml`` (atomically); return the path."""
-    os.makedirs(run_dir, exist_ok=True)
+    """Write the resolved values to ``run_dir/config.yaml`` (atomically); return the path.
+
+    An existing ``config.yaml`` that is not a featdenoise config, or that is the config file the
+    running command read (unless the bytes are the same), is refused (``ValueError``; see
+    :mod:`featdenoise.runtime.atomic`).
+    """
+    ensure_dir(run_dir, "run folder")
     path = os.path.join(run_dir, "config.yaml")
-    with atomic_write(path) as f:
-        yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
+    with atomic_write(path, ours=is_own_config) as f:
+        f.write(config_text(cfg))
     return path
+
+
+def config_text(cfg: Config) -> str:
+    """The YAML text :func:`save_config` writes for ``cfg``."""
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

@@ -34,9 +34,11 @@ import torch
 from torch import nn
 
 from featdenoise.models.denoise import DenoisingBlock
-from featdenoise.models.registry import create_model, model_from_metadata, model_metadata
+from featdenoise.models.registry import create_model, model_metadata
 from featdenoise.models.resnet import NUM_BLOCKS, ConvBN
-from featdenoise.runtime.atomic import atomic_write
+from featdenoise.runtime.atomic import atomic_write, check_output
+from featdenoise.runtime.safeio import metadata_json, read_safetensors, read_safetensors_metadata
+from featdenoise.runtime.safeio import read_npz as safe_read_npz
 
 ARCHS = {
     # official --arch -> (registry name, its ImageNet depth tag)
@@ -115,21 +117,22 @@ def _from_tf(array: np.ndarray, kind: str) -> torch.Tensor:
 
 
 def read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Variables of a tensorpack ``.npz`` dump, keyed by TF name without the ``:0`` suffix."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such checkpoint file")
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            raw = {k: data[k] for k in data.files}
-    except (ValueError, OSError) as err:
-        raise ValueError(f"{path}: not a readable numpy .npz file ({err})") from err
+    """Variables of a tensorpack ``.npz`` dump, keyed by TF name without the ``:0`` suffix.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: one line naming the file when it is empty, truncated, not an npz, or holds
+            pickled objects (:func:`featdenoise.runtime.safeio.read_npz`).
+    """
+    raw = safe_read_npz(path)
     out: dict[str, np.ndarray] = {}
     for key, value in raw.items():
         name = key[:-2] if key.endswith(":0") else key
         if name in out:
             raise ValueError(f"{path}: variable {name!r} appears both with and without ':0'")
         out[name] = value
+    if not out:
+        raise ValueError(f"{path}: the npz holds no arrays; it is not a tensorpack checkpoint")
     return out
 
 
@@ -246,32 +249,56 @@ def convert_tensorpack(in_npz: str | os.PathLike, out_safetensors: str | os.Path
 
     The metadata holds ``model`` (registry name), ``model_kwargs`` (JSON) and ``source``.
     The file is written atomically (temporary file, then rename). Returns the loaded model.
+
+    The output is checked before the (long) conversion: it may not be the input itself (under any
+    spelling, symlink or hard link), a folder, a read-only file, or an existing file that is not a
+    featdenoise safetensors file (``ValueError``, one line; nothing is written).
     """
     from safetensors.torch import save
 
+    check_output(out_safetensors, inputs=[in_npz], ours=is_converted)
     model = load_tensorpack(in_npz, arch, depth=depth, blocks=blocks)
     meta = model_metadata(model)
     meta["source"] = json.dumps({"format": "tensorpack", "arch": arch,
                                  "file": Path(in_npz).name})
     out = Path(out_safetensors)
-    out.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    with atomic_write(out, "wb") as f:
+    with atomic_write(out, "wb", inputs=[in_npz], ours=is_converted) as f:
         f.write(save(state, metadata=meta))
     return model
 
 
+def is_converted(path: str | os.PathLike) -> bool:
+    """True if ``path`` is a safetensors file that featdenoise wrote (``model`` metadata)."""
+    try:
+        return "model" in read_safetensors_metadata(path)
+    except (OSError, ValueError):
+        return False
+
+
 def load_converted(path: str | os.PathLike) -> nn.Module:
     """Rebuild a model from a ``.safetensors`` file with ``model``/``model_kwargs`` metadata
-    (as written by :func:`convert_tensorpack`); returned in eval mode."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
+    (as written by :func:`convert_tensorpack`); returned in eval mode.
 
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: one line naming the file when it is truncated, lacks the metadata, or its
+            ``model_kwargs`` is not a JSON object the model accepts.
+    """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-    model = model_from_metadata(meta)
-    model.load_state_dict(load_file(str(path)), strict=True)
+    state, meta = read_safetensors(path)
+    if "model" not in meta:
+        raise ValueError(f"{path} has no 'model' metadata; it was not written by featdenoise")
+    kwargs = metadata_json(path, meta, "model_kwargs", {}, dict)
+    try:
+        model = create_model(meta["model"], **kwargs)
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"{path}: the model it names cannot be built "
+                         f"({str(err).splitlines()[0] if str(err) else type(err).__name__})") \
+            from None
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise ValueError(f"{path}: its weights do not fit the model it names "
+                         f"({meta['model']!r}): {str(err).splitlines()[0]}") from None
     return model.eval()

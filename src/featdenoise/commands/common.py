@@ -11,9 +11,30 @@ def str_list(text: str) -> list[str]:
 
 
 def int_list(text: str) -> list[int]:
-    """``"10,100"`` -> ``[10, 100]``; anything else is an argparse error naming the text."""
+    """``"10,100"`` -> ``[10, 100]``; anything else (also an empty list) is an argparse error
+    naming the text."""
     try:
-        return [int(t) for t in str_list(text)]
+        values = [int(t) for t in str_list(text)]
     except ValueError:
+        values = []
+    if not values:
         raise argparse.ArgumentTypeError(
-            f"expected comma-separated integers, got {text!r}") from None
+            f"expected comma-separated integers like 0,1,2, got {text!r}")
+    return values
+
+
+def output_folder(path: str, flag: str = "--out") -> str:
+    """Create the output folder ``path``; an existing *file* there is one line naming ``flag``."""
+    from featdenoise.runtime.atomic import ensure_dir
+
+    return ensure_dir(path, flag)
+
+
+def output_file(path: str, flag: str = "--out", ours=None) -> str:
+    """Refuse an output file that would destroy something (an existing folder, an input of the
+    command, a read-only file, a file ``ours`` does not recognise); see
+    :func:`featdenoise.runtime.atomic.check_output`. Returns ``path``."""
+    from featdenoise.runtime.atomic import check_output
+
+    check_output(path, ours=ours, what=flag)
+    return path

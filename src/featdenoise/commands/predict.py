@@ -9,14 +9,31 @@ bicubic), classified; ``filename,label`` lines written without a header.
 from __future__ import annotations
 
 import argparse
+import os
 
+from featdenoise.commands.common import output_file
 from featdenoise.commands.evaluate import add_model_args, models_from_args, resolve_device
+
+
+def check_paths(args: argparse.Namespace) -> None:
+    """DIR must be a folder; --out a file that may be (re)written: not a folder, not an input, not
+    a file of another program (an earlier predictions file is replaced)."""
+    from featdenoise.data.files import is_predictions_csv
+
+    if os.path.isfile(args.dir):
+        raise ValueError(f"DIR {args.dir} is a file; predict classifies every image directly "
+                         f"inside a folder: pass the folder that holds it "
+                         f"({os.path.dirname(os.path.abspath(args.dir))})")
+    if not os.path.isdir(args.dir):
+        raise FileNotFoundError(f"DIR {args.dir} does not exist; pass a folder of images")
+    output_file(args.out, "--out", ours=is_predictions_csv)
 
 
 def _run(args: argparse.Namespace) -> int:
     from featdenoise.evaluation.predict import predict_to_csv
     from featdenoise.runtime import distributed
 
+    check_paths(args)
     device = resolve_device(args.device)
     try:
         if distributed.world_size() > 1:

@@ -6,7 +6,7 @@ import argparse
 
 
 def _run(args: argparse.Namespace) -> int:
-    from featdenoise.config import load_config
+    from featdenoise.config import check_model, load_config
     from featdenoise.runtime import distributed
     from featdenoise.training import train
 
@@ -28,6 +28,7 @@ def _run(args: argparse.Namespace) -> int:
         overrides.append(f"run.out_dir={args.out}")
     cfg = load_config(args.config, overrides)
     if args.print_config:
+        check_model(cfg)  # the same model check as train's, on the meta device
         import yaml
 
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from featdenoise.commands.common import int_list
+from featdenoise.commands.common import int_list, output_folder
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -19,6 +19,7 @@ def _run(args: argparse.Namespace) -> int:
         raise ValueError(f"--eps {args.eps:g} is outside (0, 255]; eps is on the 0..255 scale")
     if args.steps < 1:
         raise ValueError(f"--steps {args.steps} must be >= 1")
+    output_folder(args.out, "--out")
     (name, model, _), *rest = models_from_args(args)
     dataset = dataset_from_args(args, channels=model_in_channels(model))
     check_compatible(model, dataset, f"--data {args.data}")

@@ -96,12 +96,20 @@ def read_labels_csv(path: str) -> dict[str, int]:
     """Read ``filename,label`` lines (a header line is allowed) into ``{stem: label}``.
 
     Extra columns are ignored; file names may carry folders (the official predictions file writes
-    full paths), only the stem is kept.
+    full paths), only the stem is kept. A label must be a class index (an integer >= 0). The same
+    image listed twice with the same label is accepted; with two different labels it is refused,
+    naming both lines.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: one line ``path:line: ...`` for a short row, a label that is not an integer
+            >= 0, or conflicting rows for one image.
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(
             f"labels file {path!r} does not exist; expected 'filename,label' lines")
     labels: dict[str, int] = {}
+    first_line: dict[str, int] = {}
     with open(path, newline="") as f:
         for lineno, row in enumerate(csv.reader(f), 1):
             if not row or not row[0].strip():
@@ -115,8 +123,32 @@ def read_labels_csv(path: str) -> dict[str, int]:
                     continue  # header
                 raise ValueError(
                     f"{path}:{lineno}: label {row[1]!r} is not an integer class index") from None
-            labels[stem(row[0].strip())] = label
+            if label < 0:
+                raise ValueError(f"{path}:{lineno}: label {label} is not a class index (class "
+                                 "indices start at 0); fix the row")
+            key = stem(row[0].strip())
+            if key in labels and labels[key] != label:
+                raise ValueError(f"{path}: image {key!r} has label {labels[key]} on line "
+                                 f"{first_line[key]} and label {label} on line {lineno}; keep "
+                                 "one of them")
+            labels[key] = label
+            first_line.setdefault(key, lineno)
     return labels
+
+
+def is_predictions_csv(path: str) -> bool:
+    """True if ``path`` has the form :func:`write_labels_csv` writes (``name,integer`` lines, no
+    header), so a new predictions file may replace it. A labels file in exactly that form cannot
+    be told apart from an earlier predictions file."""
+    try:
+        with open(path, newline="") as f:
+            for row in csv.reader(f):
+                if len(row) != 2:
+                    return False
+                int(row[1])
+    except (OSError, ValueError, UnicodeDecodeError, csv.Error):
+        return False
+    return True
 
 
 def write_labels_csv(path: str, names: Sequence[str], labels: Sequence[int]) -> None:

@@ -20,13 +20,19 @@ is wrong, what to do) for anything refused or unreadable.
 from __future__ import annotations
 
 import io
+import json
 import os
 import pickle
+import struct
 import zipfile
+import zlib
 from typing import Any
 
 import numpy as np
 import torch
+
+# What a truncated or foreign archive raises from inside numpy / zipfile.
+_BROKEN = (OSError, EOFError, zipfile.BadZipFile, zlib.error, KeyError, struct.error)
 
 
 def _first_line(err: BaseException, limit: int = 160) -> str:
@@ -73,38 +79,46 @@ def read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
     Raises:
         FileNotFoundError: the file does not exist.
-        ValueError: one line naming the file and the array, for an object (pickled) array, or
-            for a file that is not a valid npz.
+        ValueError: one line naming the file (and the array), for an object (pickled) array, or
+            for a file that is empty, truncated or not an npz at all.
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} not found; check the path")
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"{path}: empty file (0 bytes), not an npz; re-create or re-download it")
     try:
         data = np.load(path, allow_pickle=False)
-        if isinstance(data, np.ndarray):
-            return {"arr_0": data}
-        with data:
-            out = {}
-            for name in data.files:
-                try:
-                    out[name] = data[name]
-                except ValueError as err:
-                    raise ValueError(
-                        f"{path}: array {name!r} holds Python objects (pickled), which could run "
-                        f"code; refused ({_first_line(err)}). Store plain numeric arrays only"
-                    ) from None
-            return out
-    except ValueError as err:
-        if str(err).startswith(f"{path}:"):
-            raise
+    except ValueError as err:  # numpy's "pickled data" refusal of a .npy, or an unknown format
         raise ValueError(
             f"{path}: not a readable npz file ({_first_line(err)}); it may hold pickled "
             "objects (refused) or be corrupt"
         ) from None
-    except (OSError, EOFError, zipfile.BadZipFile) as err:
+    except _BROKEN as err:
         raise ValueError(
-            f"{path}: not a readable npz file (truncated or another format: {_first_line(err)})"
+            f"{path}: not a readable npz file (truncated or another format: {_first_line(err)}); "
+            "re-create or re-download it"
         ) from None
+    if isinstance(data, np.ndarray):
+        return {"arr_0": data}
+    with data:
+        out = {}
+        for name in data.files:
+            try:
+                out[name] = data[name]
+            except ValueError as err:
+                if "allow_pickle" not in str(err) and "Object arrays" not in str(err):
+                    raise ValueError(f"{path}: array {name!r} is unreadable (truncated or "
+                                     f"corrupt: {_first_line(err)}); re-create or re-download "
+                                     "it") from None
+                raise ValueError(
+                    f"{path}: array {name!r} holds Python objects (pickled), which could run "
+                    f"code; refused ({_first_line(err)}). Store plain numeric arrays only"
+                ) from None
+            except _BROKEN as err:
+                raise ValueError(f"{path}: array {name!r} is unreadable (truncated or corrupt: "
+                                 f"{_first_line(err)}); re-create or re-download it") from None
+        return out
 
 
 # The only globals a pickle of plain data and numpy arrays needs. Each only builds an array
@@ -192,3 +206,54 @@ def read_safetensors(
             f"{_first_line(err)}); re-create or re-download it"
         ) from None
     return tensors, meta
+
+
+def read_safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The ``__metadata__`` of a ``.safetensors`` file, read from its header only (no tensors).
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ValueError: one line naming the file when its header is not a safetensors header.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} not found; check the path")
+    with open(path, "rb") as f:
+        head = f.read(8)
+        size = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+        if not 0 < size <= 100_000_000:
+            raise ValueError(f"{path}: not a safetensors file (no valid header); re-create or "
+                             "re-download it")
+        raw = f.read(size)
+    try:
+        header = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise ValueError(f"{path}: not a safetensors file (its header is not JSON); re-create "
+                         "or re-download it") from None
+    meta = header.get("__metadata__") if isinstance(header, dict) else None
+    return {str(k): str(v) for k, v in meta.items()} if isinstance(meta, dict) else {}
+
+
+def metadata_json(path: str | os.PathLike, meta: dict[str, str], key: str, default: Any,
+                  kind: type = dict) -> Any:
+    """``json.loads(meta[key])`` (``default`` when absent), checked to be a ``kind``.
+
+    For the JSON entries of safetensors metadata (``model_kwargs``): a file whose entry is not
+    valid JSON, or JSON of another type (a list where an object belongs), is refused with one line
+    naming the file and the key instead of failing later inside the model builder.
+    """
+    if key not in meta:
+        return default
+    text = meta[key]
+    try:
+        value = json.loads(text)
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"{os.fspath(path)}: metadata {key!r} is not valid JSON "
+                         f"({_first_line(err)}); the file is damaged or was not written by "
+                         "featdenoise") from None
+    if not isinstance(value, kind):
+        raise ValueError(f"{os.fspath(path)}: metadata {key!r} must be a JSON "
+                         f"{'object' if kind is dict else kind.__name__}, got "
+                         f"{type(value).__name__} {_first_line(ValueError(text), 60)}; the file "
+                         "is damaged or was not written by featdenoise")
+    return value

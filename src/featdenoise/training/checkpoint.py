@@ -105,15 +105,58 @@ def save_weights(path: str, model: nn.Module, model_name: str, model_kwargs: dic
         f.write(save(tensors, metadata=meta))
 
 
-def _build(name: str, kwargs: dict) -> nn.Module:
+def _build(path: str, name, kwargs) -> nn.Module:
+    """``create_model(name, **kwargs)`` for the model a file names; one line naming the file when
+    the name or the kwargs cannot build a model."""
     from featdenoise.models import create_model
 
-    return create_model(name, **kwargs)
+    if not isinstance(name, str) or not isinstance(kwargs, dict):
+        raise ValueError(f"{path}: its model name {name!r} / kwargs {kwargs!r} are not a name "
+                         "and a mapping; the file is damaged or was not written by featdenoise")
+    try:
+        return create_model(name, **kwargs)
+    except (ValueError, TypeError, KeyError) as err:
+        text = str(err).strip().splitlines()
+        raise ValueError(f"{path}: the model it names cannot be built "
+                         f"({text[0] if text else type(err).__name__})") from None
+
+
+def is_own_weights(path: str) -> bool:
+    """True if ``path`` is a safetensors file featdenoise wrote (it has ``model`` metadata)."""
+    from featdenoise.runtime.safeio import read_safetensors_metadata
+
+    try:
+        return "model" in read_safetensors_metadata(path)
+    except (OSError, ValueError):
+        return False
+
+
+def is_own_checkpoint(path: str) -> bool:
+    """True if ``path`` looks like a featdenoise training checkpoint (a ``torch.save`` zip whose
+    pickle names ``model_name`` and ``step_in_epoch``), judged without unpickling it."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            pickles = [n for n in z.namelist() if n.endswith("/data.pkl") or n == "data.pkl"]
+            if len(pickles) != 1 or z.getinfo(pickles[0]).file_size > 50_000_000:
+                return False
+            raw = z.read(pickles[0])
+    except (OSError, zipfile.BadZipFile, KeyError, EOFError):
+        return False
+    return b"model_name" in raw and b"step_in_epoch" in raw
 
 
 def load_model(path: str | os.PathLike, map_location="cpu") -> nn.Module:
     """Rebuild a trained network (eval mode) from ``model.safetensors``, ``checkpoint.pt`` or a run
-    directory holding either (the safetensors file is preferred)."""
+    directory holding either (the safetensors file is preferred).
+
+    Raises:
+        FileNotFoundError: no such file, or a run directory holding neither file.
+        ValueError: one line naming the file when it is truncated, refused (a code pickle), lacks
+            featdenoise metadata, its ``model_kwargs`` is not a JSON object (invalid JSON, a
+            list), it names a model that cannot be built, or its weights do not fit that model.
+    """
     path = os.fspath(path)
     if os.path.isdir(path):
         for name in (WEIGHTS, CHECKPOINT):
@@ -126,20 +169,23 @@ def load_model(path: str | os.PathLike, map_location="cpu") -> nn.Module:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"model file {path} not found")
     if path.endswith(".safetensors"):
-        from featdenoise.runtime.safeio import read_safetensors
+        from featdenoise.runtime.safeio import metadata_json, read_safetensors
 
         state, meta = read_safetensors(path, device=str(map_location))
         if "model" not in meta:
             raise ValueError(f"{path} has no 'model' metadata; it was not written by featdenoise")
         name = meta["model"]
-        model = _build(name, json.loads(meta.get("model_kwargs", "{}")))
+        model = _build(path, name, metadata_json(path, meta, "model_kwargs", {}, dict))
     else:
         ckpt = load_checkpoint(path, map_location)
         if "model_name" not in ckpt:
             raise ValueError(f"{path} is not a featdenoise training checkpoint (no model_name)")
         name = ckpt["model_name"]
-        model = _build(name, ckpt.get("model_kwargs", {}))
-        state = ckpt["model"]
+        model = _build(path, name, ckpt.get("model_kwargs", {}))
+        state = ckpt.get("model")
+        if not isinstance(state, dict):
+            raise ValueError(f"{path}: its 'model' entry is not a state dict; the file is "
+                             "damaged or was not written by featdenoise")
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]

@@ -20,12 +20,12 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from featdenoise.config import Config, load_config, save_config
+from featdenoise.config import Config, check_model, load_config
 from featdenoise.data.datasets import SeededDataset, build_dataset, drop_skipped
 from featdenoise.runtime import distributed as dist
 from featdenoise.runtime.seeds import derive_seed
 from featdenoise.training import checkpoint as ckpt
-from featdenoise.training import recipe
+from featdenoise.training import recipe, rundir
 from featdenoise.training.logging import MetricsLogger
 
 
@@ -277,6 +277,7 @@ class Job:
     state: State
     steps_per_epoch: int
     total_steps: int
+    saved_step: int | None = None  # global step of the newest checkpoint (None: none exists)
 
     @property
     def checkpoint_path(self) -> str:
@@ -285,32 +286,62 @@ class Job:
     def save(self) -> None:
         _save(self.checkpoint_path, self.model, self.cfg, self.optimizer, self.schedule,
               self.state)
+        self.saved_step = self.state.step
 
     def evaluate(self, steps: list[int], desc: str) -> dict:
         return evaluate(self.net, self.val_set, steps=[k for k in steps if k > 0],
                         cfg=self.cfg, device=self.device, desc=desc)
 
 
+def _model_in_channels(model: torch.nn.Module) -> int | None:
+    c = getattr(model, "in_channels", None)
+    if c is not None:
+        return int(c)
+    conv = next((m for m in model.modules() if isinstance(m, torch.nn.Conv2d)), None)
+    return None if conv is None else int(conv.in_channels)
+
+
+def _check_model_fits_data(cfg: Config, model: torch.nn.Module, dataset) -> None:
+    """One line naming the config key when the data's channels or classes cannot fit the model
+    (checked once the data set is built, before anything is written or trained)."""
+    x, _ = dataset[0]  # [C, H, W]
+    channels = int(x.shape[0])
+    want = _model_in_channels(model)
+    if want is not None and want != channels:
+        raise ValueError(f"model.kwargs.in_channels={want} does not fit data.name="
+                         f"{cfg.data.name}: its images have {channels} channel(s); set "
+                         f"model.kwargs.in_channels={channels}")
+    classes = list(getattr(dataset, "classes", []) or [])
+    if classes and all(isinstance(c, int) for c in classes):
+        needed = max(classes) + 1  # labels are the class indices themselves
+    else:
+        needed = len(classes)
+    k = getattr(model, "num_classes", None)
+    if k is not None and needed > int(k):
+        raise ValueError(f"model.kwargs.num_classes={int(k)} does not fit data.name="
+                         f"{cfg.data.name}: it has {needed} classes; set "
+                         f"model.kwargs.num_classes={needed}")
+
+
 def _setup(cfg: Config, device) -> Job:
-    """Build run directory, data, model, optimizer, schedule, attack; resume if asked."""
+    """Check everything, then build run directory, data, model, optimizer, schedule, attack and
+    resume if asked. Nothing is written into the run directory until the run is accepted: a
+    refused or failed set-up leaves the folder (and a finished run in it) exactly as it was."""
     run_dir = cfg.run.out_dir
-    # Run directory: resolved config, metrics and TensorBoard logs (main process only); a run
-    # that starts from scratch starts a fresh metrics file.
+    # Checks that read only: the checkpoint to resume from, the model name and kwargs, and what
+    # the run folder already holds (files of another program or stale exports: refused).
     resume = _resume_path(cfg)
-    if dist.is_main():
-        save_config(cfg, run_dir)
-        metrics_path = os.path.join(run_dir, "metrics.jsonl")
-        if resume is None and os.path.exists(metrics_path):
-            os.remove(metrics_path)
-    dist.barrier()
-    logger = MetricsLogger(run_dir, enabled=dist.is_main(), tensorboard=cfg.run.tensorboard)
+    check_model(cfg)
+    stale = rundir.check_run_dir(cfg, resume)
     # Data: seeded augmentation, sharded samplers.
     train_set, val_set = _build_data(cfg)
     train_loader, sampler = _loaders(cfg, train_set, device)
     steps_per_epoch = recipe.steps_per_epoch_for(sampler.num_samples, cfg.data.batch_size)
     global_batch = cfg.data.batch_size * dist.world_size()
-    # Model, optimizer (decay on conv/fc weights only), per-step schedule, loss.
+    # Model (checked against the data), optimizer (decay on conv/fc weights only), per-step
+    # schedule, loss.
     model = _build_model(cfg, device)
+    _check_model_fits_data(cfg, model, val_set)
     optimizer = recipe.build_optimizer(model, cfg.optim)
     schedule = recipe.LRSchedule(optimizer, steps_per_epoch, cfg.optim, global_batch)
     criterion = recipe.loss_fn(cfg.optim.label_smoothing)
@@ -326,6 +357,17 @@ def _setup(cfg: Config, device) -> Job:
                                                         saved["step"])
         if dist.world_size() == 1:
             ckpt.set_rng_state(saved["rng"])
+    # Accepted: now the run directory is written (main process only): stale files of an earlier
+    # run deleted (run.resume=never), the resolved config, a fresh metrics file when starting
+    # from scratch, TensorBoard logs.
+    if dist.is_main():
+        removed = rundir.prepare_run_dir(cfg, stale)
+        if removed:
+            tqdm.write(f"run.resume=never: deleted the earlier run's "
+                       f"{', '.join(os.path.relpath(p, run_dir) for p in removed)} in {run_dir}")
+    dist.barrier()
+    logger = MetricsLogger(run_dir, enabled=dist.is_main(), tensorboard=cfg.run.tensorboard)
+    if resume is not None:
         logger.log("resume", state.step, state.epoch, {"from": resume})
     # Wrappers: DDP for the update, torch.compile if asked; the attack sees the plain module.
     net = dist.wrap_model(model, device)
@@ -341,7 +383,7 @@ def _setup(cfg: Config, device) -> Job:
                disable=not (dist.is_main() and cfg.run.progress))
     return Job(cfg, device, model, net, attack, criterion, optimizer, schedule, train_set,
                train_loader, val_set, sampler, logger, bar, state, steps_per_epoch,
-               total_steps)
+               total_steps, saved_step=state.step if resume is not None else None)
 
 
 def _run_epoch(job: Job) -> bool:
@@ -409,24 +451,75 @@ def _finish(job: Job) -> None:
         tqdm.write("final: " + _fmt(metrics))
 
 
+def _track_updates(job: Job) -> dict:
+    """``{"step": s}``: the global step whose SGD update was applied last (an optimizer hook), so
+    an interrupt that lands between the update and the step counter is placed correctly."""
+    mark: dict = {"step": None}
+
+    def hook(optimizer, args, kwargs) -> None:
+        mark["step"] = job.schedule.step
+
+    job.optimizer.register_step_post_hook(hook)
+    return mark
+
+
+def _save_on_interrupt(job: Job, updated: dict) -> str:
+    """After Ctrl-C: checkpoint the current position if possible; say exactly what is kept."""
+    state = job.state
+    if updated["step"] is not None and updated["step"] == state.step:
+        # The update of this step was applied but not yet counted: the weights are one step on.
+        state.step += 1
+        state.step_in_epoch += 1
+    where = (f"step {state.step} of {job.total_steps} (epoch {state.epoch + 1}, batch "
+             f"{state.step_in_epoch})")
+    if job.saved_step == state.step:
+        return f"interrupted at {where}; the checkpoint {job.checkpoint_path} is up to date: " \
+               "continue with --resume"
+    if job.saved_step is None:
+        kept = f"no checkpoint exists, so the {state.step} step(s) trained are lost"
+    else:
+        kept = (f"the checkpoint of step {job.saved_step} in {job.checkpoint_path} is kept; "
+                f"steps {job.saved_step + 1} to {state.step} are lost")
+    if dist.world_size() > 1:  # saving needs every process, and each is being stopped
+        return f"interrupted at {where}; not saved (several processes): {kept}"
+    try:
+        job.save()
+    except (Exception, KeyboardInterrupt) as err:
+        text = str(err).strip().splitlines()
+        return (f"interrupted at {where}; could not save a checkpoint "
+                f"({text[0] if text else type(err).__name__}): {kept}")
+    return f"interrupted at {where}; checkpoint saved to {job.checkpoint_path}: continue with " \
+           "--resume"
+
+
 def fit(cfg: Config, device) -> str:
-    """Train by ``cfg`` on ``device`` (process group already joined); see :func:`train`."""
+    """Train by ``cfg`` on ``device`` (process group already joined); see :func:`train`.
+
+    Ctrl-C (``KeyboardInterrupt``) saves a checkpoint at the current step when it can (one
+    process) and is raised again with one line saying where training stopped and what was kept.
+    """
     job = _setup(cfg, device)
+    updated = _track_updates(job)
     stopped = False
-    while job.state.epoch < cfg.optim.epochs and not stopped:
-        # One epoch (or its remainder after a resume), then its bookkeeping unless stopped
-        # mid-epoch, in which case the position is checkpointed for the next run.
-        stopped = _run_epoch(job)
-        if stopped and job.state.step_in_epoch < job.steps_per_epoch:
-            job.save()
-        else:
-            _end_epoch(job)
-    job.bar.close()
-    # Every process holds rank 0's BN statistics from here on; finish unless stopped early.
-    dist.sync_buffers(job.model)
-    if not stopped:
-        _finish(job)
-    job.logger.close()
+    try:
+        while job.state.epoch < cfg.optim.epochs and not stopped:
+            # One epoch (or its remainder after a resume), then its bookkeeping unless stopped
+            # mid-epoch, in which case the position is checkpointed for the next run.
+            stopped = _run_epoch(job)
+            if stopped and job.state.step_in_epoch < job.steps_per_epoch:
+                job.save()
+            else:
+                _end_epoch(job)
+        job.bar.close()
+        # Every process holds rank 0's BN statistics from here on; finish unless stopped early.
+        dist.sync_buffers(job.model)
+        if not stopped:
+            _finish(job)
+    except KeyboardInterrupt:
+        job.bar.close()
+        raise KeyboardInterrupt(_save_on_interrupt(job, updated)) from None
+    finally:
+        job.logger.close()
     return cfg.run.out_dir
 
 
