@@ -198,6 +198,15 @@ def test_report_merges_models_into_one_table_and_plot(tmp_path):
     assert row_a.endswith("| 30.0 / 10.0 | - |")  # no 1000-step result for the baseline
     assert os.path.getsize(paths["plot"]) > 1000
     assert len(json.load(open(paths["summaries"]))) == 2
+    # runs at another eps are not silently merged into the same table
+    c = summ("other-eps", [10], [0.2])
+    c["eps_255"] = 8
+    os.makedirs(tmp_path / "c")
+    with open(tmp_path / "c" / "summary.json", "w") as f:
+        json.dump(c, f)
+    with pytest.raises(ValueError, match="differ in eps"):
+        report.merge_runs([str(tmp_path / "a"), str(tmp_path / "c")], str(tmp_path / "m2"))
+    assert not os.path.exists(tmp_path / "m2")
 
 
 # ------------------------------------------------------------------------------------- CLI

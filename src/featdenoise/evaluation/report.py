@@ -166,9 +166,15 @@ def merge_runs(runs: Sequence[str], out_dir: str, title: str | None = None) -> d
     if not runs:
         raise ValueError("give at least one evaluation folder to merge")
     summaries = [load_summary(r) for r in runs]
+    for key, what in (("eps_255", "eps"), ("step_rule", "step rule")):
+        values = {str(s.get(key)) for s in summaries}
+        if len(values) > 1:
+            shown = ", ".join(f"{r}: {s.get(key)}" for r, s in zip(runs, summaries, strict=True))
+            raise ValueError(f"the runs differ in {what} ({shown}); one table and plot compare "
+                             "one threat model, so merge runs of the same settings")
     paths = write_report(summaries, out_dir, title)
     merged = os.path.join(out_dir, "summaries.json")
-    with open(merged, "w") as f:
+    with atomic_write(merged) as f:
         json.dump(summaries, f, indent=2, sort_keys=True)
     return {**paths, "summaries": merged}
 
