@@ -15,7 +15,7 @@ import sys
 import torch
 from torch import nn
 
-from featdenoise.commands.common import int_list
+from featdenoise.commands.common import int_list, str_list
 
 
 # --------------------------------------------------------------------------- shared helpers
@@ -97,6 +97,30 @@ def resolve_device(name: str) -> torch.device:
     return distributed.init(name)
 
 
+SWEEPS = ("pgd", "fgsm", "ifgsm", "mifgsm")
+AUTOATTACK = ("apgd-ce", "apgd-dlr", "apgd-t", "fab-t", "square")
+
+
+def split_attacks(args: argparse.Namespace) -> tuple[str | None, dict | None]:
+    """``--attack pgd,autoattack`` -> ``("pgd", {AutoAttack settings})``; one sweep at most."""
+    names = [a.lower() for a in args.attack]
+    unknown = [a for a in names if a not in (*SWEEPS, "autoattack", *AUTOATTACK)]
+    if unknown or not names:
+        raise ValueError(f"--attack {unknown[0] if unknown else ''!r} is unknown; use "
+                         f"{', '.join(SWEEPS)}, autoattack, or AutoAttack parts "
+                         f"({', '.join(AUTOATTACK)}), comma-separated")
+    sweeps = [a for a in names if a in SWEEPS]
+    if len(sweeps) > 1:
+        raise ValueError(f"--attack {','.join(names)}: one iteration sweep at a time "
+                         f"({' or '.join(sweeps)})")
+    parts = [a for a in names if a in AUTOATTACK]
+    aa = None
+    if "autoattack" in names or parts:
+        aa = {"version": args.version, "attacks": parts or None, "steps": args.aa_steps,
+              "n_target_classes": args.aa_targets, "n_queries": args.aa_queries}
+    return (sweeps[0] if sweeps else None), aa
+
+
 def add_exact_arg(g) -> None:
     """``--exact``: attacks without the speed layer (bit for bit as written); ``--fast`` is kept
     as an accepted no-op (the speed layer is on by default)."""
@@ -152,7 +176,8 @@ def check_run_args(args: argparse.Namespace) -> None:
         if bad:
             raise ValueError(f"--steps {','.join(map(str, values))}: iteration counts must be "
                              f">= 1 (got {bad[0]})")
-    for opt in ("restarts", "batch_size", "limit", "sanity_images", "source_steps"):
+    for opt in ("restarts", "batch_size", "limit", "sanity_images", "source_steps", "aa_steps",
+                "aa_targets", "aa_queries"):
         v = getattr(args, opt, None)
         if v is not None and v < 1:
             raise ValueError(f"--{opt.replace('_', '-')} {v} must be >= 1")
@@ -165,6 +190,7 @@ def _evaluate(args: argparse.Namespace, device: torch.device) -> int:
     from featdenoise.loading import check_compatible
     from featdenoise.runtime import distributed
 
+    sweep, aa = split_attacks(args)
     models = models_from_args(args)
     several = len(models) > 1
     summaries = []
@@ -181,7 +207,7 @@ def _evaluate(args: argparse.Namespace, device: torch.device) -> int:
                 continue
         out = os.path.join(args.out, name) if several else args.out
         summary = evaluate_whitebox(
-            model, dataset, out, steps=args.steps, attack=args.attack, eps=args.eps / 255,
+            model, dataset, out, steps=args.steps, attack=sweep, autoattack=aa, eps=args.eps / 255,
             step_size=args.step_size / 255, restarts=args.restarts, targeted=not args.untargeted,
             step_rule=args.step_rule, seed=args.seed, batch_size=args.batch_size,
             limit=args.limit, name=args.name if (args.name and not several) else name,
@@ -236,7 +262,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_model_args(p, multiple=True)
     add_data_args(p, required=False)
     g = p.add_argument_group("attack (eps and step on the 0..255 scale)")
-    g.add_argument("--attack", default="pgd", choices=["pgd", "fgsm", "ifgsm", "mifgsm"])
+    g.add_argument("--attack", type=str_list, default=["pgd"], metavar="A[,A...]",
+                   help="pgd (default, the paper's), fgsm, ifgsm or mifgsm (an iteration "
+                        "sweep over --steps), and/or autoattack (or some of apgd-ce, apgd-dlr, "
+                        "apgd-t, fab-t, square), all on the same images, e.g. pgd,autoattack")
+    g.add_argument("--version", default="standard", choices=["standard", "rand"],
+                   help="AutoAttack version (rand: APGD-CE + APGD-DLR with EOT 20)")
+    g.add_argument("--aa-steps", type=int, default=None, metavar="N",
+                   help="APGD/FAB iterations (default 100; fewer is weaker than AutoAttack)")
+    g.add_argument("--aa-targets", type=int, default=None, metavar="N",
+                   help="APGD-T/FAB-T target classes (default 9, at most classes - 1)")
+    g.add_argument("--aa-queries", type=int, default=None, metavar="N",
+                   help="Square queries (default 5000; fewer is weaker than AutoAttack)")
     g.add_argument("--steps", type=int_list, default=[10, 100, 1000], metavar="N,N,...",
                    help="attack iterations (default 10,100,1000)")
     g.add_argument("--restarts", type=int, default=1, help="random restarts per attack (PGD)")

@@ -64,8 +64,10 @@ def markdown_table(summaries: Sequence[dict]) -> str:
         for a in s.get("attacks", []):
             cols.setdefault(a["name"], {**a, "attack": s.get("attack", a.get("attack"))})
     order = sorted(cols, key=lambda k: (cols[k].get("steps") or 0, k))
+    with_aa = any(s.get("autoattack") for s in summaries)
     head = ["model", "images", "clean top-1", "clean top-5"]
     head += [f"{_attack_title(cols[k])} acc / succ" for k in order]
+    head += ["AutoAttack acc"] if with_aa else []
     rule = "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"
     lines = ["| " + " | ".join(head) + " |", rule]
     for s in summaries:
@@ -75,13 +77,30 @@ def markdown_table(summaries: Sequence[dict]) -> str:
         for k in order:
             a = by.get(k)
             row.append("-" if a is None else f"{_pct(a['accuracy'])} / {_pct(a['success_rate'])}")
+        if with_aa:
+            row.append(_pct(s["autoattack"]["final"]) if s.get("autoattack") else "-")
         lines.append("| " + " | ".join(row) + " |")
     eps = {s.get("eps_255") for s in summaries}
     note = ""
     if len(eps) == 1 and None not in eps:
         (e,) = eps
         note = f"\n\nL-inf eps = {e:g} (0..255 scale); numbers in %.\n"
+    for s in summaries:
+        if s.get("autoattack"):
+            note += "\n" + autoattack_line(s) + "\n"
     return "\n".join(lines) + (note or "\n")
+
+
+def autoattack_line(summary: dict) -> str:
+    """``name: AutoAttack (standard): robust accuracy after apgd-ce 45.0, apgd-t 43.0, ...``."""
+    aa = summary["autoattack"]
+    after = ", ".join(f"{n} {_pct(a)}" for n, a in zip(aa["names"], aa["robust_accuracy"],
+                                                        strict=True))
+    budget = ", ".join(f"{k} {aa[k]}" for k in ("steps", "n_target_classes", "n_queries")
+                       if k in aa)
+    return (f"{label(summary)}: AutoAttack ({aa.get('version', 'standard')}"
+            f"{'; ' + budget if budget else ''}) robust accuracy after {after} (% of "
+            f"{aa['n']} images)")
 
 
 def pyplot():

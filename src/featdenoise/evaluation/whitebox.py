@@ -101,6 +101,7 @@ def evaluate_whitebox(
     progress: bool = True,
     exact: bool = False,
     restart: bool = False,
+    autoattack: dict | None = None,
     extra: dict | None = None,
 ) -> dict | None:
     """Evaluate ``model`` on ``dataset`` clean and under an attack at several iteration counts.
@@ -117,7 +118,8 @@ def evaluate_whitebox(
         out_dir: output folder (created; reused to resume).
         steps: attack iteration counts, e.g. ``(10, 100, 1000)``; one record column each
             (sorted, duplicates dropped; ``fgsm`` has exactly one step).
-        attack: ``pgd`` (the paper's), ``fgsm``, ``ifgsm`` or ``mifgsm``.
+        attack: ``pgd`` (the paper's), ``fgsm``, ``ifgsm`` or ``mifgsm``; None: no sweep (only
+            ``autoattack``).
         eps, step_size: L-inf radius and step on the [0, 1] scale (paper: 16/255 and 1/255).
         restarts: random restarts per attack (PGD).
         targeted: paper's targeted attacks with a random wrong target per image (default) or
@@ -134,26 +136,39 @@ def evaluate_whitebox(
         exact: turn the speed layer off (:mod:`featdenoise.accel`): bit-level agreement with
             the attack as written, at ~1.3-1.6x the time on a CPU. Not part of the identity.
         restart: discard an evaluation of other settings found in ``out_dir`` and start over.
+        autoattack: also run AutoAttack on the same images after the sweep (or alone when
+            ``attack`` is None): ``{"version": "standard"|"rand", "attacks": [...] or None,
+            "steps", "n_target_classes", "n_queries"}`` (any subset; see
+            :mod:`featdenoise.evaluation.autoattack`). L-inf at the same ``eps``; untargeted
+            and targeted stages as in the original, whatever ``targeted`` says.
         extra: more JSON-able facts stored in settings and summary (model source, dataset name).
 
     Returns:
         The summary dict (also written to ``summary.json``) when every image is done and this
         process merged the results; None otherwise (other ranks, or stopped by ``max_batches``).
     """
-    if attack not in ATTACKS:
+    if attack is None and not autoattack:
+        raise ValueError("give an attack to run (a PGD-style sweep, AutoAttack, or both)")
+    if attack is not None and attack not in ATTACKS:
         raise ValueError(f"unknown attack {attack!r}; choose one of {', '.join(ATTACKS)}")
-    steps = [1] if attack == "fgsm" else sorted({int(s) for s in steps})
-    if not steps or any(s < 1 for s in steps):
+    steps = [] if attack is None else [1] if attack == "fgsm" else sorted({int(s) for s in steps})
+    if attack is not None and (not steps or any(s < 1 for s in steps)):
         raise ValueError(f"--steps must be positive iteration counts, got {steps}")
     if not 0 < eps <= 1:
         raise ValueError(f"eps={eps:g} is outside (0, 1] (the [0, 1] pixel scale; 16/255 is the "
                          "paper's 16)")
     if int(restarts) != restarts or restarts < 1:
         raise ValueError(f"--restarts must be an integer >= 1, got {restarts}")
-    names = attack_names(attack, steps)
+    names = attack_names(attack, steps) if attack else []
     kw = dict(attack=attack, eps=eps, step_size=step_size, restarts=restarts,
               targeted=targeted, step_rule=step_rule, exact=exact)
     columns = [attack_column(n, steps=k, **kw) for n, k in zip(names, steps, strict=True)]
+    if autoattack:
+        from featdenoise.evaluation.autoattack import autoattack_columns
+
+        aa = {k: v for k, v in autoattack.items() if v is not None}
+        columns += autoattack_columns(model, eps=eps, exact=exact, **aa)
+        autoattack = {**aa, "attacks": [c.name for c in columns[len(names):]]}
     p = engine.plan(model, dataset, columns, batch_size=batch_size, limit=limit, seed=seed,
                     targeted=targeted, ids=ids)
     settings = {
@@ -166,6 +181,8 @@ def evaluate_whitebox(
         "num_classes": p.num_classes, "ids_digest": p.ids_digest, "exact": bool(exact),
         "model": engine.model_identity(model), **(extra or {}),
     }
+    if autoattack:
+        settings["autoattack"] = autoattack
     engine.prepare(out_dir, settings, restart=restart, rank=rank, world_size=world_size)
     records = engine.run(model, p, out_dir, desc=settings["name"], device=device, rank=rank,
                          world_size=world_size, max_batches=max_batches,
@@ -177,10 +194,15 @@ def evaluate_whitebox(
 
 def summarize(records: Sequence[dict], settings: dict) -> dict:
     """The summary of a finished sweep: settings, :func:`metrics.summarize`, steps per attack."""
-    names = attack_names(settings["attack"], settings["steps"])
+    names = attack_names(settings["attack"], settings["steps"]) if settings["attack"] else []
     summary = {**settings, **metrics.summarize(records, names, settings["targeted"])}
     for entry, n in zip(summary["attacks"], settings["steps"], strict=True):
         entry["steps"] = n
+    if settings.get("autoattack"):
+        from featdenoise.evaluation.autoattack import summarize_autoattack
+
+        summary["autoattack"] = {**settings["autoattack"], **summarize_autoattack(
+            records, settings["autoattack"]["attacks"])}
     return summary
 
 
