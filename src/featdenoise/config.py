@@ -88,7 +88,10 @@ class RunConfig:
     """Where and how to run. ``out_dir`` is the run directory. ``checkpoint_every`` is in steps
     (0: only at epoch ends); ``eval_every`` in epochs (0: only the final evaluation).
     ``resume``: ``auto`` (continue if out_dir holds a checkpoint), ``never``, or a checkpoint path.
-    ``stop_after`` stops cleanly after that many global steps (0: off), for time-boxed jobs."""
+    ``stop_after`` stops cleanly after that many global steps (0: off), for time-boxed jobs.
+    ``tf32``: TF32 float32 matmuls/convolutions on CUDA (ignored on a CPU);
+    ``deterministic``: deterministic CUDA kernels, TF32 and cuDNN autotuning off (bit-exact
+    resume on a GPU; slower) - see :mod:`featdenoise.runtime.backends`."""
 
     out_dir: str = "runs/default"
     seed: int = 0
@@ -101,6 +104,8 @@ class RunConfig:
     channels_last: bool = False
     compile: bool = False
     device: str = "auto"
+    tf32: bool = True
+    deterministic: bool = False
     stop_after: int = 0
     log_every: int = 20
     tensorboard: bool = True
