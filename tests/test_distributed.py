@@ -244,3 +244,69 @@ def test_two_processes_train_on_from_rank0s_checkpoint_with_per_rank_folders(tmp
     assert saved == [9, 6]
     for k, v in runs[0]["weights"].items():
         assert torch.equal(v, runs[1]["weights"][k]), k
+
+
+# ---------------------------------------------------------------------------------------------
+# Ablation under torchrun: one process group, rank-aware evaluation, one writer
+
+
+def _ablate_worker(rank, world, port, config, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    import json
+
+    import featdenoise.evaluation.whitebox as wb
+    from featdenoise.experiments import ablate
+
+    real, ranks = wb.evaluate_whitebox, []
+
+    def spy(*args, **kw):  # who evaluates, as which rank, in which group
+        ranks.append((dist.rank(), dist.world_size()))
+        return real(*args, **kw)
+
+    wb.evaluate_whitebox = spy
+    out = ablate.run_ablation(config, out_dir, variants=["baseline"], steps=[1], limit=8,
+                              batch_size=2, progress=False)
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump({"ranks": ranks, "table": out["table"], "group_left": not dist.is_dist(),
+                   "n": out["results"][0]["num_images"]}, f)
+
+
+def test_ablate_under_two_processes_evaluates_by_rank_and_writes_once(tmp_path):
+    import json
+
+    import numpy as np
+    import torch.multiprocessing as mp
+    import yaml
+    from idx_files import write_idx
+
+    data = tmp_path / "fmnist"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", 32), ("t10k", 8)):
+        write_idx(data / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
+        write_idx(data / f"{prefix}-labels-idx1-ubyte.gz", rng.integers(0, 10, n))
+    cfg = _train_config(data, "optim.epochs=1", "attack.steps=0").to_dict()
+    cfg["model"]["kwargs"] = {"in_channels": 1, "width": 4, "blocks": [1, 1, 1]}
+    path = tmp_path / "abl.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "abl"
+    cwd = os.getcwd()
+    try:
+        os.chdir(tmp_path)  # the config's relative run.out_dir is replaced per variant anyway
+        mp.start_processes(_ablate_worker, args=(2, _free_port(), str(path), str(out)),
+                           nprocs=2, join=True, start_method="fork")
+    finally:
+        os.chdir(cwd)
+    seen = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    # Both processes evaluated as themselves in a world of 2 (the group outlived train()),
+    # both return rank 0's table, the group was left at the end.
+    assert [s["ranks"] for s in seen] == [[[0, 2]], [[1, 2]]]
+    assert seen[0]["table"] == seen[1]["table"] == str(out / "ablation.md")
+    assert all(s["group_left"] and s["n"] == 8 for s in seen)
+    parts = sorted(p.name for p in (out / "eval" / "baseline-seed0" / "parts").iterdir())
+    assert parts == ["outcomes-rank0.jsonl", "outcomes-rank1.jsonl"]
+    records = [json.loads(line) for p in (out / "eval" / "baseline-seed0" / "parts").iterdir()
+               for line in p.read_text().splitlines() if line.strip()]
+    assert len(records) == 8 and len({r["id"] for r in records}) == 8  # every image once
