@@ -178,22 +178,36 @@ def file_digest(path: str) -> str | None:
     return h.hexdigest()
 
 
+def _stat(path: str) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_size, st.st_mtime_ns
+
+
 def share_file(path: str) -> int:
     """Make rank 0's file ``path`` (the same string on every process) readable, byte for byte,
     at ``path`` on every process; returns the number of processes that received a copy.
 
-    Each process compares the SHA-256 of its own ``path`` with rank 0's; processes whose file is
-    missing (a per-node run folder on a local disk) or differs receive rank 0's bytes and write
-    them atomically. Every process must call it (a collective); a no-op on one process.
+    A process whose file has rank 0's size and modification time (a shared file system) keeps
+    it without reading it; the others compare SHA-256 digests with rank 0's, and those whose file
+    is missing (a per-node run folder on a local disk) or differs receive rank 0's bytes and
+    write them atomically. Every process must call it (a collective); a no-op on one process.
     """
     if not is_dist():
         return 0
-    mine = file_digest(path)
-    main_digest = broadcast_object(mine)
-    if main_digest is None:
+    main_stat = broadcast_object(_stat(path))
+    if main_stat is None:
         raise FileNotFoundError(f"{path}: rank 0 cannot read the file it chose")
+    same = [None] * world_size()
+    dist.all_gather_object(same, _stat(path) == main_stat)
+    if all(same):
+        return 0
+    mine = file_digest(path) if is_main() or not same[rank()] else None
+    main_digest = broadcast_object(mine)
     needs = [None] * world_size()
-    dist.all_gather_object(needs, mine != main_digest)
+    dist.all_gather_object(needs, not same[rank()] and mine != main_digest)
     if not any(needs):
         return 0
     data = None
@@ -201,7 +215,7 @@ def share_file(path: str) -> int:
         with open(path, "rb") as f:
             data = f.read()
     data = broadcast_object(data)
-    if mine != main_digest:
+    if needs[rank()]:
         with atomic_write(path, "wb") as f:
             f.write(data)
     barrier()
