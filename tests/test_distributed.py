@@ -177,6 +177,40 @@ def test_two_processes_resume_from_rank0s_checkpoint_with_per_rank_folders(tmp_p
     assert errors[0] == errors[1] and "absent.pt" in errors[0]
 
 
+def _share_worker(rank, world, port, folders, shared):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
+    dist.init("cpu")
+    try:
+        os.chdir(folders[rank])
+        local = dist.share_file("f.bin")  # a stale copy on rank 1's "disk"
+        os.chdir(shared)
+        common = dist.share_file("f.bin")  # one file seen by both: nothing to send
+        with open(os.path.join(folders[rank], "n.txt"), "w") as f:
+            f.write(f"{local} {common}")
+    finally:
+        dist.shutdown()
+
+
+def test_share_file_replaces_a_stale_copy_and_leaves_a_shared_one(tmp_path):
+    import torch.multiprocessing as mp
+
+    folders = [str(tmp_path / "a"), str(tmp_path / "b")]
+    for f, data in zip(folders, (b"new checkpoint", b"old checkpoint"), strict=True):
+        os.makedirs(f)
+        with open(os.path.join(f, "f.bin"), "wb") as out:
+            out.write(data)
+    (tmp_path / "f.bin").write_bytes(b"shared")
+    cwd = os.getcwd()
+    try:
+        mp.start_processes(_share_worker, args=(2, _free_port(), folders, str(tmp_path)),
+                           nprocs=2, join=True, start_method="fork")
+    finally:
+        os.chdir(cwd)
+    assert [open(os.path.join(f, "n.txt")).read() for f in folders] == ["1 0", "1 0"]
+    assert open(os.path.join(folders[1], "f.bin"), "rb").read() == b"new checkpoint"
+
+
 def _train_config(data, *extra):
     return loop.load_config(None, [
         "model.name=small_resnet", "model.kwargs={in_channels: 1, width: 4, blocks: [1, 1, 1]}",
