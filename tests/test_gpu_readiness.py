@@ -134,6 +134,19 @@ def _reference(q, k, v, scale):
     return torch.softmax(q.double() @ k.double().transpose(1, 2) * scale, -1) @ v.double()
 
 
+def test_cuda_policy_reraises_errors_other_than_a_refused_kernel(monkeypatch):
+    def broken(*args, **kw):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(dn.F, "scaled_dot_product_attention", broken)
+    monkeypatch.setattr(dn, "fused_kernels", contextlib.nullcontext)
+    monkeypatch.setattr(dn, "_CUDA_PLANS", {})
+    q = torch.randn(1, 4, 2)
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        dn._sdpa_cuda(q, q, torch.randn(1, 4, 4), 0.5, 1 << 20)
+    assert dn._CUDA_PLANS == {}
+
+
 @pytest.mark.parametrize("accepts, plan", [
     (lambda d, c: True, "as_is"),  # memory-efficient: q/k head dim != v head dim is fine
     (lambda d, c: d == c, "pad"),  # flash only: equal head dims

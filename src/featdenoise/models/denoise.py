@@ -204,8 +204,12 @@ def _sdpa_cuda(q, k, v, scale: float, budget: int) -> torch.Tensor:
         try:
             with fused_kernels():
                 out = _sdpa(q, k, v, scale, pad=choice == "pad")
+        except torch.OutOfMemoryError:
+            raise
         except RuntimeError as err:
-            if plan is not None:  # it worked before for this key: a real error
+            # Only "no fused kernel accepts these inputs" moves on; anything else is real.
+            refused = ("no available kernel", "no viable backend")
+            if plan is not None or not any(r in str(err).lower() for r in refused):
                 raise
             last = err
             continue
