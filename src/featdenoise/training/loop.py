@@ -194,7 +194,7 @@ def train_step(model, attack, criterion, optimizer, schedule, x, y, state: State
     if state.nonfinite is None:
         state.nonfinite = torch.full((), -1, dtype=torch.int64, device=device)
     if grads:
-        bad = ~torch.stack(torch._foreach_norm(grads)).sum().isfinite()
+        bad = ~torch.nn.utils.get_total_norm(grads).isfinite()  # one fused reduction
         for g in grads:
             g.masked_fill_(bad, 0.0)
         first = state.nonfinite < 0
