@@ -28,9 +28,11 @@ Decisions the paper leaves open, and how they follow the authors' code (``resnet
 Speed and memory: the Gaussian non-local never materialises an ``[N, HW, HW]`` score tensor
 bigger than 32 MiB: larger ones go through PyTorch's fused ``scaled_dot_product_attention`` (few
 channels) or a chunked, flash-attention-style softmax (:class:`_ChunkedSoftmaxAttention`) whose
-backward recomputes each chunk instead of storing it. The median is a sort-free selection network,
-the bilateral filter accumulates 9 shifted views in place. ``featdenoise bench ops`` compares
-every op with its straightforward version.
+backward recomputes each chunk instead of storing it. On CUDA every Gaussian non-local runs
+PyTorch's fused flash or memory-efficient kernel (never its math kernel;
+:func:`softmax_attention`). The median is a sort-free selection network, the bilateral filter
+accumulates 9 shifted views in place. ``featdenoise bench ops`` compares every op with its
+straightforward version.
 """
 
 from __future__ import annotations
