@@ -300,6 +300,43 @@ def test_non_finite_loss_stops_with_step_and_keeps_last_checkpoint(tmp_path, mon
     assert all(torch.isfinite(v).all() for v in saved["model"].values() if v.is_floating_point())
 
 
+def test_non_finite_step_between_checks_never_reaches_the_weights(tmp_path, monkeypatch):
+    """The guard reads the device flag only at check steps (no per-step host sync): a NaN at
+    step 5, the last of epoch 1, is followed by the end-of-epoch checkpoint before the next
+    check (step 7); that checkpoint holds finite weights and the error names both steps."""
+    import featdenoise.models as models
+
+    real = models.create_model
+
+    class Exploding(nn.Module):
+        def __init__(self, **kw):
+            super().__init__()
+            self.net = real("small_resnet", **kw)
+            self.num_classes = 10
+            self.calls = 0
+
+        def forward(self, x):
+            out = self.net(x)
+            if self.training:
+                self.calls += 1
+                if self.calls == 6:
+                    return out * float("nan")
+            return out
+
+    monkeypatch.setattr(models, "create_model", lambda name, **kw: Exploding(**kw))
+    cfg = tiny_config(tmp_path, "attack.steps=0", "run.log_every=4", "run.checkpoint_every=0",
+                      "run.eval_every=0")
+    with pytest.raises(loop.NonFiniteLossError) as err:
+        loop.train(cfg)
+    msg = str(err.value)
+    assert "at step 5" in msg and "stopped at step 7" in msg and "holds step 6" in msg
+    saved = ckpt.load_checkpoint(os.path.join(cfg.run.out_dir, ckpt.CHECKPOINT))
+    assert saved["step"] == 6
+    assert all(torch.isfinite(v).all() for v in saved["model"].values() if v.is_floating_point())
+    assert all(torch.isfinite(t).all() for s in saved["optimizer"]["state"].values()
+               for t in s.values() if torch.is_tensor(t))
+
+
 # ---------------------------------------------------------------------------------------------
 # Distributed
 

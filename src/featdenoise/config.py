@@ -126,7 +126,10 @@ class RunConfig:
     end. Every evaluation reports adversarial top-1 and top-5 (and targeted success when the
     attack is targeted) on the same images.
     ``resume``: ``auto`` (continue if out_dir holds a checkpoint), ``never``, or a checkpoint path.
-    ``stop_after`` stops cleanly after that many global steps (0: off), for time-boxed jobs."""
+    ``stop_after`` stops cleanly after that many global steps (0: off), for time-boxed jobs.
+    ``tf32``: TF32 float32 matmuls/convolutions on CUDA (ignored on a CPU);
+    ``deterministic``: deterministic CUDA kernels, TF32 and cuDNN autotuning off (bit-exact
+    resume on a GPU; slower) - see :mod:`featdenoise.runtime.backends`."""
 
     out_dir: str = "runs/default"
     seed: int = 0
@@ -140,6 +143,8 @@ class RunConfig:
     channels_last: bool = False
     compile: bool = False
     device: str = "auto"
+    tf32: bool = True
+    deterministic: bool = False
     stop_after: int = 0
     log_every: int = 20
     tensorboard: bool = True

@@ -266,8 +266,10 @@ def visualize(model: nn.Module, x: torch.Tensor, y: torch.Tensor, out_dir: str, 
     os.makedirs(out_dir, exist_ok=True)
     model.eval()
     x, y = x.float(), y.long()
+    # Targets drawn on the CPU (a CPU generator cannot draw on a GPU, and the CPU stream gives
+    # the same targets on every device), then moved to the labels' device.
     g = torch.Generator().manual_seed(seed)
-    target = draw_targets(y, model.num_classes, g) if targeted else None
+    target = draw_targets(y.cpu(), model.num_classes, g).to(y.device) if targeted else None
     attack = PGD(model, eps=eps, step_size=step_size, steps=steps, targeted=targeted,
                  random_start=True, seed=seed)
     x_adv = attack.attack(x, y, target=target).detach()

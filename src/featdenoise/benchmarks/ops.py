@@ -87,12 +87,12 @@ class _UnfoldMean(nn.Module):
         return F.unfold(x, 3, padding=1).view(n, c, 9, h, w).sum(2) / count
 
 
-def method(name: str, shape: tuple[int, int, int]) -> str:
-    """How our op computes at ``(N, C, px)``: the column "ours via" of the table."""
+def method(name: str, shape: tuple[int, int, int], device_type: str = "cpu") -> str:
+    """How our op computes at ``(N, C, px)`` on that device: the column "ours via"."""
     n, c, px = shape
     hw = px * px
     if name == "nonlocal_gaussian":
-        return resolve_backend("auto", n, hw, hw, c)
+        return resolve_backend("auto", n, hw, hw, c, device_type)
     if name == "nonlocal_dot":  # see NonLocal.forward (d = C without embedding)
         return "gram CxC" if c * c * 2 * hw <= hw * hw * 2 * c else "pairwise"
     return {"median": "min/max net", "mean": "avg_pool2d"}.get(name, "9 shifts")
@@ -185,7 +185,8 @@ def measure(name: str, shape: tuple[int, int, int], device: torch.device, repeat
     mem_ours = peak_memory_mib(lambda: _step(ours, x, grad), device)
     mem_base = peak_memory_mib(lambda: _step(base, x, grad), device)
     t_ours, t_base = min(times["ours"]), min(times["base"])
-    return dict(op=name, shape=f"{n}x{c}x{px}x{px}", key=shape, via=method(name, shape),
+    via = method(name, shape, device.type)
+    return dict(op=name, shape=f"{n}x{c}x{px}x{px}", key=shape, via=via,
                 ours_ms=t_ours,
                 base_ms=t_base, speed=t_base / t_ours, ours_mib=mem_ours, base_mib=mem_base,
                 memory=mem_base / max(mem_ours, 1e-9), rounds=rounds)

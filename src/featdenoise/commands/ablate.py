@@ -21,8 +21,11 @@ def _run(args: argparse.Namespace) -> int:
         overrides=args.overrides, eps=None if args.eps is None else args.eps / 255,
         step_size=args.step_size / 255, targeted=not args.untargeted, limit=args.limit,
         batch_size=args.batch_size, progress=not args.no_progress)
-    print(out["markdown"], end="")
-    print(f"table: {out['table']}\nplot: {out['plot']}")
+    from featdenoise.runtime.distributed import launched_as_main
+
+    if launched_as_main():  # under torchrun every rank returns the same tables
+        print(out["markdown"], end="")
+        print(f"table: {out['table']}\nplot: {out['plot']}")
     return 0
 
 

@@ -1,4 +1,5 @@
-"""``featdenoise bench {ops,attacks,train}``: speed and memory goals as side-by-side ratios."""
+"""``featdenoise bench {ops,attacks,train,gpu}``: speed and memory goals as side-by-side ratios,
+and the GPU smoke test (:mod:`featdenoise.benchmarks.gpu_check`)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,12 @@ import argparse
 
 def _run(args: argparse.Namespace) -> int:
     # Imported lazily: each benchmark pulls in its own dependencies.
+    if args.target == "gpu":
+        from featdenoise.benchmarks import gpu_check
+
+        args.device = args.device or "cuda"
+        return gpu_check.run(args)
+    args.device = args.device or "cpu"
     if args.target == "ops":
         from featdenoise.benchmarks import ops as bench
     elif args.target == "attacks":
@@ -17,10 +24,15 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from featdenoise.benchmarks.gpu_check import add_arguments
+
     p = sub.add_parser("bench", help="benchmarks that print ratios measured side by side")
-    p.add_argument("target", choices=["ops", "attacks", "train"], help="what to benchmark")
+    p.add_argument("target", choices=["ops", "attacks", "train", "gpu"],
+                   help="what to benchmark (gpu: the CUDA smoke test, one line per check)")
     p.add_argument("--quick", action="store_true", help="fewer shapes and repeats (smoke run)")
     p.add_argument("--repeats", type=int, default=None, help="timed repetitions per case")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--device", default=None,
+                   help="cpu or cuda (default: cpu; gpu: cuda, each process its LOCAL_RANK)")
+    add_arguments(p.add_argument_group("gpu"))
     p.set_defaults(func=_run)

@@ -94,7 +94,7 @@ def resolve_device(name: str) -> torch.device:
     """``auto`` -> this process's GPU when there is one, else the CPU (joins torchrun's group)."""
     from featdenoise.runtime import distributed
 
-    return distributed.init(name)
+    return distributed.init(name, what="--device")
 
 
 SWEEPS = ("pgd", "fgsm", "ifgsm", "mifgsm")

@@ -184,12 +184,17 @@ def run_ablation(config: str | None, out_dir: str, *, variants: Sequence[str] = 
         limit: evaluate a fixed random subset of this many validation images (None: all).
         batch_size: evaluation batch size.
     Returns:
-        ``{"table": path, "plot": path, "json": path, "results": [...], "aggregate": {...}}``.
+        ``{"table": path, "plot": path, "json": path, "results": [...], "aggregate": {...}}``
+        (rank 0's, on every process).
+
+    Under ``torchrun`` the process group is joined once here: every variant trains with all
+    processes (``train`` leaves a group it did not create) and is evaluated by all of them
+    through the rank-aware evaluation (each process a share of the batches, rank 0 merges);
+    only rank 0 prints and writes the table, plot and JSON.
     """
     from featdenoise.config import load_config
     from featdenoise.data.datasets import build_dataset
-    from featdenoise.evaluation.whitebox import evaluate_whitebox
-    from featdenoise.training import NonFiniteLossError, load_model, train
+    from featdenoise.runtime import distributed as dist
 
     variants = list(variants)
     if not variants:
@@ -208,6 +213,37 @@ def run_ablation(config: str | None, out_dir: str, *, variants: Sequence[str] = 
     val_set = build_dataset(d.name, d.root, "val", augment=False, image_size=d.image_size,
                             strict=d.strict)
 
+    created = not dist.is_dist()
+    device = dist.init(base.run.device, what="run.device")
+    try:
+        results = _train_and_evaluate(base, out_dir, variants, seeds, steps, val_set, eval_eps,
+                                      step_size, targeted, limit, batch_size, progress, device)
+        out = None
+        if dist.is_main():
+            out = _write_outputs(base, out_dir, results, seeds, steps, eval_eps, targeted)
+        return dist.broadcast_object(out)
+    finally:
+        if created:
+            dist.shutdown()
+
+
+def _say(text: str) -> None:
+    from featdenoise.runtime import distributed as dist
+
+    if dist.is_main():
+        print(text, flush=True)
+
+
+def _train_and_evaluate(base, out_dir, variants, seeds, steps, val_set, eval_eps, step_size,
+                        targeted, limit, batch_size, progress, device) -> list[dict]:
+    """Train and evaluate every (seed, variant) with all processes; rank 0's records (the other
+    processes' evaluation shares are merged by rank 0, so they return fewer records)."""
+    from featdenoise.config import load_config
+    from featdenoise.evaluation.whitebox import evaluate_whitebox
+    from featdenoise.runtime import distributed as dist
+    from featdenoise.training import NonFiniteLossError, load_model, train
+
+    d = base.data
     results = []
     for seed in seeds:
         for v in variants:
@@ -216,27 +252,34 @@ def run_ablation(config: str | None, out_dir: str, *, variants: Sequence[str] = 
             tree = base.to_dict()
             tree["model"] = {"name": name, "kwargs": kwargs}
             tree["run"].update(out_dir=os.path.join(out_dir, "runs", tag), seed=int(seed))
-            print(f"[ablate] {tag}: {name} {kwargs}", flush=True)
+            _say(f"[ablate] {tag}: {name} {kwargs}")
             record = {"variant": v, "seed": int(seed), "model": name, "kwargs": kwargs}
             try:
                 run_dir = train(load_config(base=tree))
             except NonFiniteLossError as err:
-                print(f"[ablate] {tag}: training diverged ({err})", flush=True)
+                _say(f"[ablate] {tag}: training diverged ({err})")
                 results.append({**record, "status": "diverged", "clean": float("nan"),
                                 "accuracy": {s: float("nan") for s in steps}})
                 continue
+            dist.barrier()  # rank 0 has written the weights
             model = load_model(run_dir).eval()
             summary = evaluate_whitebox(
                 model, val_set, os.path.join(out_dir, "eval", tag), steps=steps, attack="pgd",
                 eps=eval_eps, step_size=step_size, targeted=targeted, seed=int(seed),
                 batch_size=batch_size, limit=limit, name=tag, progress=progress,
-                extra={"variant": v, "dataset": d.name})
+                device=device, extra={"variant": v, "dataset": d.name})
+            if summary is None:  # another rank merged this evaluation
+                continue
             results.append({**record, "status": "ok", "run_dir": run_dir,
                             "clean": summary["clean"]["top1"],
                             "accuracy": {a["steps"]: a["accuracy"]
                                          for a in summary["attacks"]},
                             "num_images": summary["num_images"]})
+    return results
 
+
+def _write_outputs(base, out_dir, results, seeds, steps, eval_eps, targeted) -> dict:
+    """Table, plot and JSON of the ablation (rank 0 only)."""
     agg = aggregate(results, steps)
     n_img = next((r["num_images"] for r in results if "num_images" in r), 0)
     note = (f"{base.data.name}, backbone {backbone(base.model.name)}; "

@@ -36,13 +36,16 @@ Decisions the paper leaves open, and how they follow the authors' code (``resnet
 Speed and memory: the Gaussian non-local never materialises an ``[N, HW, HW]`` score tensor
 bigger than 32 MiB: larger ones go through PyTorch's fused ``scaled_dot_product_attention`` (few
 channels) or a chunked, flash-attention-style softmax (:class:`_ChunkedSoftmaxAttention`) whose
-backward recomputes each chunk instead of storing it. The median is a sort-free selection network,
-the bilateral filter accumulates 9 shifted views in place. ``featdenoise bench ops`` compares
-every op with its straightforward version.
+backward recomputes each chunk instead of storing it. On CUDA every Gaussian non-local runs
+PyTorch's fused flash or memory-efficient kernel (never its math kernel;
+:func:`softmax_attention`). The median is a sort-free selection network, the bilateral filter
+accumulates 9 shifted views in place. ``featdenoise bench ops`` compares every op with its
+straightforward version.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from functools import partial
 
@@ -130,9 +133,15 @@ class _ChunkedSoftmaxAttention(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
+        # Autocast (if the backward runs inside it) must not lower the recomputed scores.
+        with _autocast_off(grad_out.device.type):
+            return _ChunkedSoftmaxAttention._backward(ctx, grad_out)
+
+    @staticmethod
+    def _backward(ctx, grad_out):
         qs, k, v, out, lse = ctx.saved_tensors
         n, length, _ = qs.shape
-        grad_out = grad_out.contiguous()  # [N, L, C]
+        grad_out = grad_out.to(v.dtype).contiguous()  # [N, L, C]
         delta = (grad_out * out).sum(-1)  # [N, L]: rowsum(dO * O)
         kt, vt = k.transpose(1, 2), v.transpose(1, 2)  # [N, d, M], [N, C, M]
         dq = torch.empty_like(qs)
@@ -148,13 +157,107 @@ class _ChunkedSoftmaxAttention(torch.autograd.Function):
         return dq.mul_(ctx.scale), dk.mul_(1.0 / _LOG2E), dv, None, None
 
 
-def resolve_backend(backend: str, n: int, length: int, keys: int, channels: int) -> str:
-    """The backend ``auto`` stands for with ``[N, L, d]`` queries, ``[N, M, C]`` values."""
+def resolve_backend(backend: str, n: int, length: int, keys: int, channels: int,
+                    device_type: str = "cpu") -> str:
+    """The backend ``auto`` stands for with ``[N, L, d]`` queries, ``[N, M, C]`` values.
+
+    On a CPU: ``materialise`` for small score tensors, ``sdpa`` for few value channels, else
+    ``chunked``. On CUDA: always ``sdpa``, which there runs a fused flash or memory-efficient
+    kernel (:func:`softmax_attention`).
+    """
     if backend != "auto":
         return backend
+    if device_type == "cuda":
+        return "sdpa"
     if n * length * keys <= MATERIALISE_MAX_ELEMENTS:
         return "materialise"
     return "sdpa" if channels <= SDPA_MAX_CHANNELS else "chunked"
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+          pad: bool) -> torch.Tensor:
+    """``F.scaled_dot_product_attention`` on ``[N, L, d]``, ``[N, M, d]``, ``[N, M, C]`` as one
+    head; ``pad``: zero-pad q and k to C channels (q k^T unchanged) for kernels that want equal
+    head dims."""
+    d, c = q.shape[-1], v.shape[-1]
+    if pad and d < c:
+        q, k = F.pad(q, (0, c - d)), F.pad(k, (0, c - d))
+    # fused kernels want unit stride in the channel dim
+    q, k, v = (t.contiguous().unsqueeze(1) for t in (q, k, v))  # [N, 1, L or M, *]
+    return F.scaled_dot_product_attention(q, k, v, scale=scale).squeeze(1)  # [N, L, C]
+
+
+# CUDA: which way of calling the fused kernels works, per (device, dtypes, head dims, grad):
+# "as_is" (memory-efficient accepts d != C), "pad" (q, k zero-padded to C: flash), "chunked".
+_CUDA_PLANS: dict[tuple, str] = {}
+
+
+def fused_kernels():
+    """Context allowing only the fused flash and memory-efficient SDPA kernels: inside it a
+    shape they refuse raises instead of silently running the ``[N, L, M]`` math kernel."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION])
+
+
+def _sdpa_cuda(q, k, v, scale: float, budget: int) -> torch.Tensor:
+    """Fused SDPA on CUDA, never its math kernel: q/k unpadded when a kernel accepts that (the
+    memory-efficient one does; flash wants equal head dims <= 256), else padded, else the chunked
+    function with a one-time warning."""
+    autocast = _autocast_on("cuda")
+    key = (q.device, q.dtype, v.dtype, autocast and torch.get_autocast_dtype("cuda"),
+           q.shape[-1], v.shape[-1], torch.is_grad_enabled())
+    plan = _CUDA_PLANS.get(key)
+    for choice in [plan] if plan else ["as_is", "pad"]:
+        if choice == "chunked":
+            break
+        try:
+            with fused_kernels():
+                out = _sdpa(q, k, v, scale, pad=choice == "pad")
+        except torch.OutOfMemoryError:
+            raise
+        except RuntimeError as err:
+            # Only "no fused kernel accepts these inputs" moves on; anything else is real.
+            refused = ("no available kernel", "no viable backend")
+            if plan is not None or not any(r in str(err).lower() for r in refused):
+                raise
+            last = err
+            continue
+        _CUDA_PLANS[key] = choice
+        return out
+    if plan is None:
+        import warnings
+
+        warnings.warn(f"no fused attention kernel accepts head dims q/k {q.shape[-1]}, v "
+                      f"{v.shape[-1]} in {q.dtype} on {q.device} ({str(last).splitlines()[0]}); "
+                      f"using the chunked attention function", RuntimeWarning, stacklevel=3)
+        _CUDA_PLANS[key] = "chunked"
+    return _chunked(q, k, v, scale, budget)
+
+
+def _chunked(q, k, v, scale: float, budget: int) -> torch.Tensor:
+    """:class:`_ChunkedSoftmaxAttention` with float32 statistics under autocast.
+
+    Fused kernels keep scores, softmax and log-sum-exp in float32 whatever the input dtype; done
+    in bf16, the chunked function's dq/dv would be off by ~10%. So under autocast the inputs go
+    in as float32 and autocast is off inside (forward here, backward in the Function), the
+    custom_fwd(cast_inputs=float32)/custom_bwd pattern for any device type.
+    """
+    if _autocast_on(q.device.type):
+        with _autocast_off(q.device.type):
+            return _ChunkedSoftmaxAttention.apply(q.float(), k.float(), v.float(), scale, budget)
+    return _ChunkedSoftmaxAttention.apply(q, k, v, scale, budget)
+
+
+def _autocast_on(device_type: str) -> bool:
+    return device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type)
+
+
+def _autocast_off(device_type: str):
+    """Autocast disabled for ``device_type`` (a no-op context where it is not on)."""
+    if _autocast_on(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
@@ -164,24 +267,25 @@ def softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
     Args:
         q: ``[N, L, d]`` queries (embedded ``x_i``); k: ``[N, M, d]`` keys (embedded ``x_j``);
         v: ``[N, M, C]`` values (``x_j``). Returns ``[N, L, C]``.
-        backend: ``auto`` (default): ``materialise`` when ``N*L*M <=
-            MATERIALISE_MAX_ELEMENTS``, else ``sdpa`` when ``C <= SDPA_MAX_CHANNELS``, else
-            ``chunked``; ``chunked``: exact, memory ``O(budget)`` beyond in/outputs;
-            ``sdpa`` (``torch.nn.functional.scaled_dot_product_attention``; q and k are
-            zero-padded to C channels so a fused kernel applies), ``materialise`` (the
-            straightforward ``[N, L, M]`` softmax; reference and benchmark baseline).
+        backend: ``auto`` (default, :func:`resolve_backend`): on a CPU ``materialise`` when
+            ``N*L*M <= MATERIALISE_MAX_ELEMENTS``, else ``sdpa`` when ``C <= SDPA_MAX_CHANNELS``,
+            else ``chunked``; on CUDA ``sdpa``. ``chunked``: exact, memory ``O(budget)`` beyond
+            in/outputs, float32 statistics under autocast; ``sdpa``
+            (``torch.nn.functional.scaled_dot_product_attention``): on a CPU q and k are
+            zero-padded to C channels so its fused kernel applies; on CUDA only the fused flash
+            and memory-efficient kernels are allowed (never the math kernel), without padding
+            where the kernel accepts it, and the chunked function (one warning) when neither
+            accepts the shapes; ``materialise`` (the straightforward ``[N, L, M]`` softmax;
+            reference and benchmark baseline).
     """
-    backend = resolve_backend(backend, q.shape[0], q.shape[1], k.shape[1], v.shape[2])
+    backend = resolve_backend(backend, q.shape[0], q.shape[1], k.shape[1], v.shape[2],
+                              q.device.type)
     if backend == "chunked":
-        return _ChunkedSoftmaxAttention.apply(q, k, v, scale, budget or CHUNK_ELEMENTS)
+        return _chunked(q, k, v, scale, budget or CHUNK_ELEMENTS)
     if backend == "sdpa":
-        d, c = q.shape[-1], v.shape[-1]
-        if d < c:  # fused kernels want equal head dims; zero channels leave q k^T unchanged
-            q, k = F.pad(q, (0, c - d)), F.pad(k, (0, c - d))
-        # fused kernels also want unit stride in the channel dim
-        q, k, v = (t.contiguous().unsqueeze(1) for t in (q, k, v))  # [N, 1, L or M, C]
-        out = F.scaled_dot_product_attention(q, k, v, scale=scale)  # [N, 1, L, C]
-        return out.squeeze(1)
+        if q.device.type == "cuda":
+            return _sdpa_cuda(q, k, v, scale, budget or CHUNK_ELEMENTS)
+        return _sdpa(q, k, v, scale, pad=True)
     if backend == "materialise":
         return torch.softmax(torch.bmm(q, k.transpose(1, 2)) * scale, dim=-1).bmm(v)
     raise ValueError(f"unknown attention backend {backend!r}; choose one of "
@@ -418,6 +522,14 @@ class _Median3x3(torch.autograd.Function):
         for i in range(7, -1, -1):
             dy, dx = divmod(i, 3)
             which.masked_fill_(p[..., dy:dy + h, dx:dx + w] == out, i)
+        if torch.are_deterministic_algorithms_enabled():
+            # index_add_ accumulates with atomics on GPUs (order-dependent sums); instead add
+            # the 9 window positions one after the other: the same sums in a fixed order.
+            grad_p = torch.zeros(p.shape, dtype=grad_out.dtype, device=grad_out.device)
+            for i in range(9):
+                dy, dx = divmod(i, 3)
+                grad_p[..., dy:dy + h, dx:dx + w].add_(grad_out.masked_fill(which != i, 0))
+            return grad_p
         lut = torch.tensor([dy * wp + dx for dy in range(3) for dx in range(3)],
                            dtype=torch.int32 if p.numel() < 2**31 else torch.int64,
                            device=out.device)

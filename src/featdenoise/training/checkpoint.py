@@ -1,6 +1,8 @@
 """Atomic, resumable checkpoints and the exported weights.
 
-``checkpoint.pt`` is a plain dict loadable with ``torch.load(path, weights_only=True)``:
+``checkpoint.pt`` is a plain dict loadable with
+``torch.load(path, weights_only=True, map_location="cpu")`` (a run on a GPU saves the optimizer
+state as CUDA tensors: without ``map_location`` a CPU-only machine cannot load it):
 ``model`` (state dict of the unwrapped model), ``model_name``, ``model_kwargs``, ``optimizer``,
 ``schedule`` (``{"step": int}``), ``epoch`` / ``step_in_epoch`` / ``step`` (the position to resume
 from), ``rng`` (torch, CUDA, numpy and python generator states as tensors and plain types) and
@@ -83,8 +85,9 @@ def save_checkpoint(path: str, *, model: nn.Module, model_name: str, model_kwarg
 
 
 def load_checkpoint(path: str, map_location="cpu") -> dict:
-    """``torch.load(path, weights_only=True)`` (never runs code from the file); one-line errors
-    for a missing, truncated or refused file."""
+    """``torch.load(path, weights_only=True, map_location=map_location)`` (never runs code from
+    the file); tensors land on the CPU by default, so a checkpoint written on a GPU loads on a
+    CPU-only machine. One-line errors for a missing, truncated or refused file."""
     from featdenoise.runtime.safeio import safe_torch_load
 
     if not os.path.isfile(path):

@@ -11,7 +11,6 @@ into ``run.out_dir`` (main process only).
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ from tqdm import tqdm
 
 from featdenoise.config import Config, check_model, load_config
 from featdenoise.data.datasets import SeededDataset, build_dataset, drop_skipped
+from featdenoise.runtime import backends
 from featdenoise.runtime import distributed as dist
 from featdenoise.runtime.seeds import derive_seed
 from featdenoise.training import checkpoint as ckpt
@@ -30,7 +30,8 @@ from featdenoise.training.logging import MetricsLogger
 
 
 class NonFiniteLossError(ValueError):
-    """The training loss became NaN or infinite; the last good checkpoint is left untouched."""
+    """The training loss became NaN or infinite; no update with a non-finite gradient reached
+    the weights or a checkpoint."""
 
 
 @dataclass
@@ -46,6 +47,9 @@ class State:
     epoch_skipped: int = 0
     tick: float = field(default_factory=time.perf_counter)
     targeted: bool = True
+    # First global step whose gradients were not finite, as a tensor on the training device
+    # (-1: none); read on the host only at check steps (see train_step).
+    nonfinite: torch.Tensor | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -76,18 +80,22 @@ def _loaders(cfg: Config, train_set, device):
     if sampler.num_samples < d.batch_size:
         raise ValueError(f"data.batch_size={d.batch_size} exceeds the {sampler.num_samples} "
                          f"training images of this process; lower it or raise data.train_subset")
-    pin = device.type == "cuda"
+    # Page-locked batches for asynchronous copies to a GPU; workers kept alive across epochs and
+    # evaluations (start-up of d.workers processes per epoch otherwise).
+    common = dict(num_workers=d.workers, pin_memory=device.type == "cuda",
+                  persistent_workers=d.workers > 0)
     # A private generator: the loader's base seed must not consume the training RNG.
     gen = torch.Generator().manual_seed(cfg.run.seed)
     train_loader = DataLoader(train_set, batch_size=d.batch_size, sampler=sampler,
-                              num_workers=d.workers, drop_last=True, pin_memory=pin,
-                              generator=gen)
+                              drop_last=True, generator=gen, **common)
     return train_loader, sampler
 
 
 def _build_model(cfg: Config, device):
     from featdenoise.models import create_model
 
+    # CUDA numerics of the run: TF32, cuDNN autotuning or deterministic kernels (no-op on CPU).
+    backends.configure(device, tf32=cfg.run.tf32, deterministic=cfg.run.deterministic)
     torch.manual_seed(cfg.run.seed)  # identical initial weights on every process
     model = create_model(cfg.model.name, **dict(cfg.model.kwargs)).to(device)
     if cfg.run.channels_last:
@@ -109,6 +117,22 @@ def _to_device(x, y, cfg: Config, device):
 
 
 def _resume_path(cfg: Config) -> str | None:
+    """The checkpoint to resume from, decided by rank 0 and the same file on every process.
+
+    Each rank asking for itself could disagree when ``run.out_dir`` is on each node's own disk
+    (rank 0 resumes, the others restart at step 0, loops differ in length and the job hangs).
+    Rank 0 decides (:func:`resume_decision`), every process gets its path, and a process whose
+    copy is missing or differs receives rank 0's bytes, so all resume from the same step.
+    """
+    path = dist.decide_on_main(lambda: resume_decision(cfg))
+    if path is not None:
+        dist.share_file(path)
+    return path
+
+
+def resume_decision(cfg: Config) -> str | None:
+    """``run.resume`` as read on this process: ``auto`` -> ``out_dir/checkpoint.pt`` if it is a
+    file, else None; ``never`` -> None; a path -> that path (FileNotFoundError if missing)."""
     r = cfg.run.resume
     if r == "never":
         return None
@@ -137,7 +161,18 @@ def _check_compatible(saved: dict, cfg: Config, path: str) -> None:
 
 def train_step(model, attack, criterion, optimizer, schedule, x, y, state: State, cfg: Config,
                device) -> None:
-    """One synchronized SGD step on an adversarial-only minibatch."""
+    """One synchronized SGD step on an adversarial-only minibatch.
+
+    No host synchronisation on ordinary steps: loss and accuracy sums stay on the device until
+    the log step all-reduces them. Non-finite gradients (a NaN or infinite loss on any process:
+    DDP's all-reduce spreads it to every process's gradients, so all processes agree without an
+    extra collective) are zeroed on the device before the update, so they never reach the
+    weights, and the step is remembered; the host reads that flag only on steps followed by a
+    log line, a ``checkpoint_every`` checkpoint or ``stop_after``, and then stops with
+    :class:`NonFiniteLossError`. Trade-off: between the bad step and that check (at most
+    ``run.log_every - 1`` steps) updates carry no gradient (momentum and weight decay still act),
+    and an end-of-epoch checkpoint in that window holds those finite weights.
+    """
     # Attack randomness (coin, targets, random start) is a function of (seed, step, rank), so a
     # resumed run, whatever its world size, draws exactly what the interrupted one would have.
     torch.manual_seed(derive_seed(cfg.run.seed, "train-step", state.step, dist.rank()))
@@ -151,25 +186,58 @@ def train_step(model, attack, criterion, optimizer, schedule, x, y, state: State
     with _autocast(cfg, device):
         logits = model(x_adv)
         loss = criterion(logits.float(), y)
-    # Stop on a NaN/inf loss before it reaches the weights (all ranks agree on the value).
-    mean_loss = dist.all_reduce_mean([loss.item()], device)[0]
-    if not math.isfinite(mean_loss):
-        raise NonFiniteLossError(
-            f"non-finite training loss ({mean_loss}) at step {state.step} (epoch {state.epoch}, "
-            f"batch {state.step_in_epoch}); the last good checkpoint in {cfg.run.out_dir} is "
-            f"intact: lower optim.lr or check the data")
-    # Backward (DDP averages gradients across processes) and SGD step.
+    # Backward (DDP averages gradients across processes).
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    # Non-finite gradients are zeroed on the device and their step remembered (no host sync).
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if state.nonfinite is None:
+        state.nonfinite = torch.full((), -1, dtype=torch.int64, device=device)
+    if grads:
+        bad = ~torch.nn.utils.get_total_norm(grads).isfinite()  # one fused reduction
+        for g in grads:
+            g.masked_fill_(bad, 0.0)
+        first = state.nonfinite < 0
+        state.nonfinite.masked_fill_(bad & first, state.step)
+    # SGD step.
     optimizer.step()
-    # Accumulate running metrics for the progress bar and the log.
+    # Running metrics, summed on the device (read at log steps).
     with torch.no_grad():
         pred = logits.argmax(1)
         s = state.sums
-        s["loss"] += loss.item() * len(y)
-        s["correct"] += (pred == y).sum().item()
-        s["hit"] += (pred == target).sum().item() if target is not None else 0.0
+        s["loss"] += loss.detach().float() * len(y)
+        s["correct"] += (pred == y).sum()
+        s["hit"] += (pred == target).sum() if target is not None else 0.0
         s["n"] += len(y)
+    _check_finite(state, cfg)
+
+
+def _check_due(step: int, cfg: Config) -> bool:
+    """True when global step ``step`` is followed by a log line, a periodic checkpoint or a stop."""
+    r, after = cfg.run, step + 1
+    return (after % r.log_every == 0 or (r.checkpoint_every and after % r.checkpoint_every == 0)
+            or r.stop_after == after)
+
+
+def _check_finite(state: State, cfg: Config) -> None:
+    """Raise :class:`NonFiniteLossError` at a check step if a step had non-finite gradients."""
+    if not _check_due(state.step, cfg) or state.nonfinite is None:
+        return
+    bad = int(state.nonfinite)  # the one host sync, at check steps only
+    if bad < 0:
+        return
+    path = os.path.join(cfg.run.out_dir, ckpt.CHECKPOINT)
+    saved = "no checkpoint has been written yet"
+    if os.path.isfile(path):
+        try:
+            step = ckpt.load_checkpoint(path)["step"]
+            saved = (f"{path} holds step {step} (finite weights: the non-finite update was "
+                     f"not applied)")
+        except (ValueError, OSError):
+            saved = f"{path} exists but cannot be read"
+    raise NonFiniteLossError(
+        f"non-finite training loss or gradient at step {bad} (stopped at step {state.step}, "
+        f"epoch {state.epoch}); {saved}: lower optim.lr or check the data")
 
 
 def evaluate(model, dataset, *, steps: list[int], cfg: Config, device,
@@ -544,7 +612,7 @@ def train(config) -> str:
     """
     cfg = _as_config(config)
     created = not dist.is_dist()
-    device = dist.init(cfg.run.device)
+    device = dist.init(cfg.run.device, what="run.device")
     try:
         return fit(cfg, device)
     finally:
