@@ -162,21 +162,28 @@ class APGD(OutcomeAttack):
             return dlr_loss(logits, y)
         return F.cross_entropy(logits, y, reduction="none")
 
-    def _loss_grad(self, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor | None):
+    def _loss_grad(self, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor | None,
+                   need_grad: bool = True):
         """``(logits [N, K], loss [N], grad [N, C, H, W])`` at ``x``; loss and gradient averaged
-        over ``eot_iter`` passes (logits of the last)."""
+        over ``eot_iter`` passes (logits of the last). ``need_grad=False``: forward passes only,
+        grad None."""
         grad = loss_sum = logits = None
         for _ in range(self.eot_iter):
-            xr = x.detach().requires_grad_(True)
-            with self._autocast(xr):
-                out = self.model(xr)
-            logits = out.float()
-            loss = self._loss(logits, y, t)
-            (g,) = torch.autograd.grad(loss.sum(), xr)
-            grad = g if grad is None else grad + g
+            if not need_grad:
+                logits = self._logits(x)
+                loss = self._loss(logits, y, t)
+            else:
+                xr = x.detach().requires_grad_(True)
+                with self._autocast(xr):
+                    out = self.model(xr)
+                logits = out.float()
+                loss = self._loss(logits, y, t)
+                (g,) = torch.autograd.grad(loss.sum(), xr)
+                grad = g if grad is None else grad + g
             loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
         if self.eot_iter > 1:
-            grad, loss_sum = grad / self.eot_iter, loss_sum / self.eot_iter
+            loss_sum = loss_sum / self.eot_iter
+            grad = None if grad is None else grad / self.eot_iter
         return logits.detach(), loss_sum, grad
 
     def _start(self, x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
@@ -219,8 +226,12 @@ class APGD(OutcomeAttack):
             x_new = torch.minimum(torch.maximum(x_new, la), ha)
             x_prev[idx] = xa
             x_k[idx] = x_new
-            logits, loss, g = self._loss_grad(x_new, y[idx], None if t is None else t[idx])
-            grad[idx] = g
+            # The gradient at the last iterate would never be used: forward passes only.
+            last = i == steps - 1
+            logits, loss, g = self._loss_grad(x_new, y[idx], None if t is None else t[idx],
+                                              need_grad=not last)
+            if not last:
+                grad[idx] = g
             history[i + 1, idx] = loss
             # First misclassified iterate: the image is broken.
             newly = (logits.argmax(1) != y[idx]) & ~broken[idx]
@@ -232,7 +243,8 @@ class APGD(OutcomeAttack):
             better = loss > loss_best[idx]
             if better.any():
                 x_best[idx[better]] = x_new[better]
-                grad_best[idx[better]] = g[better]
+                if not last:
+                    grad_best[idx[better]] = g[better]
                 loss_best[idx[better]] = loss[better]
             # Checkpoint: halve the step where the loss stalls, and go back to the best point.
             if i + 1 in previous_mark:

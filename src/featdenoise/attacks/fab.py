@@ -180,7 +180,8 @@ class FAB(OutcomeAttack):
             # misclassified. While few are, take the gradient at x_new in the same pass that
             # classifies it and redo only the back-stepped ones; otherwise classify first (a
             # forward pass) and take every gradient after the back-step (the authors' order).
-            if eager:
+            last = i == self.steps - 1  # no gradient is needed after the last step
+            if eager and not last:
                 logits, f[idx], g[idx] = self._diff_grad(x_new, y[idx], t[idx])
             else:
                 logits = self._logits(x_new)
@@ -200,6 +201,8 @@ class FAB(OutcomeAttack):
             back = idx[is_adv]
             if len(back):
                 x1[back] = x0[back] + self.beta * (x1[back] - x0[back])
+            if last:
+                break
             if eager and len(back):
                 _, f[back], g[back] = self._diff_grad(x1[back], y[back], t[back])
             elif not eager and len(idx):

@@ -14,7 +14,7 @@ it lands on (APGD-T and FAB-T only use target classes as a search direction). Ea
   returned image (< 0 iff broken).
 
 The returned image of a broken image is the adversarial point found; of an unbroken one, the point
-of lowest margin the attack saw (APGD, Square) or the clean image (FAB-T).
+of highest loss (APGD), of lowest margin (Square) or the clean image (FAB-T).
 """
 
 from __future__ import annotations
