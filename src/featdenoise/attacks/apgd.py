@@ -1,0 +1,306 @@
+"""Auto-PGD (APGD; Croce & Hein, "Reliable evaluation of adversarial robustness with an ensemble of
+diverse parameter-free attacks", ICML 2020, Sec. 3, Algorithm 1), L-infinity.
+
+One run of ``N_iter`` iterations from a random point of the eps-box (``x + eps * u / |u|_inf``,
+``u ~ U[-1, 1]``, clipped to [0, 1]), with ``P`` the projection onto the box ``[lo, hi]``
+(:class:`~featdenoise.attacks.threat.LinfBall`)::
+
+    eta   = 2 eps                                                    (per image)
+    z     = P(x_k + eta * sign(grad f(x_k)))
+    x_k+1 = P(x_k + alpha (z - x_k) + (1 - alpha)(x_k - x_k-1))      alpha = 0.75 (1 at k = 0)
+
+The step size is halved at checkpoints ``w_j = ceil(p_j N_iter)``, ``p_0 = 0, p_1 = 0.22,
+p_j+1 = p_j + max(p_j - p_j-1 - 0.03, 0.06)`` (22, 41, 57, 70, 80, 87, 93, 99 for 100 iterations),
+when either
+
+1. the loss went up in at most ``rho = 0.75`` of the steps since the last checkpoint
+   (``sum 1[f(x_i+1) > f(x_i)] <= rho (w_j - w_j-1)``; the paper writes ``<``, the authors' code
+   ``<=``, which we follow), or
+2. the step was not halved at the last checkpoint and the best loss has not improved since;
+
+and then the walk restarts from the best point found so far (``x_k = x_max``, its gradient too).
+
+Losses f (maximised; logits ``z`` sorted ``z_pi1 >= z_pi2 >= ...``):
+
+- ``"ce"``: cross-entropy to the label;
+- ``"dlr"`` (Sec. 4): ``-(z_y - max_{i != y} z_i) / (z_pi1 - z_pi3)`` (needs K >= 3);
+- targeted DLR (APGD-T, Sec. 4): ``-(z_y - z_t) / (z_pi1 - (z_pi3 + z_pi4) / 2)`` (K >= 4; with
+  fewer classes the targeted cross-entropy ``-CE(z, t)`` is used instead).
+
+An image counts as broken as soon as an iterate is misclassified; broken images leave the batch
+(``early_stop``: the rest of the run is unchanged, since every image has its own step size and
+checkpoint state, and the model runs in eval mode). The 'rand' version of AutoAttack averages the
+gradient over ``eot_iter`` forward passes (expectation over transformation, for randomised
+defences).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from featdenoise.attacks.outcome import OutcomeAttack
+
+LOSSES = ("ce", "dlr")
+
+
+def checkpoints(steps: int) -> list[int]:
+    """Iterations ``w_j = ceil(p_j * steps)`` at which APGD may halve its step (Sec. 3.2)."""
+    p = [0.0, 0.22]
+    while p[-1] <= 1.0:
+        p.append(p[-1] + max(p[-1] - p[-2] - 0.03, 0.06))
+    points = {math.ceil(pj * steps - 1e-9) for pj in p[1:]}
+    return sorted(w for w in points if 1 <= w <= steps)
+
+
+def dlr_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Untargeted difference-of-logits-ratio loss ``[N]`` (Sec. 4); logits ``[N, K]``, K >= 3."""
+    z = logits.sort(1).values  # ascending
+    rows = torch.arange(len(y), device=logits.device)
+    zy = logits[rows, y]
+    other = torch.where(logits.argmax(1) == y, z[:, -2], z[:, -1])  # max_{i != y} z_i
+    return -(zy - other) / (z[:, -1] - z[:, -3] + 1e-12)
+
+
+def dlr_targeted_loss(logits: torch.Tensor, y: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Targeted DLR loss ``[N]`` (Sec. 4), maximised to push ``z_t`` above ``z_y``; K >= 4."""
+    z = logits.sort(1).values
+    rows = torch.arange(len(y), device=logits.device)
+    return -(logits[rows, y] - logits[rows, t]) / (z[:, -1] - 0.5 * (z[:, -3] + z[:, -4]) + 1e-12)
+
+
+class APGD(OutcomeAttack):
+    """Untargeted APGD with the CE or DLR loss (Croce & Hein 2020, Algorithm 1; module docstring).
+
+    Args:
+        model: classifier on [0, 1] RGB ``[N, C, H, W]`` returning logits ``[N, K]``.
+        eps: L-infinity budget on the [0, 1] scale (``16 / 255`` = the paper's 16; RobustBench
+            ImageNet uses 4/255).
+        steps: iterations per run (AutoAttack standard: 100).
+        loss: ``"ce"`` or ``"dlr"``.
+        restarts: runs from new random starts, each on the images still unbroken (standard: 1).
+        rho: threshold of checkpoint condition 1 (0.75).
+        eot_iter: forward/backward passes averaged per gradient (1; the 'rand' version: 20).
+        early_stop: drop an image from the batch once it is broken (same result, less work).
+        seed, num_classes, **kwargs: see :class:`~featdenoise.attacks.base.Attack`.
+
+    ``attack(x, y) -> x_adv`` ``[N, C, H, W]``; per-image results in ``last_broken``,
+    ``last_iteration`` (0 = broken at the clean image or the random start), ``last_margin``
+    (:mod:`featdenoise.attacks.outcome`).
+    """
+
+    name = "apgd"
+
+    def __init__(self, model: nn.Module, eps: float = 16 / 255, steps: int = 100,
+                 loss: str = "ce", restarts: int = 1, rho: float = 0.75, eot_iter: int = 1,
+                 early_stop: bool = True, seed: int | None = None,
+                 num_classes: int | None = None, **kwargs):
+        super().__init__(model, eps=eps, seed=seed, num_classes=num_classes, **kwargs)
+        if int(steps) != steps or steps < 1:
+            raise ValueError(f"steps={steps} must be an integer >= 1 (AutoAttack uses 100)")
+        if loss not in LOSSES:
+            raise ValueError(f"loss={loss!r} is unknown; use one of {LOSSES}")
+        if int(restarts) != restarts or restarts < 1:
+            raise ValueError(f"restarts={restarts} must be an integer >= 1")
+        if int(eot_iter) != eot_iter or eot_iter < 1:
+            raise ValueError(f"eot_iter={eot_iter} must be an integer >= 1 (1, or 20 for 'rand')")
+        if not 0.0 < rho <= 1.0:
+            raise ValueError(f"rho={rho} must be in (0, 1] (the paper uses 0.75)")
+        self.steps = int(steps)
+        self.loss = loss
+        self.restarts = int(restarts)
+        self.rho = float(rho)
+        self.eot_iter = int(eot_iter)
+        self.early_stop = bool(early_stop)
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(eps={self.eps * 255:g}/255, steps={self.steps}, "
+                f"loss={self.loss!r}, restarts={self.restarts}, eot_iter={self.eot_iter}, "
+                f"seed={self.seed})")
+
+    # ------------------------------------------------------------------------------ rule
+    def _perturb(self, x: torch.Tensor, y: torch.Tensor, lo: torch.Tensor,
+                 hi: torch.Tensor) -> torch.Tensor:
+        clean = self._logits(x)
+        n = len(x)
+        broken = clean.argmax(1) != y
+        iteration = torch.where(broken, 0, -1).long()
+        target_class = torch.full_like(y, -1)
+        x_ret, best_loss = x.clone(), torch.full((n,), -math.inf, device=x.device)
+        for targets in self._target_runs(clean, y):
+            for _ in range(self.restarts):
+                idx = (~broken).nonzero()[:, 0]
+                if len(idx) == 0:
+                    break
+                t = None if targets is None else targets[idx]
+                adv, hit, its, loss = self._run(x[idx], y[idx], t, lo[idx], hi[idx])
+                # Broken images take the adversarial point; unbroken ones the highest loss seen.
+                keep = hit | (loss > best_loss[idx])
+                x_ret[idx[keep]] = adv[keep]
+                best_loss[idx] = torch.maximum(best_loss[idx], loss)
+                broken[idx[hit]] = True
+                iteration[idx[hit]] = its[hit]
+                if t is not None:
+                    target_class[idx[hit]] = t[hit]
+        return self._finish(x_ret, y, iteration, target_class)
+
+    def _target_runs(self, clean: torch.Tensor, y: torch.Tensor):
+        """Targets of each run: ``[None]`` for the untargeted attack."""
+        return [None]
+
+    def _loss(self, logits: torch.Tensor, y: torch.Tensor,
+              t: torch.Tensor | None) -> torch.Tensor:
+        """Per-image loss ``[N]`` the attack maximises."""
+        if t is not None:
+            if logits.shape[1] >= 4:
+                return dlr_targeted_loss(logits, y, t)
+            return -F.cross_entropy(logits, t, reduction="none")
+        if self.loss == "dlr" and logits.shape[1] >= 3:
+            return dlr_loss(logits, y)
+        return F.cross_entropy(logits, y, reduction="none")
+
+    def _loss_grad(self, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor | None,
+                   need_grad: bool = True):
+        """``(logits [N, K], loss [N], grad [N, C, H, W])`` at ``x``; loss and gradient averaged
+        over ``eot_iter`` passes (logits of the last). ``need_grad=False``: forward passes only,
+        grad None."""
+        grad = loss_sum = logits = None
+        for _ in range(self.eot_iter):
+            if not need_grad:
+                logits = self._logits(x)
+                loss = self._loss(logits, y, t)
+            else:
+                xr = x.detach().requires_grad_(True)
+                with self._autocast(xr):
+                    out = self.model(xr)
+                logits = out.float()
+                loss = self._loss(logits, y, t)
+                (g,) = torch.autograd.grad(loss.sum(), xr)
+                grad = g if grad is None else grad + g
+            loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
+        if self.eot_iter > 1:
+            loss_sum = loss_sum / self.eot_iter
+            grad = None if grad is None else grad / self.eot_iter
+        return logits.detach(), loss_sum, grad
+
+    def _start(self, x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+        """``x + eps * u / max|u|`` with ``u ~ U[-1, 1]`` per pixel, projected onto ``[lo, hi]``."""
+        u = torch.rand(x.shape, generator=self._generator(x.device), dtype=x.dtype,
+                       device=x.device).mul_(2).sub_(1)
+        scale = u.abs().reshape(len(x), -1).amax(1).clamp_min(1e-12)
+        start = x + self.eps * u / scale.view(-1, *([1] * (x.dim() - 1)))
+        return torch.minimum(torch.maximum(start, lo), hi)
+
+    def _run(self, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor | None, lo: torch.Tensor,
+             hi: torch.Tensor):
+        """One APGD run. Returns ``(x_ret, broken [n], iteration [n], best loss [n])``: x_ret is
+        the first misclassified iterate of a broken image, else the highest-loss iterate."""
+        n, steps = len(x), self.steps
+        view = (-1, *([1] * (x.dim() - 1)))  # [n] -> [n, 1, 1, 1]
+        x_k = self._start(x, lo, hi)
+        logits, loss, grad = self._loss_grad(x_k, y, t)
+        x_prev = x_k.clone()
+        x_best, grad_best, loss_best = x_k.clone(), grad.clone(), loss.clone()
+        x_ret = x_k.clone()
+        broken = logits.argmax(1) != y
+        iteration = torch.where(broken, 0, -1).long()
+        history = torch.zeros(steps + 1, n, device=x.device)  # loss of x_0 .. x_steps
+        history[0] = loss
+        eta = torch.full((n,), 2.0 * self.eps, device=x.device, dtype=x.dtype)
+        reduced_last = torch.ones(n, dtype=torch.bool, device=x.device)
+        loss_best_last = loss_best.clone()
+        marks = checkpoints(steps)
+        previous_mark = {w: p for w, p in zip(marks, [0, *marks[:-1]], strict=True)}
+        idx = (~broken).nonzero()[:, 0] if self.early_stop else torch.arange(n, device=x.device)
+        for i in range(steps):
+            if len(idx) == 0:
+                break
+            xa, ga = x_k[idx], grad[idx]
+            la, ha = lo[idx], hi[idx]
+            alpha = 0.75 if i > 0 else 1.0
+            z = torch.minimum(torch.maximum(xa + eta[idx].view(view) * ga.sign(), la), ha)
+            x_new = xa + alpha * (z - xa) + (1 - alpha) * (xa - x_prev[idx])
+            x_new = torch.minimum(torch.maximum(x_new, la), ha)
+            x_prev[idx] = xa
+            x_k[idx] = x_new
+            # The gradient at the last iterate would never be used: forward passes only.
+            last = i == steps - 1
+            logits, loss, g = self._loss_grad(x_new, y[idx], None if t is None else t[idx],
+                                              need_grad=not last)
+            if not last:
+                grad[idx] = g
+            history[i + 1, idx] = loss
+            # First misclassified iterate: the image is broken.
+            newly = (logits.argmax(1) != y[idx]) & ~broken[idx]
+            if newly.any():
+                x_ret[idx[newly]] = x_new[newly]
+                broken[idx[newly]] = True
+                iteration[idx[newly]] = i + 1
+            # Best point so far.
+            better = loss > loss_best[idx]
+            if better.any():
+                x_best[idx[better]] = x_new[better]
+                if not last:
+                    grad_best[idx[better]] = g[better]
+                loss_best[idx[better]] = loss[better]
+            # Checkpoint: halve the step where the loss stalls, and go back to the best point.
+            if i + 1 in previous_mark:
+                w, w_prev = i + 1, previous_mark[i + 1]
+                h = history[w_prev:w + 1, idx]  # [w - w_prev + 1, m]
+                increases = (h[1:] > h[:-1]).sum(0)
+                oscillating = increases <= self.rho * (w - w_prev)
+                stalled = ~reduced_last[idx] & (loss_best_last[idx] >= loss_best[idx])
+                halve = oscillating | stalled
+                reduced_last[idx] = halve
+                loss_best_last[idx] = loss_best[idx]
+                if halve.any():
+                    sel = idx[halve]
+                    eta[sel] /= 2
+                    x_k[sel] = x_best[sel]
+                    grad[sel] = grad_best[sel]
+            if self.early_stop:
+                idx = idx[~broken[idx]]
+        x_ret = torch.where(broken.view(view), x_ret, x_best)
+        return x_ret, broken, iteration, loss_best
+
+
+class APGDT(APGD):
+    """APGD-T: targeted APGD on the targeted DLR loss, one run per target class (Sec. 4).
+
+    The targets are the ``n_target_classes`` classes with the highest clean logits after the top
+    one (for a correctly classified image: the most likely wrong classes), tried in that order,
+    each on the images still unbroken. Success is misclassification (any class), as in AutoAttack.
+    With fewer than 4 classes the targeted cross-entropy replaces the targeted DLR loss.
+
+    Args:
+        n_target_classes: 9 in AutoAttack's standard version; capped at ``K - 1``.
+        Others: as :class:`APGD` (``loss`` is fixed: targeted DLR). ``last_target_class`` holds the
+        target of the run that broke each image.
+    """
+
+    name = "apgd-t"
+
+    def __init__(self, model: nn.Module, eps: float = 16 / 255, steps: int = 100,
+                 n_target_classes: int = 9, restarts: int = 1, rho: float = 0.75,
+                 eot_iter: int = 1, early_stop: bool = True, seed: int | None = None,
+                 num_classes: int | None = None, **kwargs):
+        kwargs.pop("loss", None)
+        super().__init__(model, eps=eps, steps=steps, loss="dlr", restarts=restarts, rho=rho,
+                         eot_iter=eot_iter, early_stop=early_stop, seed=seed,
+                         num_classes=num_classes, **kwargs)
+        if int(n_target_classes) != n_target_classes or n_target_classes < 1:
+            raise ValueError(f"n_target_classes={n_target_classes} must be an integer >= 1")
+        self.n_target_classes = int(n_target_classes)
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(eps={self.eps * 255:g}/255, steps={self.steps}, "
+                f"n_target_classes={self.n_target_classes}, restarts={self.restarts}, "
+                f"seed={self.seed})")
+
+    def _target_runs(self, clean: torch.Tensor, y: torch.Tensor):
+        order = clean.argsort(1, descending=True)  # [N, K]
+        n_targets = min(self.n_target_classes, clean.shape[1] - 1)
+        return [order[:, j] for j in range(1, n_targets + 1)]

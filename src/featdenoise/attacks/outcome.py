@@ -1,0 +1,83 @@
+"""What AutoAttack's attacks report per image, on top of :class:`~featdenoise.attacks.base.Attack`.
+
+APGD, FAB-T and Square (Croce & Hein, ICML 2020; Andriushchenko et al., ECCV 2020) are
+*untargeted in outcome*: an image counts as broken when the model misclassifies it, whatever class
+it lands on (APGD-T and FAB-T only use target classes as a search direction). Each of them, after
+``attack(x, y)``, leaves per-image results for an evaluation to store:
+
+- :attr:`OutcomeAttack.last_broken` ``[N]`` bool: ``argmax f(x_adv) != y``;
+- :attr:`OutcomeAttack.last_iteration` ``[N]`` int64: the iteration (APGD, FAB) or query (Square)
+  at which the image was first broken, counted from 1 within the run that broke it; -1 if unbroken;
+- :attr:`OutcomeAttack.last_target_class` ``[N]`` int64: the target class of the run that broke it
+  (APGD-T, FAB-T), -1 otherwise;
+- :attr:`OutcomeAttack.last_margin` ``[N]`` float: ``f_y(x_adv) - max_{k != y} f_k(x_adv)`` on the
+  returned image (< 0 iff broken).
+
+The returned image of a broken image is the adversarial point found; of an unbroken one, the point
+of highest loss (APGD), of lowest margin (Square) or the clean image (FAB-T).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from featdenoise.attacks.base import Attack
+
+
+def margins(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``z_y - max_{k != y} z_k`` per row of ``logits [N, K]`` (float32 ``[N]``); < 0 iff wrong
+    (up to ties)."""
+    logits = logits.float()
+    rows = torch.arange(len(y), device=logits.device)
+    true = logits[rows, y]
+    other = logits.clone()
+    other[rows, y] = -float("inf")
+    return true - other.amax(1)
+
+
+class OutcomeAttack(Attack):
+    """An untargeted-in-outcome attack with per-image results (module docstring).
+
+    Subclasses implement ``_perturb(x, y, lo, hi)`` (``y`` are the true labels) and end it with
+    ``return self._finish(x_adv, y, iteration, target_class)``.
+
+    Args:
+        model, eps, seed, num_classes: see :class:`~featdenoise.attacks.base.Attack`.
+        **kwargs: passed to :class:`~featdenoise.attacks.base.Attack` (bf16, channels_last and
+            the speed options).
+    """
+
+    def __init__(self, model: nn.Module, eps: float = 16 / 255, seed: int | None = None,
+                 num_classes: int | None = None, **kwargs):
+        kwargs.pop("targeted", None)  # the outcome is always "misclassified"
+        super().__init__(model, eps=eps, targeted=False, seed=seed, num_classes=num_classes,
+                         **kwargs)
+        self.last_broken: torch.Tensor | None = None
+        self.last_iteration: torch.Tensor | None = None
+        self.last_target_class: torch.Tensor | None = None
+        self.last_margin: torch.Tensor | None = None
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(eps={self.eps * 255:g}/255, seed={self.seed})"
+
+    # ------------------------------------------------------------------------- helpers
+    @torch.no_grad()
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits ``[N, K]`` float32 of ``x`` without a graph."""
+        with self._autocast(x):
+            return self.model(x).float()
+
+    def _finish(self, x_adv: torch.Tensor, y: torch.Tensor, iteration: torch.Tensor,
+                target_class: torch.Tensor) -> torch.Tensor:
+        """Record the per-image results on the returned images (one forward pass) and return
+        them. ``iteration`` / ``target_class`` ``[N]`` int64 are kept only where broken."""
+        logits = self._logits(x_adv) if len(x_adv) else torch.zeros(0, 2, device=x_adv.device)
+        margin = margins(logits, y)
+        broken = logits.argmax(1) != y
+        self.last_broken = broken
+        self.last_margin = margin
+        self.last_iteration = torch.where(broken, iteration, torch.full_like(iteration, -1))
+        self.last_target_class = torch.where(broken, target_class,
+                                             torch.full_like(target_class, -1))
+        return x_adv

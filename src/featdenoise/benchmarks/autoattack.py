@@ -1,0 +1,182 @@
+"""AutoAttack bench: our chain against ``torchattacks.AutoAttack``, side by side in one process.
+
+Same model, same images, same eps, same budget on both sides: torchattacks 3.5.1's
+``AutoAttack(version="standard")`` builds APGD, APGD-T and FAB with its default 10 iterations
+(the original standard is 100) and Square with a rescaled p schedule, so its sub-attacks are set
+here to our budget (iterations, queries, 9 target classes, the original p schedule). torchattacks
+takes its number of target classes from ``n_classes`` (``n_classes - 1``), so it is given
+``min(K, 10)`` (9 targets, as in the original; a 1000-class model would otherwise get 999).
+
+Labels are the model's own clean predictions (the nets are randomly initialised: every image is
+then "correctly classified" and attacked) and eps is such that APGD-CE breaks some images but not
+all, so every attack of the chain gets work. Ours runs with the attacks' speed options (BatchNorm
+folded, convolutions packed: the same function up to float rounding). After a warm-up of both on
+2 images, printed per case: process CPU time of each side (steady under other jobs' load with one
+thread, the default), the ratio, both robust accuracies, our robust accuracy after each attack,
+and the images pushed through the model by each side (forward passes with and without a graph,
+counted by a hook).
+
+Where the time goes: torchattacks runs every attack for its whole budget on every image it gets
+(an image broken at APGD-CE iteration 1 still gets all the other iterations, and APGD-T / FAB-T
+run every target on it), recomputes clean logits in every attack and target run, classifies
+every FAB iterate with an extra forward pass, takes a gradient at the last iterate that is never
+used, and its ``MultiAttack`` classifies every attack's output once more. Ours drops an image
+from the batch once it is broken, classifies FAB iterates in the pass that takes their gradient
+while few are misclassified, and skips the last gradient. Both take FAB-T's step from one logit
+difference (one backward pass; the untargeted FAB needs the Jacobian of all logits, AutoAttack's
+standard chain does not use it). With every image robust the passes are about equal and the
+difference is the speed options.
+
+Reproduce::
+
+    python -c 'from featdenoise.benchmarks.autoattack import main; main()'          # reduced
+    python -c 'from featdenoise.benchmarks.autoattack import main; main(["--full"])'  # standard
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import time
+
+import torch
+from torch import nn
+
+from featdenoise.attacks import Attack, AutoAttack
+from featdenoise.models import create_model
+
+REDUCED = {"steps": 20, "n_queries": 200}
+FULL = {"steps": 100, "n_queries": 5000}
+
+
+class PassCounter:
+    """Counts images through ``model``'s forward, split by whether a graph is recorded."""
+
+    def __init__(self, model: nn.Module):
+        self.grad = self.nograd = 0
+        self.handle = model.register_forward_pre_hook(self._hook)
+
+    def _hook(self, module: nn.Module, inputs: tuple) -> None:
+        n = int(inputs[0].shape[0])
+        if torch.is_grad_enabled() and inputs[0].requires_grad:
+            self.grad += n
+        else:
+            self.nograd += n
+
+    def reset(self) -> tuple[int, int]:
+        counts = (self.grad, self.nograd)
+        self.grad = self.nograd = 0
+        return counts
+
+
+def torchattacks_chain(model: nn.Module, eps: float, n_classes: int, steps: int,
+                       n_queries: int, seed: int = 0):
+    """``torchattacks.AutoAttack(version="standard")`` with its sub-attacks set to our budget."""
+    import torchattacks
+
+    chain = torchattacks.AutoAttack(model, norm="Linf", eps=eps, version="standard",
+                                    n_classes=min(n_classes, 10), seed=seed)
+    for attack in chain._autoattack.attacks:
+        if hasattr(attack, "steps"):
+            attack.steps = steps
+        if hasattr(attack, "n_queries"):
+            attack.n_queries = n_queries
+            attack.rescale_schedule = False  # AutoAttack's original schedule
+    return chain
+
+
+def _cases(n_images: int) -> list[tuple[str, nn.Module, tuple[int, ...], int, float]]:
+    torch.manual_seed(0)
+    resnet50 = create_model("resnet50", num_classes=1000)
+    small = create_model("small_resnet", in_channels=1, num_classes=10)
+    # Randomly initialised nets: eps where APGD-CE breaks some images, not all (~1/3).
+    return [("resnet50 64x64", resnet50, (n_images, 3, 64, 64), 1000, 1 / 255),
+            ("small_resnet 28x28x1", small, (4 * n_images, 1, 28, 28), 10, 2 / 255)]
+
+
+def fast_options() -> dict:
+    """Our attacks' speed options switched on, whichever way this version spells them."""
+    params = inspect.signature(Attack.__init__).parameters
+    if "fold_bn" in params and "prepack" in params:
+        return {"fold_bn": True, "prepack": True}
+    if "exact" in params:
+        return {"exact": False}
+    return {}
+
+
+def bench_case(name: str, model: nn.Module, shape: tuple[int, ...], n_classes: int, eps: float,
+               budget: dict, device: torch.device) -> float:
+    """Run both chains once on one model; print two lines; return the CPU-time ratio."""
+    model = model.to(device).eval()
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(shape, generator=g).to(device)
+    with torch.no_grad():
+        y = model(x).argmax(1)  # the model's own predictions: every image is attacked
+    ours = AutoAttack(model, eps=eps, version="standard", n_classes=n_classes, seed=0, **budget,
+                      **fast_options())
+    theirs = torchattacks_chain(model, eps, n_classes, budget["steps"], budget["n_queries"])
+    # Warm-up (one-time costs: first oneDNN primitives, the speed options' checks) on 2 images.
+    AutoAttack(model, eps=eps, n_classes=n_classes, steps=2, n_queries=2, **fast_options())(
+        x[:2], y[:2])
+    torchattacks_chain(model, eps, n_classes, steps=2, n_queries=2)(x[:2], y[:2])
+    counter = PassCounter(model)
+    try:
+        wall, cpu = time.perf_counter(), time.process_time()
+        x_ours, records = ours.run(x, y, seed=0)
+        t_ours = time.process_time() - cpu, time.perf_counter() - wall
+        passes_ours = counter.reset()
+        wall, cpu = time.perf_counter(), time.process_time()
+        x_theirs = theirs(x, y)
+        t_theirs = time.process_time() - cpu, time.perf_counter() - wall
+        passes_theirs = counter.reset()
+    finally:
+        counter.handle.remove()
+    with torch.no_grad():
+        acc_ours = (model(x_ours).argmax(1) == y).float().mean().item()
+        acc_theirs = (model(x_theirs).argmax(1) == y).float().mean().item()
+    inside = ((x_ours - x).abs().amax() <= eps + 1e-6).item()
+    after = ", ".join(f"{k} {v:.0%}" for k, v in ours.robust_accuracy(records).items())
+    ratio = t_theirs[0] / t_ours[0]
+    print(f"{name:20s} n={shape[0]:<3d} eps {eps * 255:g}/255  CPU s: ours {t_ours[0]:7.1f}  "
+          f"torchattacks {t_theirs[0]:7.1f}  ratio {ratio:5.2f}x  (wall {t_ours[1]:.1f} / "
+          f"{t_theirs[1]:.1f})  robust acc: ours {acc_ours:.1%}, torchattacks {acc_theirs:.1%}")
+    print(f"{'':20s} ours after each attack: {after}; in eps-box: {inside}; images through "
+          f"forward (with graph / without): ours {passes_ours[0]} / {passes_ours[1]}, "
+          f"torchattacks {passes_theirs[0]} / {passes_theirs[1]}")
+    return ratio
+
+
+def run(args: argparse.Namespace) -> int:
+    """Entry point (args: full, images, threads, device); prints one block per case."""
+    try:
+        import torchattacks  # noqa: F401
+    except ImportError:
+        raise ValueError("the AutoAttack bench compares against torchattacks; install it with "
+                         "`pip install torchattacks==3.5.1` (a dev dependency)") from None
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    budget = FULL if args.full else REDUCED
+    label = ("standard budget" if args.full else
+             "REDUCED budget (standard: 100 iterations, 5000 queries: --full)")
+    print(f"AutoAttack standard chain (APGD-CE, APGD-T x9, FAB-T x9, Square), "
+          f"{budget['steps']} iterations, {budget['n_queries']} Square queries: {label}; "
+          f"device {device}, {torch.get_num_threads()} threads; labels = clean predictions")
+    ratios = [bench_case(name, model, shape, k, eps, budget, device)
+              for name, model, shape, k, eps in _cases(args.images)]
+    print(f"speed-up over torchattacks (process CPU time): min {min(ratios):.2f}x "
+          f"(target >= 1.30x at equal or lower robust accuracy)")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry: ``--full`` (standard budget), ``--images N`` (ResNet-50 batch; the
+    small net gets 4N), ``--threads``, ``--device``."""
+    parser = argparse.ArgumentParser(prog="bench-autoattack", description=__doc__.split("\n")[0])
+    parser.add_argument("--full", action="store_true", help="the standard budget (slow)")
+    parser.add_argument("--images", type=int, default=8, help="ResNet-50 images (default 8)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (default 1: process CPU time is a steady measure on "
+                             "a shared machine only with one thread; 0: torch's default)")
+    parser.add_argument("--device", default="cpu")
+    return run(parser.parse_args(argv))
