@@ -5,9 +5,8 @@
 - :func:`build_attack` picks one by name; :func:`draw_targets` draws ``(y + U{1..K-1}) mod K``.
 - :mod:`featdenoise.attacks.metrics`: per-image outcomes, accuracy and targeted success rate.
 - :class:`LinfBall` is the threat model (projection, random start) the update rules walk in.
-- Speed options of every attack, the same function up to float rounding:
-  :mod:`featdenoise.attacks.fold` (``fold_bn``: BatchNorm folded into the convolutions) and
-  :mod:`featdenoise.attacks.prepack` (``prepack``: convolutions on weights packed once, CPU).
+- Every attack runs its passes inside :func:`featdenoise.accel.inference_grad` (BatchNorm folded,
+  packed convolutions: the same function up to float rounding) unless built with ``exact=True``.
 """
 
 from __future__ import annotations

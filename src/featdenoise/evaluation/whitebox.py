@@ -314,7 +314,7 @@ def evaluate_whitebox(
         rank, world_size: run one shard by hand (no collectives); default from torch.distributed.
         max_batches: stop after this many batches of this call (an interruption, for tests).
         fast: let the attack fold BatchNorm into the convolutions and run them on packed weights
-            (``fold_bn`` and ``prepack`` of :class:`~featdenoise.attacks.base.Attack`): the same
+            (``exact=not fast`` of :class:`~featdenoise.attacks.base.Attack`): the same
             function up to float rounding, ~1.3x faster on a CPU; off by default for bit-level
             agreement with the official attacker. Recorded in the settings; a resumed run may
             change it (it moves no result beyond rounding).
@@ -455,8 +455,7 @@ def _evaluate_batch(model, x, y, batch_index, indices, all_ids, names, steps, *,
     for name, n in zip(names, steps, strict=True):
         s = derive_seed(seed, "start", batch_index, name)
         atk = make_attack(attack, model, eps=eps, step_size=step_size, steps=n, targeted=targeted,
-                          restarts=restarts, step_rule=step_rule, seed=s, fold_bn=fast,
-                          prepack=fast)
+                          restarts=restarts, step_rule=step_rule, seed=s, exact=not fast)
         devices = [device] if device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(s)
