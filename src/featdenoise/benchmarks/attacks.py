@@ -1,14 +1,14 @@
 """``featdenoise bench attacks``: our default PGD against torchattacks' PGD, side by side.
 
-Same model, same batch, same settings (10 steps, untargeted, eps 16/255, step 1.6/255, clean
-start, so the results can be compared pixel by pixel), on a plain conv+BN CNN (32x32) and on
-ResNet-50 at 64x64. Four attacks run alternately (ours as a user writes it, ``PGD(model, ...)``
-with no options; ours with ``exact=True``; torchattacks; torchattacks inside
+Same model, same batch, same settings (10 steps, 3 with ``--quick``; untargeted, eps 16/255, step
+1.6/255, clean start, so the results can be compared pixel by pixel), on a plain conv+BN CNN
+(32x32) and on ResNet-50 at 64x64. Four attacks run alternately (ours as a user writes it,
+``PGD(model, ...)`` with no options; ours with ``exact=True``; torchattacks; torchattacks inside
 :func:`featdenoise.accel.inference_grad`), so load on a shared machine hits all alike; the median
-time of each is reported with images/s, the ratios and the share of identical pixels (target:
-ours >= 1.5x torchattacks with >= 99.9% identical pixels). Achieved GFLOP/s counts a PGD step as
-2x the forward FLOPs (:class:`torch.utils.flop_counter.FlopCounterMode` on the forward): the
-forward plus a backward that computes input gradients only, which is all either implementation
+time of each is reported with images/s, the ratios and the share of identical pixels (target: ours
+>= 1.5x torchattacks with >= 99.9% identical pixels). Achieved GFLOP/s counts a PGD step as 2x the
+forward FLOPs (:class:`torch.utils.flop_counter.FlopCounterMode` on the forward): the forward plus
+a backward that computes input gradients only, which is all either implementation
 computes. It is printed against the machine's large-matmul GFLOP/s measured here.
 
 Where the speed comes from (:mod:`featdenoise.accel`, on by default in every attack): each
@@ -37,6 +37,7 @@ from featdenoise.models import create_model
 
 EPS = 16 / 255
 STEPS = 10
+QUICK_STEPS = 3  # a smoke run
 
 
 def _sync(device: torch.device) -> None:
@@ -122,7 +123,8 @@ def _agree(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def bench_case(name: str, model: nn.Module, shape: tuple[int, ...], num_classes: int,
-               device: torch.device, repeats: int, peak: float) -> tuple[float, float, float]:
+               device: torch.device, repeats: int, peak: float,
+               steps: int = STEPS) -> tuple[float, float, float]:
     """Time the four attacks on one model/batch, print their lines; return the CPU-time (GPU:
     wall-clock) ratios ``(ours / torchattacks, torchattacks in accel / torchattacks,
     pixel agreement of ours with torchattacks)``."""
@@ -132,9 +134,9 @@ def bench_case(name: str, model: nn.Module, shape: tuple[int, ...], num_classes:
     g = torch.Generator().manual_seed(0)
     x = torch.rand(shape, generator=g).to(device)
     y = torch.randint(0, num_classes, shape[:1], generator=g).to(device)
-    ours = PGD(model, eps=EPS, steps=STEPS, targeted=False, random_start=False)
-    exact = PGD(model, eps=EPS, steps=STEPS, targeted=False, random_start=False, exact=True)
-    theirs = torchattacks.PGD(model, eps=EPS, alpha=ours.step, steps=STEPS, random_start=False)
+    ours = PGD(model, eps=EPS, steps=steps, targeted=False, random_start=False)
+    exact = PGD(model, eps=EPS, steps=steps, targeted=False, random_start=False, exact=True)
+    theirs = torchattacks.PGD(model, eps=EPS, alpha=ours.step, steps=steps, random_start=False)
 
     def theirs_accel():
         with accel.inference_grad(model):
@@ -148,7 +150,7 @@ def bench_case(name: str, model: nn.Module, shape: tuple[int, ...], num_classes:
         for k, fn in runs.items():
             times[k].append(_timed_both(fn, device))
     n = shape[0]
-    total = 2 * forward_flops(model, x) * STEPS  # forward + input-gradient backward
+    total = 2 * forward_flops(model, x) * steps  # forward + input-gradient backward
     med = {}
     for i, clock in enumerate(("wall", "cpu")):
         # CPU time of all threads / threads: the time the work would take on idle cores.
@@ -186,11 +188,12 @@ def run(args: argparse.Namespace) -> int:
     quick = bool(args.quick)
     repeats = args.repeats or (1 if quick else 5)
     peak = matmul_gflops(device, 1024 if quick else 2048)
-    print(f"PGD {STEPS} steps, untargeted, eps 16/255, step {max(1, 16 / STEPS):g}/255, clean "
+    steps = QUICK_STEPS if quick else STEPS
+    print(f"PGD {steps} steps, untargeted, eps 16/255, step {max(1, 16 / steps):g}/255, clean "
           f"start, ours as PGD(model, ...) with no options; device {device}, "
           f"{torch.get_num_threads()} threads, {repeats} repeats (median); "
           f"matmul {peak:.1f} GFLOP/s")
-    results = [bench_case(name, model, shape, num_classes, device, repeats, peak)
+    results = [bench_case(name, model, shape, num_classes, device, repeats, peak, steps)
                for name, model, shape, num_classes in _cases(quick)]
     clock = "CPU-time" if device.type == "cpu" else "wall-clock"
     print(f"speed-up over torchattacks ({clock}): min {min(r[0] for r in results):.2f}x "
