@@ -19,7 +19,9 @@ are kept per model while it is unchanged. The ``exact=True`` row shows what is l
 the attack's own bookkeeping (input gradients only, no per-step mean over the batch). On one
 thread with batches < 16 our attack also runs on a channels-last copy of the images (there
 PyTorch runs 1x1 convolutions as GEMMs, which are much faster on NHWC data). On a CPU the ratio
-is taken on process CPU time (steady under other jobs' load); wall-clock is printed too.
+is taken on process CPU time (steady under other jobs' load; on a loaded machine prefer
+``--threads 1``, since idle OpenMP threads spin and their waiting counts as CPU time); wall-clock
+is printed too.
 """
 
 from __future__ import annotations
