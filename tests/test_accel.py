@@ -212,6 +212,29 @@ def test_training_mode_autocast_and_other_signatures_run_the_normal_path():
     assert out.equal(model(x)) and not caches(model).verified
 
 
+class NoisyNet(ConvBNNet):
+    """A randomised defence: noise from the global generator at every call, also in eval mode."""
+
+    def forward(self, x):
+        return super().forward(x + 0.01 * torch.rand_like(x))
+
+
+def test_checks_leave_the_global_random_stream_alone():
+    """The first call's checks must not shift the draws a randomised model (or attack) sees."""
+    model = NoisyNet().eval()
+    x = images()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        ref = [model(x), model(x)]
+    after = torch.get_rng_state()
+    torch.manual_seed(0)
+    with inference_grad(model), torch.no_grad():
+        out = [model(x), model(x)]
+    assert torch.equal(torch.get_rng_state(), after)
+    assert all(torch.allclose(o, r, rtol=1e-5, atol=1e-6) for o, r in zip(out, ref, strict=True))
+    assert list(caches(model).verified.values()) == [{0, 1}]  # same draws in both check passes
+
+
 def test_nested_blocks_and_disabled_block():
     model = ConvBNNet().eval()
     x = images()

@@ -177,14 +177,22 @@ def _verify_fold(block: _Block, forward, x: torch.Tensor, rtol: float = 1e-4) ->
         return frozenset()
     x = x[:_VERIFY_IMAGES]
     block.counts = {"conv": [0] * n, "bn": [0] * n, "fed": [0] * n}
-    ref = _run(block, forward, x, "record", frozenset(), False)
-    counts = block.counts
-    wired = frozenset(i for i in range(n)
-                      if counts["conv"][i] > 0 and counts["conv"][i] == counts["bn"][i]
-                      == counts["fed"][i])
-    if not wired or not isinstance(ref, torch.Tensor):
-        return frozenset()
-    out = _run(block, forward, x, "fast", wired, False)
+    # A randomised model draws from the global generators: both passes see the same draws, and
+    # the checks leave the generators as they found them.
+    devices = [x.device] if x.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        states = (torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in devices])
+        ref = _run(block, forward, x, "record", frozenset(), False)
+        torch.set_rng_state(states[0])
+        for d, state in zip(devices, states[1], strict=True):
+            torch.cuda.set_rng_state(state, d)
+        out = None
+        counts = block.counts
+        wired = frozenset(i for i in range(n)
+                          if counts["conv"][i] > 0 and counts["conv"][i] == counts["bn"][i]
+                          == counts["fed"][i])
+        if wired and isinstance(ref, torch.Tensor):
+            out = _run(block, forward, x, "fast", wired, False)
     if not isinstance(out, torch.Tensor) or out.shape != ref.shape:
         return frozenset()
     ref, out = ref.float(), out.float()
