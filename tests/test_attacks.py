@@ -1,4 +1,4 @@
-"""Attacks: properties every attack must keep, PGD's options, targets and metrics.
+"""Attacks: properties every attack must keep, PGD's options and targets.
 
 Tiny models only; cross-checks against torchattacks and the official attacker live in
 test_attacks_reference.py.
@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+from featdenoise.accel import caches
 from featdenoise.attacks import (
     ATTACKS,
     FGSM,
@@ -20,8 +21,6 @@ from featdenoise.attacks import (
     build_attack,
     draw_targets,
 )
-from featdenoise.attacks.base import speed_caches
-from featdenoise.evaluation import metrics
 
 EPS = 16 / 255
 K = 5
@@ -298,23 +297,6 @@ def test_threat_model_projection():
     assert torch.allclose(ball.project_(z, lo, hi), torch.tensor([0.0, 0.15, 0.45, 1.0, 0.9]))
 
 
-def test_metrics_outcomes_and_rates():
-    logits = torch.tensor([[3.0, 0, 0], [0, 3.0, 0], [0, 0, 3.0], [3.0, 0, 0]])
-    y = torch.tensor([0, 2, 2, 1])
-    target = torch.tensor([1, 1, 0, 0])
-    out = metrics.outcomes(logits, y, target)
-    assert out["correct"].tolist() == [True, False, True, False]
-    assert out["target_hit"].tolist() == [False, True, False, True]
-    acc = metrics.accuracy(out["correct"])
-    assert (acc.count, acc.total) == (2, 4) and acc.value == 0.5
-    assert str(acc) == "50.0% (2/4)"
-    rate = metrics.success_rate(out["target_hit"]) + metrics.success_rate(torch.tensor([True]))
-    assert str(rate) == "60.0% (3/5)"
-    assert not metrics.outcomes(logits, y)["target_hit"].any()
-    assert str(sum([acc, acc])) == "50.0% (4/8)"
-    assert str(metrics.Rate(412, 1000)) == "41.2% (412/1000)"
-
-
 class ConvBNNet(nn.Module):
     """Conv-BN pairs as children (foldable), plus a pair whose BN runs BEFORE its conv."""
 
@@ -339,98 +321,57 @@ class ConvBNNet(nn.Module):
         return self.head(torch.relu(h))
 
 
-def test_folded_batchnorm_is_the_same_function_and_is_undone():
-    from featdenoise.attacks.fold import foldable_pairs, folded_batchnorm
-
-    model = ConvBNNet().eval()
-    x, _ = batch()
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    modules = list(model.modules())
-    with torch.no_grad():
-        ref = model(x)
-        with folded_batchnorm(model) as n:
-            folded = model(x)
-            assert n == 2 and not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
-    assert len(foldable_pairs(model)) == 2
-    assert torch.allclose(folded, ref, rtol=1e-5, atol=1e-6)
-    assert list(model.modules()) == modules
-    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
-    assert model.head[0].bias is None and isinstance(model.conv.weight, nn.Parameter)
-
-
-def test_fold_cache_is_reused_only_while_the_model_is_unchanged():
-    """The attack's fold cache must never serve weights folded from stale parameters."""
-    from featdenoise.attacks.fold import folded_batchnorm
-
-    model = ConvBNNet().eval()
-    x, _ = batch()
-    cache: dict = {}
-    with torch.no_grad():
-        with folded_batchnorm(model, cache):
-            first = model.conv.weight
-        with folded_batchnorm(model, cache):
-            assert model.conv.weight is first  # unchanged model: the folded tensor is reused
-        model.conv.weight.mul_(2.0)  # an in-place update, as an optimizer step makes
-        model.head[1].running_var.mul_(3.0)
-        ref = model(x)
-        with folded_batchnorm(model, cache):
-            assert model.conv.weight is not first
-            folded = model(x)
-        second = cache[(id(model.conv), id(model.bn))][2]
-        model.bn.bias.data.add_(0.5)  # ``.data`` writes leave the version counter alone
-        ref2 = model(x)
-        with folded_batchnorm(model, cache):
-            assert model.conv.weight is not second  # refolded: the snapshot differs
-            folded2 = model(x)
-    assert torch.allclose(folded, ref, rtol=1e-5, atol=1e-6)
-    assert torch.allclose(folded2, ref2, rtol=1e-5, atol=1e-6)
-    assert not torch.allclose(ref2, ref)
-    assert len(cache) == 2
-
-
-def test_fold_is_checked_and_skipped_when_wrong():
-    """A BN registered after its conv but applied before it must not be folded (and folding is
-    off unless asked for)."""
-    assert PGD(ConvBNNet()).fold_bn is False
+def test_accelerated_by_default_and_skipped_where_folding_is_wrong():
+    """A BN registered after its conv but applied before it must not be folded; either way the
+    default attack gives the images of ``exact=True`` up to rounding-level sign flips."""
+    assert PGD(ConvBNNet()).exact is False
     x, y = batch()
     target = (y + 1) % K
     for swapped in (False, True):
         model = ConvBNNet(swapped).eval()
-        folded = PGD(model, steps=3, random_start=False, fold_bn=True)
-        plain = PGD(model, steps=3, random_start=False)
-        x_f, x_p = folded(x, y, target), plain(x, y, target)
-        assert speed_caches(model).fold_exact is (not swapped)
-        assert ((x_f - x_p).abs() <= 1e-6).float().mean() >= 0.99
+        fast = PGD(model, steps=3, random_start=False)
+        exact = PGD(model, steps=3, random_start=False, exact=True)
+        x_f, x_e = fast(x, y, target), exact(x, y, target)
+        (folded,) = caches(model).verified.values()
+        assert folded == ({1} if swapped else {0, 1})  # pair 0 is the swapped one
+        assert ((x_f - x_e).abs() <= 1e-6).float().mean() >= 0.99
+
+
+def plain_pgd(model, x, target, eps, step, steps):
+    """The targeted PGD rule written out with autograd (clean start, sign steps, clip)."""
+    x_adv = x.clone()
+    for _ in range(steps):
+        x_adv.requires_grad_(True)
+        loss = -nn.functional.cross_entropy(model(x_adv), target, reduction="sum")
+        (g,) = torch.autograd.grad(loss, x_adv)
+        x_adv = torch.min(torch.max(x_adv.detach() + step * g.sign(), x - eps), x + eps)
+        x_adv = x_adv.clamp(0, 1)
+    return x_adv
+
+
+def test_exact_is_plain_autograd_bit_for_bit():
+    """``exact=True`` is PyTorch's normal path: bitwise the attack written out by hand."""
+    model = ConvBNNet().eval()
+    x, y = batch()
+    target = (y + 2) % K
+    attack = PGD(model, steps=4, random_start=False, exact=True, channels_last=False)
+    ours = attack(x, y, target)
+    assert torch.equal(ours, plain_pgd(model, x, target, EPS, attack.step, 4))
 
 
 @pytest.mark.parametrize("name", list(ATTACKS))
 def test_layout_options_do_not_change_the_result(name):
-    """channels_last and BN folding are speed options: same images (float64: no sign ties)."""
+    """channels_last and the accelerator are speed options: same images (float64: no ties)."""
     model = ConvBNNet().double()
     x, y = batch()
     x = x.double()
-    results = [make(name, model, True, channels_last=cl, fold_bn=fb)(x, y)
-               for cl in (False, True) for fb in (False, True)]
+    results = [make(name, model, True, channels_last=cl, exact=ex)(x, y)
+               for cl in (False, True) for ex in (True, False)]
     for r in results[1:]:
         assert torch.allclose(r, results[0], atol=1e-9)
     assert results[0].is_contiguous() and results[-1].is_contiguous()
     x_cl = x.contiguous(memory_format=torch.channels_last)
     assert make(name, model, True)(x_cl, y).is_contiguous(memory_format=torch.channels_last)
-
-
-def test_fold_wiring_check_does_not_depend_on_bn_statistics():
-    """Freshly built (identity-like) BN: numbers alone cannot tell the wrong wiring apart."""
-    from featdenoise.attacks.fold import fold_is_exact
-
-    x, _ = batch()
-    swapped, right = ConvBNNet(swapped=True).eval(), ConvBNNet().eval()
-    for model in (swapped, right):
-        for bn in (model.bn, model.head[1]):
-            bn.reset_parameters()
-            bn.reset_running_stats()
-    assert not fold_is_exact(swapped, x)
-    assert fold_is_exact(right, x)
-    assert not fold_is_exact(nn.Sequential(nn.Flatten(), nn.Linear(192, K)), x)  # nothing to fold
 
 
 class ExpandedGradNet(nn.Module):

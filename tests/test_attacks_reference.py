@@ -24,9 +24,9 @@ FOLDERS = {"resnet_1111": ("ResNet", [1, 1, 1, 1]),
            "resnet_denoise_2211": ("ResNetDenoise", [2, 2, 1, 1])}
 
 
-@pytest.mark.parametrize("fast", [False, True], ids=["exact", "fold_bn+prepack"])
+@pytest.mark.parametrize("exact", [True, False], ids=["exact", "accelerated"])
 @pytest.mark.parametrize("folder", sorted(FOLDERS))
-def test_pgd_matches_official_attacker(folder, fast):
+def test_pgd_matches_official_attacker(folder, exact):
     assert (FIXTURES / folder).is_dir(), f"official fixture missing: {FIXTURES / folder}"
     from featdenoise.pretrained import load_tensorpack
 
@@ -38,7 +38,7 @@ def test_pgd_matches_official_attacker(folder, fast):
     target = torch.from_numpy(ref["pgd_target"]).long()
     attack = PGD(model, eps=float(ref["eps"]) / 255, step_size=float(ref["step"]) / 255,
                  steps=int(ref["pgd_iter"]), targeted=True, random_start=False,
-                 step_rule="paper", fold_bn=fast, prepack=fast)
+                 step_rule="paper", exact=exact)
     x_adv = attack(x, torch.zeros_like(target), target=target)
     ours = x_adv.flip(1) * 2 - 1  # RGB [0, 1] -> BGR [-1, 1], NCHW
     official = torch.from_numpy(ref["pgd_adv_nchw"])

@@ -35,9 +35,15 @@ def test_bench_attacks_quick_agrees_with_torchattacks(capsys):
     pytest.importorskip("torchattacks")
     assert main(["bench", "attacks", "--quick", "--repeats", "1"]) == 0
     out = capsys.readouterr().out
-    agree = [float(a) for a in re.findall(r"same adversarial pixels .*: ([\d.]+)%", out)]
-    assert len(agree) == 2 and min(agree) >= 99.0
+    agree = re.findall(r"same adversarial pixels .*: ours vs torchattacks ([\d.]+)%, "
+                       r"torchattacks in accel vs plain ([\d.]+)%, ours exact vs torchattacks "
+                       r"([\d.]+)%", out)
+    assert len(agree) == 2
+    for ours, theirs_accel, exact in agree:
+        assert float(exact) == 100.0  # exact: the same rule and the same arithmetic
+        assert float(ours) >= 99.0 and float(theirs_accel) >= 99.0
     assert len(re.findall(r"ratio +[\d.]+x", out)) == 4  # 2 cases x (wall, cpu)
+    assert len(re.findall(r"inside accel.inference_grad .* speed-up +[\d.]+x", out)) == 2
     assert re.search(r"speed-up over torchattacks \(CPU-time\): min [\d.]+x", out)
 
 

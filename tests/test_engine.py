@@ -228,13 +228,17 @@ def test_metrics_by_hand():
 
 
 def test_rates_state_their_denominator():
-    logits = torch.tensor([[2.0, 0.0, 1.0], [0.0, 3.0, 1.0], [1.0, 0.0, 2.0]])
-    y, t = torch.tensor([0, 0, 2]), torch.tensor([1, 1, 0])
-    out = metrics.outcomes(logits, y, t)
-    assert out["correct"].tolist() == [True, False, True]
-    assert out["target_hit"].tolist() == [False, True, False]
-    assert str(metrics.accuracy(out["correct"])) == "66.7% (2/3)"
-    total = metrics.success_rate(out["target_hit"]) + metrics.success_rate(torch.tensor([True]))
-    assert (total.count, total.total) == (2, 4)
-    assert metrics.topk_correct(logits, y, 2).tolist() == [True, False, True]
+    logits = torch.tensor([[3.0, 0, 0], [0, 3.0, 0], [0, 0, 3.0], [3.0, 0, 0]])
+    y = torch.tensor([0, 2, 2, 1])
+    target = torch.tensor([1, 1, 0, 0])
+    out = metrics.outcomes(logits, y, target)
+    assert out["correct"].tolist() == [True, False, True, False]
+    assert out["target_hit"].tolist() == [False, True, False, True]
+    acc = metrics.accuracy(out["correct"])
+    assert (acc.count, acc.total) == (2, 4) and acc.value == 0.5
+    assert str(acc) == "50.0% (2/4)"
+    rate = metrics.success_rate(out["target_hit"]) + metrics.success_rate(torch.tensor([True]))
+    assert str(rate) == "60.0% (3/5)"
     assert not metrics.outcomes(logits, y)["target_hit"].any()
+    assert str(sum([acc, acc])) == "50.0% (4/8)"
+    assert str(metrics.Rate(412, 1000)) == "41.2% (412/1000)"

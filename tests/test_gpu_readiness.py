@@ -57,8 +57,10 @@ def test_denoising_model_forward_and_input_gradient_on_the_meta_device():
 # Random draws and tensor factories in the code that runs on the model's device (attacks,
 # models, the training losses, viz) must name a device. Known CPU-only ones, with the reason:
 _CPU_ON_PURPOSE = {
-    ("attacks/prepack.py", "torch.Generator()"): "oneDNN packing runs on CPUs only",
-    ("attacks/prepack.py", "torch.randn(ref.shape, generator=torch.Generator().manual_seed(0))"):
+    ("accel/pack.py", "torch.Generator()"): "oneDNN packing runs on CPUs only",
+    ("accel/pack.py", "torch.randn(ref.shape, generator=torch.Generator().manual_seed(0))"):
+        "oneDNN packing runs on CPUs only",
+    ("accel/pack.py", "torch.empty(x_shape, dtype=grad_y.dtype)"):
         "oneDNN packing runs on CPUs only",
     ("training/recipe.py", "torch.rand((), generator=generator)"): "a host-side coin (a bool)",
     ("viz.py", "torch.Generator()"): "targets drawn on the CPU, then moved to the labels",
@@ -70,7 +72,8 @@ _FACTORIES = {"Generator", "rand", "randn", "randint", "randperm", "zeros", "one
 
 
 def test_random_draws_and_new_tensors_name_their_device():
-    files = [*(SRC / "attacks").glob("*.py"), *(SRC / "models").glob("*.py"),
+    files = [*(SRC / "attacks").glob("*.py"), *(SRC / "accel").glob("*.py"),
+             *(SRC / "models").glob("*.py"), SRC / "evaluation" / "engine.py",
              SRC / "training" / "recipe.py", SRC / "viz.py"]
     found = []
     for path in sorted(files):

@@ -7,9 +7,8 @@
 - :class:`LinfBall` is the threat model (projection, random start) the update rules walk in.
 - AutoAttack (Croce & Hein, ICML 2020): :class:`APGD`, :class:`APGDT`, :class:`FAB` (FAB-T),
   :class:`Square` and the chain :class:`AutoAttack` / :func:`run_chain` with per-image records.
-- Speed options of every attack, the same function up to float rounding:
-  :mod:`featdenoise.attacks.fold` (``fold_bn``: BatchNorm folded into the convolutions) and
-  :mod:`featdenoise.attacks.prepack` (``prepack``: convolutions on weights packed once, CPU).
+- Every attack runs its passes inside :func:`featdenoise.accel.inference_grad` (BatchNorm folded,
+  packed convolutions: the same function up to float rounding) unless built with ``exact=True``.
 """
 
 from __future__ import annotations

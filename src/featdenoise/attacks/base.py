@@ -8,6 +8,9 @@ A subclass writes only its update rule (:meth:`Attack._perturb`); this base clas
 - computes gradients with respect to the input only (:func:`torch.autograd.grad`), with the
   parameters' ``requires_grad`` switched off for the duration of the attack, so backward computes no
   weight gradient at all and no ``.grad`` is ever touched (flags are restored afterwards);
+- runs those passes inside :func:`featdenoise.accel.inference_grad` (BatchNorm folded, packed
+  convolutions; verified, the same function up to float rounding) unless ``exact=True``;
+- refuses images, labels, targets and model outputs that cannot be right, with one clear line;
 - never modifies the caller's input in place; each step works on a detached, attack-owned tensor;
 - draws targets ``(y + U{1..K-1}) mod K`` (paper Sec. 6: "the targeted class is selected uniformly
   at random" among the wrong classes) from its own seeded generator and keeps them in
@@ -20,40 +23,16 @@ the attack's forward passes must not take part in gradient synchronisation.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import weakref
 from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from featdenoise.attacks.fold import fold_is_exact, folded_batchnorm
-from featdenoise.attacks.prepack import ConvPacker, prepacked_convolutions
+from featdenoise import accel
 from featdenoise.attacks.threat import LinfBall
 
-
-@dataclasses.dataclass
-class _SpeedCaches:
-    """What the speed options keep for one model, shared by every attack on it (an evaluation
-    builds a new attack per batch, training two per run): whether folding is exact, the folded
-    weights and the packed convolutions, each refreshed whenever the model's tensors change."""
-
-    fold_exact: bool | None = None
-    folded: dict = dataclasses.field(default_factory=dict)
-    packer: ConvPacker = dataclasses.field(default_factory=ConvPacker)
-
-
-# Weak keys: the caches go with the model; they hold no strong reference to any module.
-_CACHES: weakref.WeakKeyDictionary[nn.Module, _SpeedCaches] = weakref.WeakKeyDictionary()
-
-
-def speed_caches(model: nn.Module) -> _SpeedCaches:
-    """The speed options' caches of ``model`` (created on first use)."""
-    caches = _CACHES.get(model)
-    if caches is None:
-        caches = _CACHES[model] = _SpeedCaches()
-    return caches
+_RANGE_TOLERANCE = 1e-6  # images may exceed [0, 1] by this much (float rounding of x / 255)
 
 
 def draw_targets(y: torch.Tensor, num_classes: int,
@@ -89,29 +68,28 @@ class Attack:
         num_classes: K for drawing targets; default ``model.num_classes``, else read from logits.
         bf16: run the attack's forward/backward passes under bfloat16 autocast (the official
             ``--use-fp16xla`` idea); off by default. Losses are still computed in float32.
+            Under autocast the accelerator steps aside (PyTorch's normal path).
         channels_last: run the attack on a channels-last (NHWC) copy of 4-D images (same
             values; the result is returned in the caller's layout). None (default) decides per
             call where it was measured to pay: on a CPU running one thread with batches < 16,
             where PyTorch computes 1x1 convolutions as GEMMs, much faster on NHWC data (ResNet-50:
             ~1.5x); elsewhere it measured equal or slower, so images stay as given.
-        fold_bn: during the attack, fold each eval-mode BatchNorm into the convolution before it
-            (:mod:`featdenoise.attacks.fold`; the same function up to float rounding), checked
-            once per model against the unfolded logits and skipped if they differ. Default False:
-            folding moves logits by ~1e-7 relative, which flips the sign of near-zero input
-            gradients; on the official fixtures with 2 CPU threads the pixel agreement with the
-            authors' attacker moves from 99.84% to 99.83% (denoise) and from 99.92% to 99.96%
-            (plain). Training turns
-            it on (speed matters there, exactness to the last bit does not). The folded
-            weights are kept per model, for every attack on it, while the model's tensors are
-            unchanged (two extra copies of the conv weights for the model's lifetime).
-        prepack: on a CPU in float32, run each convolution on weights packed once for oneDNN
-            instead of at every call, forward and input gradient
-            (:mod:`featdenoise.attacks.prepack`; the same function up to float rounding, each
-            conv and shape checked once; skipped under ``bf16`` and for a ``torch.compile``d
-            model). Default False, like ``fold_bn``: the input gradient
-            is not bit-identical (~5e-7 relative), although on the official fixtures the pixel
-            agreement with the authors' attacker is unchanged (99.92% and 99.84%);
-            training and ``bench attacks`` turn it on. ResNet-50, 64x64, batch 8: 14-17% faster.
+        exact: False (default): the attack's forward and input-gradient passes run inside
+            :func:`featdenoise.accel.inference_grad` (BatchNorm folded into the convolutions,
+            CPU convolutions on packed weights; each verified once per model and input kind,
+            the normal path elsewhere). The same function up to float rounding (~1e-7 relative
+            on logits), which can flip the sign of near-zero input gradients: on the official
+            fixtures (2 CPU threads) the pixel agreement with the authors' attacker is 99.96%
+            (plain) and 99.83% (denoise), against 99.92% and 99.84% with ``exact=True``.
+            True: PyTorch's normal path only, bit for bit the attack of earlier releases
+            (which had these speed-ups off by default).
+
+    Inputs are checked before anything runs (one ValueError line saying what is expected): ``x``
+    a 4-D float tensor ``[N, C, H, W]`` of finite values in [0, 1] (1e-6 tolerance) with the
+    dtype of the model's parameters (no silent conversion: pass ``x.float()`` for a float32
+    model; ``bf16=True`` is the way to compute in bfloat16); ``y`` integer labels ``[N]`` in
+    ``[0, K)``; ``target`` likewise, never equal to the label; the model must return one logits
+    tensor ``[N, K]`` (not a tuple or dict).
 
     Call ``attack(x, y, target=None)`` (or the object itself) to get ``x_adv``.
     """
@@ -120,8 +98,7 @@ class Attack:
 
     def __init__(self, model: nn.Module, eps: float = 16 / 255, targeted: bool = True,
                  seed: int | None = None, num_classes: int | None = None, bf16: bool = False,
-                 channels_last: bool | None = None, fold_bn: bool = False,
-                 prepack: bool = False):
+                 channels_last: bool | None = None, exact: bool = False):
         self.model = model
         self.threat = LinfBall(eps)
         self.targeted = bool(targeted)
@@ -130,8 +107,7 @@ class Attack:
             model, "num_classes", None)
         self.bf16 = bool(bf16)
         self.channels_last = channels_last
-        self.fold_bn = bool(fold_bn)
-        self.prepack = bool(prepack)
+        self.exact = bool(exact)
         self.last_target: torch.Tensor | None = None
         self._generators: dict[torch.device, torch.Generator] = {}
 
@@ -160,15 +136,19 @@ class Attack:
         """
         self._check_inputs(x, y, target)
         y = y.to(device=x.device, dtype=torch.long)
+        if target is not None:
+            target = target.to(device=x.device, dtype=torch.long)
         caller_contiguous = x.is_contiguous()
         x = x.detach()
         if x.dim() == 4 and self._use_channels_last(x):
             x = x.contiguous(memory_format=torch.channels_last)  # a copy unless already NHWC
-        with self._attack_mode(x):
+        with self._attack_mode(), contextlib.ExitStack() as stack:
+            self._check_classes(x, y, target)
+            # Entered after the checks: their forward of one image is not worth packing for.
+            stack.enter_context(accel.inference_grad(self.model, enabled=not self.exact))
             if self.targeted:
                 if target is None:
                     target = draw_targets(y, self._num_classes(x), self._generator(x.device))
-                target = target.to(device=x.device, dtype=torch.long)
                 labels = target
             else:
                 labels = y
@@ -199,8 +179,7 @@ class Attack:
         gradient does not depend on the batch size.
         """
         x_adv = x_adv.detach().requires_grad_(True)
-        with self._autocast(x_adv):
-            logits = self.model(x_adv)
+        logits = self._logits(x_adv)
         loss = F.cross_entropy(logits.float(), labels, reduction="sum")
         if self.targeted:
             loss = -loss
@@ -215,9 +194,7 @@ class Attack:
         Success: misclassified (untargeted) or argmax == target (targeted). Objective: the value
         the attack ascends (CE to the label, or minus CE to the target).
         """
-        with self._autocast(x_adv):
-            logits = self.model(x_adv)
-        logits = logits.float()
+        logits = self._logits(x_adv).float()
         objective = F.cross_entropy(logits, labels, reduction="none")
         pred = logits.argmax(1)
         if self.targeted:
@@ -236,6 +213,18 @@ class Attack:
             self._generators[device] = gen
         return gen
 
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        """``model(x)`` (under the bf16 autocast if asked), checked to be logits ``[N, K]``."""
+        with self._autocast(x):
+            logits = self.model(x)
+        if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or len(logits) != len(x):
+            got = (f"a {type(logits).__name__}" if not isinstance(logits, torch.Tensor)
+                   else f"a tensor {tuple(logits.shape)}")
+            raise ValueError(
+                f"{type(self.model).__name__} returned {got} for images {tuple(x.shape)}; "
+                "attacks need one logits tensor [N, K] (wrap the model to return the logits)")
+        return logits
+
     # -------------------------------------------------------------------------- internals
     def _autocast(self, x: torch.Tensor):
         if not self.bf16:
@@ -243,24 +232,16 @@ class Attack:
         return torch.autocast(device_type=x.device.type, dtype=torch.bfloat16)
 
     @contextlib.contextmanager
-    def _attack_mode(self, x: torch.Tensor) -> Iterator[None]:
-        """Eval mode + frozen parameters + grad enabled (+ BN folded, + packed convs); restores
-        everything."""
+    def _attack_mode(self) -> Iterator[None]:
+        """Eval mode + frozen parameters + grad enabled; restores every module's ``training``
+        and every parameter's ``requires_grad``."""
         modes = [(m, m.training) for m in self.model.modules()]
         params = [p for p in self.model.parameters() if p.requires_grad]
         try:
             self.model.eval()
             for p in params:
                 p.requires_grad_(False)
-            with contextlib.ExitStack() as stack:
-                caches = speed_caches(self.model)
-                if self.fold_bn and self._fold_is_exact(x):
-                    stack.enter_context(folded_batchnorm(self.model, caches.folded))
-                # A compiled model would trace (and recompile) through the packed path.
-                if (self.prepack and not self.bf16 and x.device.type == "cpu"
-                        and not hasattr(self.model, "_orig_mod")):
-                    stack.enter_context(prepacked_convolutions(self.model, caches.packer))
-                stack.enter_context(torch.enable_grad())
+            with torch.enable_grad():
                 yield
         finally:
             for p in params:
@@ -273,32 +254,56 @@ class Attack:
             return bool(self.channels_last)
         return x.device.type == "cpu" and torch.get_num_threads() == 1 and x.shape[0] < 16
 
-    def _fold_is_exact(self, x: torch.Tensor) -> bool:
-        """Whether BN folding is valid for this model (:func:`~featdenoise.attacks.fold.
-        fold_is_exact`: structure and logits), checked once per model; else it runs unfolded."""
-        caches = speed_caches(self.model)
-        if caches.fold_exact is None:
-            caches.fold_exact = fold_is_exact(self.model, x)
-        return caches.fold_exact
-
     def _num_classes(self, x: torch.Tensor) -> int:
         if self.num_classes is None:
-            with torch.no_grad(), self._autocast(x):
-                self.num_classes = int(self.model(x[:1]).shape[-1])
+            with torch.no_grad():
+                self.num_classes = int(self._logits(x[:1]).shape[-1])
         return int(self.num_classes)
 
-    @staticmethod
-    def _check_inputs(x: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None) -> None:
-        if not torch.is_floating_point(x):
-            raise ValueError(f"images have dtype {x.dtype}; pass float RGB in [0, 1] (x / 255)")
-        if x.dim() < 2 or y.shape != x.shape[:1]:
+    def _check_inputs(self, x: torch.Tensor, y: torch.Tensor,
+                      target: torch.Tensor | None) -> None:
+        """Refuse images and labels that cannot be right, before any model call."""
+        if not isinstance(x, torch.Tensor) or not torch.is_floating_point(x) or x.dim() != 4:
+            what = (f"a {type(x).__name__}" if not isinstance(x, torch.Tensor)
+                    else f"{x.dtype} {tuple(x.shape)}")
+            raise ValueError(f"images are {what}; attacks take a float tensor [N, C, H, W] of "
+                             "RGB in [0, 1] (uint8 images: x.float() / 255)")
+        dtype = next((p.dtype for p in self.model.parameters() if p.is_floating_point()), None)
+        if dtype is not None and x.dtype != dtype:
+            raise ValueError(f"images are {x.dtype} but the model's parameters are {dtype}; "
+                             f"pass x.to({dtype}) (bf16=True computes in bfloat16)")
+        for name, labels in (("labels", y), ("target", target)):
+            if labels is None:
+                continue
+            if not isinstance(labels, torch.Tensor) or labels.is_floating_point() or \
+                    labels.is_complex() or labels.dtype == torch.bool:
+                what = labels.dtype if isinstance(labels, torch.Tensor) else type(labels).__name__
+                raise ValueError(f"{name} are {what}; pass integer class indices [N] (int64)")
+            if labels.shape != x.shape[:1]:
+                raise ValueError(
+                    f"images {tuple(x.shape)} and {name} {tuple(labels.shape)} disagree; "
+                    f"expected x [N, C, H, W] and {name} [N]")
+        if x.numel() == 0:
+            return
+        if not torch.isfinite(x).all():
+            raise ValueError("images contain NaN or inf; attacks take finite RGB in [0, 1]")
+        lo, hi = float(x.min()), float(x.max())
+        if lo < -_RANGE_TOLERANCE or hi > 1 + _RANGE_TOLERANCE:
             raise ValueError(
-                f"images {tuple(x.shape)} and labels {tuple(y.shape)} disagree; expected x "
-                "[N, C, H, W] and y [N]")
-        if target is not None and target.shape != y.shape:
-            raise ValueError(f"target {tuple(target.shape)} must have the labels' shape "
-                             f"{tuple(y.shape)}")
-        if x.numel() and (x.min() < 0 or x.max() > 1):
-            raise ValueError(
-                f"images range [{float(x.min()):.3g}, {float(x.max()):.3g}] is outside [0, 1]; "
-                "attacks take RGB in [0, 1] (normalisation is a layer of the model)")
+                f"images range [{lo:.3g}, {hi:.3g}] is outside [0, 1]; attacks take RGB in "
+                "[0, 1] (normalisation is a layer of the model)")
+
+    def _check_classes(self, x: torch.Tensor, y: torch.Tensor,
+                       target: torch.Tensor | None) -> None:
+        """Labels and targets in ``[0, K)``; a target never equal to its label."""
+        if not len(y):
+            return
+        k = self._num_classes(x)
+        for name, labels in (("labels", y), ("target", target if self.targeted else None)):
+            if labels is not None and (labels.min() < 0 or labels.max() >= k):
+                raise ValueError(f"{name} span [{int(labels.min())}, {int(labels.max())}] but "
+                                 f"the model has K={k} classes; pass class indices in [0, {k})")
+        if self.targeted and target is not None and (target == y).any():
+            i = int((target == y).nonzero()[0, 0])
+            raise ValueError(f"target[{i}] = labels[{i}] = {int(y[i])}: a targeted attack needs "
+                             "a wrong class (target=None draws (y + U{1..K-1}) mod K)")

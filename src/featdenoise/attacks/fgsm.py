@@ -22,7 +22,7 @@ class FGSM(Attack):
     (untargeted) or minus the cross-entropy to the target (targeted, the default).
 
     Args: see :class:`~featdenoise.attacks.base.Attack` (model, eps, targeted, seed, num_classes,
-    bf16, channels_last, fold_bn, prepack). ``attack(x, y, target=None) -> x_adv`` [N, C, H, W].
+    bf16, channels_last, exact). ``attack(x, y, target=None) -> x_adv`` [N, C, H, W].
     """
 
     name = "fgsm"
@@ -42,7 +42,7 @@ class IFGSM(PGD):
     ``max(step_size, eps / steps)``, i.e. 1.6/255 for 10 steps of eps 16).
 
     Args: model, eps (default 16/255), step_size (1/255), steps (10), targeted (True),
-    step_rule ("paper"), seed, num_classes, bf16, channels_last, fold_bn, prepack.
+    step_rule ("paper"), seed, num_classes, bf16, channels_last, exact.
     """
 
     name = "ifgsm"
@@ -50,12 +50,11 @@ class IFGSM(PGD):
     def __init__(self, model: nn.Module, eps: float = 16 / 255, step_size: float = 1 / 255,
                  steps: int = 10, targeted: bool = True, step_rule: str = "paper",
                  seed: int | None = None, num_classes: int | None = None, bf16: bool = False,
-                 channels_last: bool | None = None, fold_bn: bool = False,
-                 prepack: bool = False):
+                 channels_last: bool | None = None, exact: bool = False):
         super().__init__(model, eps=eps, step_size=step_size, steps=steps, targeted=targeted,
                          random_start=False, restarts=1, step_rule=step_rule, seed=seed,
                          num_classes=num_classes, bf16=bf16, channels_last=channels_last,
-                         fold_bn=fold_bn, prepack=prepack)
+                         exact=exact)
 
 
 class MIFGSM(IFGSM):
@@ -74,11 +73,10 @@ class MIFGSM(IFGSM):
                  steps: int = 10, targeted: bool = True, decay: float = 1.0,
                  step_rule: str = "paper", seed: int | None = None,
                  num_classes: int | None = None, bf16: bool = False,
-                 channels_last: bool | None = None, fold_bn: bool = False,
-                 prepack: bool = False):
+                 channels_last: bool | None = None, exact: bool = False):
         super().__init__(model, eps=eps, step_size=step_size, steps=steps, targeted=targeted,
                          step_rule=step_rule, seed=seed, num_classes=num_classes, bf16=bf16,
-                         channels_last=channels_last, fold_bn=fold_bn, prepack=prepack)
+                         channels_last=channels_last, exact=exact)
         if decay < 0:
             raise ValueError(f"decay={decay} must be >= 0 (Dong et al. use 1.0)")
         self.decay = float(decay)

@@ -41,7 +41,7 @@ class PGD(Attack):
             else highest label loss; targeted: target hit, else lowest target loss).
         step_rule: ``"paper"`` uses ``max(step_size, eps / steps)`` like the official code (so 10
             steps of eps 16 use 1.6); ``"fixed"`` uses ``step_size`` as given.
-        seed, num_classes, bf16, channels_last, fold_bn, prepack: see
+        seed, num_classes, bf16, channels_last, exact: see
             :class:`~featdenoise.attacks.base.Attack`.
 
     ``attack(x, y, target=None) -> x_adv``; :attr:`last_target` holds the targets used and
@@ -54,11 +54,9 @@ class PGD(Attack):
                  steps: int = 10, targeted: bool = True, random_start: bool = True,
                  clean_start_prob: float = 0.0, restarts: int = 1, step_rule: str = "paper",
                  seed: int | None = None, num_classes: int | None = None, bf16: bool = False,
-                 channels_last: bool | None = None, fold_bn: bool = False,
-                 prepack: bool = False):
+                 channels_last: bool | None = None, exact: bool = False):
         super().__init__(model, eps=eps, targeted=targeted, seed=seed, num_classes=num_classes,
-                         bf16=bf16, channels_last=channels_last, fold_bn=fold_bn,
-                         prepack=prepack)
+                         bf16=bf16, channels_last=channels_last, exact=exact)
         if int(steps) != steps or steps < 0:
             raise ValueError(f"steps={steps} must be a non-negative integer")
         if not step_size > 0:

@@ -193,7 +193,7 @@ def process_batch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, indices: S
     kept = [j for j, k in enumerate(keep) if k]
     if not kept:
         return
-    sel = torch.tensor(kept)
+    sel = torch.tensor(kept, device=x.device)
     x, y = x[sel].to(device), y[sel].to(device).long()  # [n, C, H, W], [n]
     rk = [recs[j] for j in kept]
     batch_ids = [r["id"] for r in rk]

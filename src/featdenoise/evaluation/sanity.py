@@ -172,7 +172,7 @@ class _Runner:
             restarts=restarts,
             step_rule="fixed",
             seed=self.seed if seed is None else seed,
-            fold_bn=not self.exact, prepack=not self.exact,  # TEMP until the accel merge
+            exact=self.exact,
         )
         advs = []
         for (x, y), t in zip(self.batches, self.targets, strict=True):

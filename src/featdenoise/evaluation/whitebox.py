@@ -49,8 +49,7 @@ def make_attack(name: str, model: nn.Module, *, eps: float, step_size: float = 1
     """
     from featdenoise.attacks import build_attack
 
-    kw = dict(eps=eps, targeted=targeted, seed=seed, fold_bn=not exact, prepack=not exact,
-              **kwargs)  # TEMP until the accel merge
+    kw = dict(eps=eps, targeted=targeted, seed=seed, exact=exact, **kwargs)
     if name != "fgsm":
         kw.update(step_size=step_size, steps=int(steps))
     if name == "pgd":

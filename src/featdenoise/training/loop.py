@@ -444,8 +444,7 @@ def _setup(cfg: Config, device) -> Job:
         net, attack_net = torch.compile(net), torch.compile(model)
     attack = recipe.TrainAttack(attack_net, cfg.attack.steps, cfg.attack.eps / 255,
                                 cfg.attack.step_size / 255, cfg.attack.clean_start_prob,
-                                cfg.attack.targeted, fold_bn=not cfg.run.compile,
-                                prepack=not cfg.run.compile)
+                                cfg.attack.targeted, exact=cfg.run.compile)
     total_steps = steps_per_epoch * cfg.optim.epochs
     bar = tqdm(total=total_steps, initial=state.step, unit="step", dynamic_ncols=True,
                disable=not (dist.is_main() and cfg.run.progress))

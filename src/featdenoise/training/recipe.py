@@ -119,24 +119,21 @@ class TrainAttack:
     ``__call__(x, y) -> (x_adv, target, clean_start)`` with ``x`` ``[N, C, H, W]`` in [0, 1];
     ``steps == 0`` returns the clean batch (clean training, Table 3) and ``target`` None.
     ``eps`` and ``step_size`` are given in [0, 1] pixel units (16/255, 1/255 in the paper).
-    ``fold_bn``: let the attack fold inference-mode BatchNorm into the convolutions (exact up to
-    rounding, faster); turn it off for a ``torch.compile``d model, whose graphs would otherwise be
-    recompiled for the swapped weights at every step. ``prepack``: on a CPU, pack each
-    convolution's weights once per attack instead of at every call
-    (:mod:`featdenoise.attacks.prepack`; off for a compiled model too). The two attacks (random
-    and clean start) share the model's folding and packing caches.
+    The attacks run accelerated (:func:`featdenoise.accel.inference_grad`: BatchNorm folded, CPU
+    convolutions packed; the same function up to float rounding; a ``torch.compile``d model runs
+    the normal path) unless ``exact``. The two attacks (random and clean start) share the
+    model's caches.
     """
 
     def __init__(self, model: nn.Module, steps: int, eps: float, step_size: float,
-                 clean_start_prob: float = 0.2, targeted: bool = True, fold_bn: bool = True,
-                 prepack: bool = True):
+                 clean_start_prob: float = 0.2, targeted: bool = True, exact: bool = False):
         self.steps, self.clean_start_prob = steps, clean_start_prob
         self.random_start = self.clean_start = None
         if steps > 0:
             from featdenoise.attacks import PGD
 
             common = dict(eps=eps, step_size=step_size, steps=steps, targeted=targeted,
-                          fold_bn=fold_bn, prepack=prepack)
+                          exact=exact)
             self.random_start = PGD(model, random_start=True, **common)
             self.clean_start = PGD(model, random_start=False, **common)
 

@@ -1,8 +1,8 @@
 """Whether tensors are still the ones a cache was built from, unmodified.
 
-The attacks' speed caches (folded BatchNorm in :mod:`featdenoise.attacks.fold`, packed
-convolutions in :mod:`featdenoise.attacks.prepack`) derive tensors from a model's weights and
-must refresh them whenever those weights change, however they change.
+The accelerator's caches (folded BatchNorm in :mod:`featdenoise.accel.fold`, packed convolutions
+in :mod:`featdenoise.accel.pack`) derive tensors from a model's weights and must refresh them
+whenever those weights change, however they change.
 """
 
 from __future__ import annotations
@@ -27,16 +27,27 @@ class Unchanged:
     """
 
     def __init__(self, tensors: Iterable[torch.Tensor | None],
-                 snapshot: Callable[[torch.Tensor], bool] = lambda t: True):
+                 snapshot: Callable[[torch.Tensor], bool] = lambda t: True, epoch: int = 0):
         self.tensors = tuple(tensors)
         self.versions = _versions(self.tensors)
         self.copies = tuple(t.detach().clone() if t is not None and snapshot(t) else None
                             for t in self.tensors)
+        self.compared_at = epoch
 
-    def holds(self, tensors: Iterable[torch.Tensor | None]) -> bool:
+    def holds(self, tensors: Iterable[torch.Tensor | None], epoch: int | None = None) -> bool:
+        """Same objects, same versions and (once per ``epoch``; always when None) equal to the
+        snapshot. An epoch is one entry of the accelerator: comparing values at every forward
+        would cost a read of all weights per step, while ``p.data`` writes during one block of
+        input-gradient passes are not expected."""
         tensors = tuple(tensors)
-        return (len(tensors) == len(self.tensors)
+        same = (len(tensors) == len(self.tensors)
                 and all(a is b for a, b in zip(self.tensors, tensors, strict=True))
-                and _versions(tensors) == self.versions
-                and all(c is None or torch.equal(c, t)
-                        for c, t in zip(self.copies, tensors, strict=True)))
+                and _versions(tensors) == self.versions)
+        if not same or (epoch is not None and epoch == self.compared_at):
+            return same
+        if not all(c is None or torch.equal(c, t)
+                   for c, t in zip(self.copies, tensors, strict=True)):
+            return False
+        if epoch is not None:
+            self.compared_at = epoch
+        return True

@@ -1,0 +1,286 @@
+"""``inference_grad(model)``: fast forward and input-gradient passes of an eval-mode model.
+
+Inside the block every call ``model(x)`` of the eval-mode model runs
+
+- each BatchNorm folded into the convolution before it (:mod:`featdenoise.accel.fold`), where the
+  wiring and the logits were verified once for inputs like ``x``;
+- each convolution on weights packed once for oneDNN (:mod:`featdenoise.accel.pack`, CPU float32),
+  each conv and input shape verified once against PyTorch's own forward and input gradient.
+
+Nothing in the model is replaced: the block installs instance-level routing functions (the
+model's ``forward``, each conv's ``_conv_forward``, each paired BatchNorm's ``forward``) that
+choose per call between the fast and the normal path, and removes them on exit. Modules,
+parameters, buffers and ``state_dict`` stay the caller's own objects throughout, so code inside
+the block (an attack library calling ``model.eval()`` and ``model(x)``) sees the model it knows.
+The normal path runs, with bit-identical results, whenever a fast one is not verified: a module
+in training mode, a call with more than one argument, autocast (bf16: a speed path of its own,
+whose rounding would hide a wrong fold), ``torch.compile`` tracing, a check that failed, an
+operator missing or refusing its arguments.
+
+The caches (folded weights, packs, verifications) belong to the model and outlive the block, so
+an evaluation that builds a new attack per batch folds and packs once; they are refreshed when
+any weight changes (identity and version at every call, values once per block).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import weakref
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from featdenoise.accel import onednn
+from featdenoise.accel.fold import FoldCache, foldable_pairs, sources
+from featdenoise.accel.pack import ConvPacker
+
+_VERIFY_IMAGES = 8  # images of the first batch of a shape on which folding is verified
+_MISSING = object()
+
+
+@dataclasses.dataclass
+class Caches:
+    """What the accelerator keeps for one model across blocks: folded weights, packed
+    convolutions, and per input kind (shape without batch, dtype, device) the set of
+    BatchNorm pairs whose folding was verified; ``token`` invalidates those verifications when
+    a folded tensor changes. ``epoch`` counts blocks (values are compared once per block)."""
+
+    folds: FoldCache = dataclasses.field(default_factory=FoldCache)
+    packer: ConvPacker = dataclasses.field(default_factory=ConvPacker)
+    verified: dict = dataclasses.field(default_factory=dict)
+    token: tuple | None = None
+    epoch: int = 0
+
+
+# Weak keys: the caches go with the model; they hold no strong reference to any module.
+_CACHES: weakref.WeakKeyDictionary[nn.Module, Caches] = weakref.WeakKeyDictionary()
+_ACTIVE: weakref.WeakKeyDictionary[nn.Module, _Block] = weakref.WeakKeyDictionary()
+
+
+def caches(model: nn.Module) -> Caches:
+    """The accelerator's caches of ``model`` (created on first use)."""
+    found = _CACHES.get(model)
+    if found is None:
+        found = _CACHES[model] = Caches()
+    return found
+
+
+class _Block:
+    """The routing state of one active block on one model, read by the installed functions.
+
+    ``mode``: None (normal path), ``"record"`` (normal path, noting which conv output each paired
+    BatchNorm receives) or ``"fast"`` (folded pairs in ``fold``, packing if ``pack``)."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.caches = caches(model)
+        self.pairs = foldable_pairs(model)
+        self.modules = list(model.modules())
+        self.enabled = [True]  # a stack: a nested block may switch the fast path off
+        self.pack_available = onednn.available()
+        self.mode: str | None = None
+        self.fold: frozenset[int] = frozenset()
+        self.pack = False
+        self.last_out: dict[int, torch.Tensor] = {}  # pair -> its conv's latest output
+        self.counts: dict[str, list[int]] = {}
+
+
+def _compiling() -> bool:
+    compiler = getattr(torch, "compiler", None)
+    return bool(compiler is not None and compiler.is_compiling())
+
+
+def _frozen(tensors) -> bool:
+    return not any(t is not None and t.requires_grad for t in tensors)
+
+
+def _conv_forward(block: _Block, i: int | None, conv: nn.Conv2d, x: torch.Tensor,
+                  weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``conv._conv_forward`` inside a block: pair ``i`` folded and/or packed, or normal."""
+    mode = block.mode
+    if mode is None or _compiling():
+        return nn.Conv2d._conv_forward(conv, x, weight, bias)
+    if mode == "record":
+        out = nn.Conv2d._conv_forward(conv, x, weight, bias)
+        if i is not None:
+            block.counts["conv"][i] += 1
+            block.last_out[i] = out
+        return out
+    folded = False
+    if i in block.fold and weight is conv.weight and bias is conv.bias:
+        bn = block.pairs[i][1]
+        if not bn.training and _frozen(sources(conv, bn)):
+            weight, bias = block.caches.folds.get(conv, bn, block.caches.epoch)
+            folded = True
+    if block.pack:
+        out = block.caches.packer.conv_forward(conv, x, weight, bias)
+    else:
+        out = nn.Conv2d._conv_forward(conv, x, weight, bias)
+    if folded:
+        block.last_out[i] = out  # the BatchNorm that receives exactly this tensor passes it on
+    return out
+
+
+def _bn_forward(block: _Block, i: int, bn: nn.BatchNorm2d, forward, x: torch.Tensor):
+    """A paired BatchNorm's ``forward`` inside a block: identity on its folded conv's output."""
+    if block.mode == "record":
+        block.counts["bn"][i] += 1
+        block.counts["fed"][i] += block.last_out.get(i) is x
+    elif block.mode == "fast" and block.last_out.get(i) is x:
+        del block.last_out[i]
+        return x
+    return forward(x)
+
+
+def _model_forward(block: _Block, forward, *args, **kwargs):
+    """The model's ``forward`` inside a block: fast when verified for inputs like ``args[0]``."""
+    if (not block.enabled[-1] or block.mode is not None or len(args) != 1 or kwargs
+            or not isinstance(args[0], torch.Tensor) or _compiling()
+            or torch.is_autocast_enabled(args[0].device.type)
+            or any(m.training for m in block.modules)):
+        return forward(*args, **kwargs)
+    x = args[0]
+    c = block.caches
+    token = tuple((id(t), t._version) for pair in block.pairs for t in sources(*pair)
+                  if t is not None)
+    if token != c.token:
+        c.verified.clear()
+        c.token = token
+    key = (tuple(x.shape[1:]), x.dtype, x.device)
+    fold = c.verified.get(key)
+    if fold is None:
+        fold = c.verified[key] = _verify_fold(block, forward, x)
+    return _run(block, forward, x, "fast", fold, block.pack_available)
+
+
+def _run(block: _Block, forward, x: torch.Tensor, mode: str, fold: frozenset[int],
+         pack: bool):
+    block.mode, block.fold, block.pack = mode, fold, pack
+    try:
+        return forward(x)
+    finally:
+        block.mode, block.fold, block.pack = None, frozenset(), False
+        block.last_out.clear()
+
+
+@torch.no_grad()
+def _verify_fold(block: _Block, forward, x: torch.Tensor, rtol: float = 1e-4) -> frozenset[int]:
+    """The pairs that may be folded for inputs like ``x``: wiring (each paired BatchNorm receives
+    exactly its conv's output, as often as the conv runs, so a BN registered after its conv but
+    applied elsewhere is caught whatever its statistics) and numbers (folded logits equal
+    PyTorch's own within ``rtol`` of their largest magnitude), on up to 8 images."""
+    n = len(block.pairs)
+    if n == 0:
+        return frozenset()
+    x = x[:_VERIFY_IMAGES]
+    block.counts = {"conv": [0] * n, "bn": [0] * n, "fed": [0] * n}
+    # A randomised model draws from the global generators: both passes see the same draws, and
+    # the checks leave the generators as they found them.
+    devices = [x.device] if x.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        states = (torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in devices])
+        ref = _run(block, forward, x, "record", frozenset(), False)
+        torch.set_rng_state(states[0])
+        for d, state in zip(devices, states[1], strict=True):
+            torch.cuda.set_rng_state(state, d)
+        out = None
+        counts = block.counts
+        wired = frozenset(i for i in range(n)
+                          if counts["conv"][i] > 0 and counts["conv"][i] == counts["bn"][i]
+                          == counts["fed"][i])
+        if wired and isinstance(ref, torch.Tensor):
+            out = _run(block, forward, x, "fast", wired, False)
+    if not isinstance(out, torch.Tensor) or out.shape != ref.shape:
+        return frozenset()
+    ref, out = ref.float(), out.float()
+    tol = rtol * float(ref.abs().max()) + 1e-6
+    return wired if bool(((out - ref).abs().max() <= tol).item()) else frozenset()
+
+
+def _install(block: _Block, installed: list) -> None:
+    """Route the model's forward, every conv and every paired BatchNorm through ``block``."""
+
+    def put(module: nn.Module, name: str, fn) -> None:
+        installed.append((module, name, module.__dict__.get(name, _MISSING)))
+        module.__dict__[name] = fn
+
+    pair_of_conv = {id(conv): i for i, (conv, _) in enumerate(block.pairs)}
+    for module in block.modules:
+        if isinstance(module, nn.Conv2d):
+            put(module, "_conv_forward",
+                functools.partial(_conv_forward, block, pair_of_conv.get(id(module)), module))
+    for i, (_, bn) in enumerate(block.pairs):
+        put(bn, "forward", functools.partial(_bn_forward, block, i, bn, bn.forward))
+    model = block.model
+    put(model, "forward", functools.partial(_model_forward, block, model.forward))
+
+
+@contextlib.contextmanager
+def inference_grad(model: nn.Module, *, enabled: bool = True) -> Iterator[nn.Module]:
+    """Fast forward and input-gradient passes of ``model`` inside the block, for any attack.
+
+    For an eval-mode model (BatchNorm on running statistics, as during the paper's attacks,
+    Sec. 5 and 6): every BatchNorm that follows a convolution is folded into it, and on a CPU in
+    float32 every convolution runs on weights packed once for oneDNN, forward and input
+    gradient. Each is verified once per model and input kind against PyTorch's own result and
+    refreshed when any weight changes; whatever is not verified runs PyTorch's normal path. The
+    result is the same function up to float rounding (~1e-7 relative on logits, ~5e-7 on input
+    gradients), so a gradient sign near zero can flip: use ``enabled=False`` (attacks:
+    ``exact=True``) for bit-for-bit work.
+
+    Inside the block the parameters do not require gradients (input gradients only, as an
+    attack needs: ``torch.autograd.grad(loss, x)``); a training step belongs outside. On exit,
+    also after an exception, the model's modules, parameters, ``requires_grad`` flags,
+    ``training`` flags and ``state_dict`` are exactly as before. A ``torch.compile``d model
+    (``OptimizedModule``) is left alone. Nested blocks on one model are allowed; an inner
+    ``enabled=False`` switches the fast path off until it exits.
+
+    Args:
+        model: any ``nn.Module`` called as ``model(x)`` with one tensor ``x`` (e.g. images
+            ``[N, C, H, W]`` in [0, 1]); other call signatures run the normal path.
+        enabled: False makes the block a no-op (or, nested, switches the fast path off).
+    Yields:
+        ``model`` itself.
+
+    Example::
+
+        with featdenoise.accel.inference_grad(model):
+            x_adv = torchattacks.PGD(model, eps=16 / 255)(x, y)
+    """
+    active = _ACTIVE.get(model)
+    if active is not None:
+        active.enabled.append(bool(enabled))
+        try:
+            yield model
+        finally:
+            active.enabled.pop()
+        return
+    if not enabled or hasattr(model, "_orig_mod"):
+        yield model
+        return
+    modes = [(m, m.training) for m in model.modules()]
+    params = [p for p in model.parameters() if p.requires_grad]
+    installed: list = []
+    try:
+        for p in params:
+            p.requires_grad_(False)
+        block = _Block(model)
+        block.caches.epoch += 1
+        block.caches.packer.epoch = block.caches.epoch
+        _install(block, installed)
+        _ACTIVE[model] = block
+        yield model
+    finally:
+        _ACTIVE.pop(model, None)
+        for module, name, prior in reversed(installed):
+            if prior is _MISSING:
+                module.__dict__.pop(name, None)
+            else:
+                module.__dict__[name] = prior
+        for p in params:
+            p.requires_grad_(True)
+        for m, training in modes:
+            m.training = training
