@@ -40,7 +40,8 @@ def fmnist_subset(tmp_path):
 
 def test_quick_demo_writes_report_with_all_networks(fmnist_subset, tmp_path, capsys):
     budget = dataclasses.replace(demo.QUICK, train_images=128, batch_size=32, eval_images=16,
-                                 eval_batch_size=16, eval_steps=(1, 2), viz_images=1)
+                                 eval_batch_size=16, eval_steps=(1, 2), viz_images=1,
+                                 aa_images=8, aa_budget=(2, 2, 10))
     out = tmp_path / "report"
     path = demo.run_demo(str(out), data_root=fmnist_subset, threads=1, progress=False,
                          budget=budget)
@@ -49,6 +50,7 @@ def test_quick_demo_writes_report_with_all_networks(fmnist_subset, tmp_path, cap
     for name in ("clean", "adv-baseline", "adv-denoise"):
         assert f"| {name} | 16 |" in text
     assert "PGD-2 targeted acc / succ" in text and "PGD-2 untargeted acc" in text
+    assert "AutoAttack acc (8 images)" in text and "reduced budget" in text
     pictures = [line.split("(")[1].rstrip(")") for line in text.splitlines()
                 if line.startswith("![")]
     assert "accuracy_vs_iterations.png" in pictures
@@ -57,6 +59,9 @@ def test_quick_demo_writes_report_with_all_networks(fmnist_subset, tmp_path, cap
         assert (out / p).read_bytes()[:4] == b"\x89PNG", p
     res = json.loads((out / "results.json").read_text())
     for pair in res["summaries"].values():
+        aa = pair["autoattack"]["autoattack"]
+        assert aa["n"] == 8 and aa["names"] == ["apgd-ce", "apgd-t", "fab-t", "square"]
+        assert aa["final"] <= pair["autoattack"]["clean"]["top1"]
         for mode in ("targeted", "untargeted"):
             s = pair[mode]
             assert s["num_images"] == 16 and s["eps"] == pytest.approx(0.1)
@@ -74,6 +79,11 @@ def test_results_table_layout():
 
     table = demo.results_table({"net": {"targeted": summ(0.5), "untargeted": summ(0.125)}}, (10,))
     assert table.splitlines()[2] == "| net | 10 | 90.0 | 50.0 / 25.0 | 12.5 |"
+    aa = {"autoattack": {"final": 0.375, "n": 8}}
+    table = demo.results_table({"net": {"targeted": summ(0.5), "untargeted": summ(0.125),
+                                        "autoattack": aa}}, (10,))
+    assert "AutoAttack acc (8 images)" in table.splitlines()[0]
+    assert table.splitlines()[2].endswith("| 12.5 | 37.5 |")
 
 
 def test_demo_names_the_missing_dataset(tmp_path):

@@ -149,7 +149,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.plot:
         paths = report.merge_runs(args.plot, args.out, title=args.title)
         print_table(paths["table"])
-        print(f"plot: {paths['plot']}")
+        if paths['plot']:
+            print(f"plot: {paths['plot']}")
         return 0
     if args.data is None:
         raise ValueError("--data is required (or --plot RUN ... to merge finished evaluations)")
@@ -223,7 +224,8 @@ def _evaluate(args: argparse.Namespace, device: torch.device) -> int:
     if several and summaries and distributed.is_main():
         paths = report.write_report(summaries, args.out, title=args.title)
         print_table(paths["table"])
-        print(f"plot: {paths['plot']}")
+        if paths['plot']:
+            print(f"plot: {paths['plot']}")
     return code
 
 

@@ -167,13 +167,16 @@ def plot_accuracy_vs_iterations(summaries: Sequence[dict], path: str,
 def write_report(summaries: Sequence[dict], out_dir: str, title: str | None = None) -> dict:
     """Write ``table.md`` and ``accuracy_vs_iterations.png`` for ``summaries`` into ``out_dir``.
 
-    Returns ``{"table": path, "plot": path}``.
+    Returns ``{"table": path, "plot": path}`` (``plot`` None when no summary has an iteration
+    sweep, e.g. AutoAttack alone).
     """
     os.makedirs(out_dir, exist_ok=True)
     table = os.path.join(out_dir, TABLE_FILE)
     with atomic_write(table) as f:
         f.write(markdown_table(summaries))
-    plot = plot_accuracy_vs_iterations(summaries, os.path.join(out_dir, PLOT_FILE), title)
+    plot = None
+    if any(a.get("steps") is not None for s in summaries for a in s.get("attacks", [])):
+        plot = plot_accuracy_vs_iterations(summaries, os.path.join(out_dir, PLOT_FILE), title)
     return {"table": table, "plot": plot}
 
 

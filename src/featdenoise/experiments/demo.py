@@ -64,11 +64,14 @@ class Budget:
     eval_step_size: float = 0.01
     eval_batch_size: int = 100
     viz_images: int = 3
+    aa_images: int = 100            # AutoAttack (standard) on this many fixed test images
+    aa_budget: tuple = ()           # (steps, targets, queries); () = AutoAttack's own
 
 
 FULL = Budget()
 QUICK = Budget(train_images=256, epochs=1, milestones=(), batch_size=64, train_steps=1,
-               eval_images=32, eval_steps=(2, 5), eval_batch_size=32, viz_images=2)
+               eval_images=32, eval_steps=(2, 5), eval_batch_size=32, viz_images=2,
+               aa_images=16, aa_budget=(3, 3, 30))
 
 MODELS = (
     # (run name, registry name, extra model kwargs, adversarial training?)
@@ -128,6 +131,11 @@ def results_table(summaries: dict[str, dict[str, dict]], steps: tuple) -> str:
     head = ["network", "images", "clean"]
     head += [f"PGD-{s} targeted acc / succ" for s in steps]
     head += [f"PGD-{s} untargeted acc" for s in steps]
+    with_aa = any("autoattack" in pair for pair in summaries.values())
+    if with_aa:
+        n_aa = next(p["autoattack"]["autoattack"]["n"] for p in summaries.values()
+                    if "autoattack" in p)
+        head.append(f"AutoAttack acc ({n_aa} images)")
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1))
              + "|"]
     for name, pair in summaries.items():
@@ -138,6 +146,9 @@ def results_table(summaries: dict[str, dict[str, dict]], steps: tuple) -> str:
         row += [f"{_fmt_pct(at[s]['accuracy'])} / {_fmt_pct(at[s]['success_rate'])}"
                 for s in steps]
         row += [_fmt_pct(au[s]["accuracy"]) for s in steps]
+        if with_aa:
+            aa = pair.get("autoattack")
+            row.append(_fmt_pct(aa["autoattack"]["final"]) if aa else "-")
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
 
@@ -153,6 +164,14 @@ def _evaluate(name: str, model, test_set, out_dir: str, budget: Budget, seed: in
             model, test_set, folder, steps=budget.eval_steps, attack="pgd", eps=EPS,
             step_size=budget.eval_step_size, targeted=mode == "targeted", seed=seed,
             batch_size=budget.eval_batch_size, limit=budget.eval_images, name=name,
+            device="cpu", progress=progress, extra={"dataset": "fashion_mnist"})
+    if budget.aa_images:
+        steps, targets, queries = budget.aa_budget or (None, None, None)
+        out["autoattack"] = evaluate_whitebox(
+            model, test_set, os.path.join(out_dir, "eval", f"{name}-autoattack"), attack=None,
+            autoattack={"version": "standard", "steps": steps, "n_target_classes": targets,
+                        "n_queries": queries}, eps=EPS, seed=seed,
+            batch_size=budget.eval_batch_size, limit=budget.aa_images, name=name,
             device="cpu", progress=progress, extra={"dataset": "fashion_mnist"})
     return out
 
@@ -203,7 +222,8 @@ def run_demo(out_dir: str = "reports/demo", quick: bool = False, data_root: str 
     summaries = {}
     for name, model in models.items():
         print(f"[demo] evaluating {name}: clean, PGD-{'/'.join(map(str, budget.eval_steps))} "
-              f"targeted and untargeted on {budget.eval_images} test images", flush=True)
+              f"targeted and untargeted on {budget.eval_images} test images, AutoAttack on "
+              f"{budget.aa_images}", flush=True)
         t, c = time.perf_counter(), time.process_time()
         summaries[name] = _evaluate(name, model, test_set, out_dir, budget, seed, progress)
         timings[f"evaluate {name}"] = (time.perf_counter() - t, time.process_time() - c)
@@ -234,6 +254,14 @@ def run_demo(out_dir: str = "reports/demo", quick: bool = False, data_root: str 
     return path
 
 
+def _aa_words(budget: Budget) -> str:
+    if not budget.aa_budget:
+        return "the standard version (APGD-CE, APGD-T, FAB-T, Square with 5000 queries)"
+    steps, targets, queries = budget.aa_budget
+    return (f"a reduced budget ({steps} iterations, {targets} targets, {queries} queries; "
+            "weaker than AutoAttack)")
+
+
 def _first_images(dataset, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The first ``n`` test images and labels: ``[n, C, H, W]``, ``[n]``."""
     items = [dataset[i] for i in range(n)]
@@ -258,6 +286,8 @@ def _write_report(out_dir: str, budget: Budget, summaries: dict, plot: str, nois
         f"{EPS} ({EPS * 255:g}/255), random start, step max({budget.eval_step_size:g}, "
         f"eps/steps); targeted = a random wrong target per image (paper Sec. 6.1), "
         f"accuracy = prediction equals the label; succ = targeted attack success rate.",
+        f"AutoAttack: {_aa_words(budget)} at the same eps on {budget.aa_images} fixed random "
+        f"test images (the library's subset for that size and seed).",
         "",
         "## Accuracy (%)",
         "",
