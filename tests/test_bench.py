@@ -45,6 +45,9 @@ def test_bench_attacks_quick_agrees_with_torchattacks(capsys):
     assert len(re.findall(r"ratio +[\d.]+x", out)) == 4  # 2 cases x (wall, cpu)
     assert len(re.findall(r"inside accel.inference_grad .* speed-up +[\d.]+x", out)) == 2
     assert re.search(r"speed-up over torchattacks \(CPU-time\): min [\d.]+x", out)
+    # the AutoAttack rows: ours vs torchattacks.AutoAttack, both robust accuracies
+    aa = re.findall(r"ratio +[\d.]+x .*robust acc: ours ([\d.]+)%, torchattacks ([\d.]+)%", out)
+    assert len(aa) == 1 and "speed-up over torchattacks (process CPU time)" in out
 
 
 def test_bench_train_quick_reports_both_ratios_and_the_flop_bound(capsys):

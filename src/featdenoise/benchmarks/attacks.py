@@ -203,4 +203,11 @@ def run(args: argparse.Namespace) -> int:
           "(target >= 99.90%)")
     print(f"torchattacks inside accel.inference_grad ({clock}): min "
           f"{min(r[1] for r in results):.2f}x faster than plain")
+    if getattr(args, "autoattack", True):
+        from featdenoise.benchmarks import autoattack
+
+        print()
+        autoattack.run(argparse.Namespace(full=getattr(args, "full", False), images=8,
+                                          threads=args.threads, device=args.device,
+                                          quick=quick))
     return 0

@@ -34,5 +34,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all)")
     p.add_argument("--device", default=None,
                    help="cpu or cuda (default: cpu; gpu: cuda, each process its LOCAL_RANK)")
+    a = p.add_argument_group("attacks")
+    a.add_argument("--no-autoattack", dest="autoattack", action="store_false",
+                   help="skip the AutoAttack rows (ours vs torchattacks.AutoAttack)")
+    a.add_argument("--full", action="store_true",
+                   help="AutoAttack rows with the standard budget (100 iterations, 5000 "
+                        "queries; about half an hour on one CPU thread)")
     add_arguments(p.add_argument_group("gpu"))
     p.set_defaults(func=_run)
