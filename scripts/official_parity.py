@@ -8,7 +8,8 @@ fixture, float32 on this machine's CPU:
   one-step PGD image (acceptance 1e-4, ``tests/test_pretrained.py``);
 * one-step targeted PGD pixel agreement: the share of pixels of our ``PGD`` output (mapped to BGR
   [-1, 1]) within 1e-4 of the official ``pgd_adv_nchw``, with the exact gradients and with
-  ``fold_bn + prepack`` (acceptance 99.5%, ``tests/test_attacks_reference.py``).
+  the speed layer of :mod:`featdenoise.accel` (acceptance 99.5%,
+  ``tests/test_attacks_reference.py``).
 
 Usage: ``python scripts/official_parity.py [FIXTURES_DIR]``.
 """
@@ -39,7 +40,7 @@ def pgd_agreement(model, x: torch.Tensor, ref, fast: bool) -> float:
     target = torch.from_numpy(ref["pgd_target"]).long()
     attack = PGD(model, eps=float(ref["eps"]) / 255, step_size=float(ref["step"]) / 255,
                  steps=int(ref["pgd_iter"]), targeted=True, random_start=False,
-                 step_rule="paper", fold_bn=fast, prepack=fast)
+                 step_rule="paper", exact=not fast)
     adv = attack(x, torch.zeros_like(target), target=target)
     ours = adv.flip(1) * 2 - 1  # RGB [0, 1] -> BGR [-1, 1]
     return float(((ours - torch.from_numpy(ref["pgd_adv_nchw"])).abs() <= 1e-4).float().mean())
@@ -63,7 +64,7 @@ def main(folder: Path = FIXTURES) -> int:
         fast = pgd_agreement(model, x, ref, fast=True)
         print(f"{name} ({arch}): logits error clean {clean_err:.1e}, on the official PGD image "
               f"{adv_err:.1e}; one-step PGD pixels within 1e-4: {exact:.2%} exact, "
-              f"{fast:.2%} with fold_bn+prepack")
+              f"{fast:.2%} accelerated")
     return 0
 
 
