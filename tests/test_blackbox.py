@@ -190,6 +190,24 @@ def test_blackbox_cli_with_clean_and_adversarial_folders(tmp_path, capsys):
     assert "all-or-nothing" in capsys.readouterr().out
 
 
+def test_a_source_model_for_other_channels_is_one_clear_error(tmp_path, capsys):
+    """A 3-channel source on gray data: refused in one line before anything runs."""
+    from featdenoise.cli import main
+    from featdenoise.models import create_model
+    from featdenoise.training.checkpoint import save_weights
+
+    for name, c in (("gray", 1), ("rgb", 3)):
+        kw = dict(in_channels=c, num_classes=10, width=4, blocks=[1, 1, 1])
+        save_weights(str(tmp_path / f"{name}.safetensors"), create_model("small_resnet", **kw),
+                     "small_resnet", kw)
+    rc = main(["blackbox", "--checkpoint", str(tmp_path / "gray.safetensors"), "--data",
+               "fashion_mnist", "--limit", "4", "--source", str(tmp_path / "rgb.safetensors"),
+               "--out", str(tmp_path / "bb"), "--device", "cpu", "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "3-channel" in err[0] and "--source" in err[0]
+    assert not (tmp_path / "bb").exists()
+
+
 def test_saved_transfer_images_read_back_as_an_adversarial_folder(tmp_path):
     """--save-adv writes one folder per transfer attacker, named by image id (here the dataset
     index), which folder_attackers matches back to a dataset without file names."""

@@ -87,6 +87,20 @@ def test_visualize_writes_pictures_and_finite_distances(tmp_path):
         viz.visualize(model, x, y, str(tmp_path), stage="res9", steps=1)
     with pytest.raises(ValueError, match="out of range"):
         viz.visualize(model, x, y, str(tmp_path), channel=99, steps=1)
+    # A second run replaces its own files ...
+    viz.visualize(model, x, y, str(tmp_path), eps=0.1, steps=1, step_size=0.05)
+
+
+@pytest.mark.parametrize("theirs", ["distances.md", "stage2.png", "distances.json"])
+def test_visualize_never_replaces_a_file_it_did_not_write(tmp_path, theirs):
+    """... but a user's file of the same name in --out is refused, byte for byte unchanged."""
+    model = _tiny_denoise_net()
+    x, y = torch.rand(1, 1, 28, 28), torch.tensor([3])
+    mine = b"\x89PNG not drawn here" if theirs.endswith(".png") else b"my notes\n"
+    (tmp_path / theirs).write_bytes(mine)
+    with pytest.raises(ValueError, match=theirs):
+        viz.visualize(model, x, y, str(tmp_path), eps=0.1, steps=1, step_size=0.05)
+    assert (tmp_path / theirs).read_bytes() == mine
 
 
 def test_visualize_command_on_a_checkpoint(tmp_path, capsys):

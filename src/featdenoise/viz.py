@@ -298,9 +298,13 @@ def visualize(model: nn.Module, x: torch.Tensor, y: torch.Tensor, out_dir: str, 
     facts = {"stage": stage, "channels": channels, "eps": eps, "steps": steps,
              "targeted": targeted, "labels": y.tolist(), "clean_pred": clean_pred.tolist(),
              "adv_pred": adv_pred.tolist(), "distances": noise}
-    with open(os.path.join(out_dir, "distances.json"), "w") as f:
+    from featdenoise.runtime.atomic import atomic_write, own_json, own_text
+
+    with atomic_write(os.path.join(out_dir, "distances.json"),
+                      ours=own_json("distances", "channels")) as f:
         json.dump(facts, f, indent=2)
-    with open(os.path.join(out_dir, "distances.md"), "w") as f:
+    with atomic_write(os.path.join(out_dir, "distances.md"),
+                      ours=own_text(table.splitlines()[0])) as f:
         f.write(table)
     return {"pictures": pictures, "distances": noise, "table": table, "stage": stage,
             "channels": channels, "clean_pred": clean_pred.tolist(),

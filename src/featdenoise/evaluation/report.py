@@ -14,7 +14,7 @@ import json
 import os
 from collections.abc import Sequence
 
-from featdenoise.runtime.atomic import atomic_write
+from featdenoise.runtime.atomic import atomic_write, own_json, own_text
 
 TABLE_FILE = "table.md"
 PLOT_FILE = "accuracy_vs_iterations.png"
@@ -114,10 +114,16 @@ def pyplot():
 
 
 def save_figure(fig, path: str, **savefig_kwargs) -> str:
-    """Write ``fig`` to ``path`` (PNG; parent folders created), free it, return ``path``."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, **savefig_kwargs)
-    pyplot().close(fig)
+    """Write ``fig`` to ``path`` as a PNG (atomically; parent folders created), free it, return
+    ``path``. A file already there that featdenoise did not draw is refused, not replaced."""
+    from featdenoise.runtime.atomic import PNG_STAMP, own_png
+
+    try:
+        with atomic_write(path, "wb", ours=own_png) as f:
+            fig.savefig(f, format="png", metadata={"Software": f"{PNG_STAMP} (matplotlib)"},
+                        **savefig_kwargs)
+    finally:
+        pyplot().close(fig)
     return path
 
 
@@ -172,7 +178,7 @@ def write_report(summaries: Sequence[dict], out_dir: str, title: str | None = No
     """
     os.makedirs(out_dir, exist_ok=True)
     table = os.path.join(out_dir, TABLE_FILE)
-    with atomic_write(table) as f:
+    with atomic_write(table, ours=own_text("| model |")) as f:
         f.write(markdown_table(summaries))
     plot = None
     if any(a.get("steps") is not None for s in summaries for a in s.get("attacks", [])):
@@ -196,7 +202,7 @@ def merge_runs(runs: Sequence[str], out_dir: str, title: str | None = None) -> d
                              "one threat model, so merge runs of the same settings")
     paths = write_report(summaries, out_dir, title)
     merged = os.path.join(out_dir, "summaries.json")
-    with atomic_write(merged) as f:
+    with atomic_write(merged, ours=own_json()) as f:
         json.dump(summaries, f, indent=2, sort_keys=True)
     return {**paths, "summaries": merged}
 

@@ -28,6 +28,8 @@ import math
 import os
 from collections.abc import Sequence
 
+from featdenoise.runtime.atomic import atomic_write, own_json, own_text
+
 VARIANTS: dict[str, dict] = {
     "baseline": dict(placement="none"),
     "bottleneck": dict(placement="bottleneck"),
@@ -291,11 +293,11 @@ def _write_outputs(base, out_dir, results, seeds, steps, eval_eps, targeted) -> 
     paths = {"table": os.path.join(out_dir, "ablation.md"),
              "plot": os.path.join(out_dir, "ablation.png"),
              "json": os.path.join(out_dir, "ablation.json")}
-    with open(paths["table"], "w") as f:
+    with atomic_write(paths["table"], ours=own_text(table.splitlines()[0])) as f:
         f.write(table)
     plot_ablation(agg, steps, paths["plot"],
                   title=f"Ablation on {base.data.name} ({backbone(base.model.name)})")
-    with open(paths["json"], "w") as f:
+    with atomic_write(paths["json"], ours=own_json("results", "aggregate")) as f:
         json.dump({"results": results, "steps": steps, "seeds": list(seeds),
                    "eps": eval_eps, "targeted": targeted,
                    "aggregate": {v: {"clean": a["clean"], "seeds": a["seeds"],

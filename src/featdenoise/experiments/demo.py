@@ -37,6 +37,8 @@ from dataclasses import dataclass
 
 import torch
 
+from featdenoise.runtime.atomic import atomic_write, own_json, own_text
+
 FMNIST_ROOT = "/usr/share/datasets/fashion-mnist"
 EPS = 0.1  # L-inf budget on the [0, 1] pixel scale (25.5 on 0..255)
 
@@ -311,9 +313,10 @@ def _write_report(out_dir: str, budget: Budget, summaries: dict, plot: str, nois
     lines += [f"| {k} | {w:.0f} | {c:.0f} |" for k, (w, c) in timings.items()]
     lines += ["", f"torch threads: {torch.get_num_threads()}, seed {seed}.", ""]
     path = os.path.join(out_dir, "report.md")
-    with open(path, "w") as f:
+    with atomic_write(path, ours=own_text("# featdenoise demo")) as f:
         f.write("\n".join(lines))
-    with open(os.path.join(out_dir, "results.json"), "w") as f:
+    with atomic_write(os.path.join(out_dir, "results.json"),
+                      ours=own_json("budget", "summaries")) as f:
         json.dump({"budget": dataclasses.asdict(budget), "summaries": summaries,
                    "feature_noise": {k: v["distances"] for k, v in noise.items()},
                    "timings_s": {k: {"wall": w, "cpu": c} for k, (w, c) in timings.items()}},

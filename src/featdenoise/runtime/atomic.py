@@ -217,3 +217,47 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", *,
                           "unchanged (free space or fix permissions, then run again)") from None
         raise
     fsync_dir(folder)
+
+
+# --------------------------------------------------------------------------- recognisers for ours=
+PNG_STAMP = "featdenoise"  # the PNG "Software" text chunk of every picture the library draws
+
+
+def own_png(path: str) -> bool:
+    """A PNG that featdenoise drew (its ``Software`` text names :data:`PNG_STAMP`)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4096)
+    except OSError:
+        return False
+    return head.startswith(b"\x89PNG") and PNG_STAMP.encode() in head
+
+
+def own_text(first_line: str) -> Callable[[str], bool]:
+    """Recognises a text file whose first line starts with ``first_line`` (a report of ours)."""
+
+    def ours(path: str) -> bool:
+        try:
+            with open(path, encoding="utf-8") as f:
+                return f.readline().startswith(first_line)
+        except (OSError, UnicodeDecodeError):
+            return False
+
+    return ours
+
+
+def own_json(*keys: str) -> Callable[[str], bool]:
+    """Recognises a JSON object holding every one of ``keys`` (a record file of ours)."""
+
+    def ours(path: str) -> bool:
+        import json
+
+        try:
+            with open(path, encoding="utf-8") as f:
+                obj = json.load(f)
+        except (OSError, UnicodeDecodeError, ValueError):
+            return False
+        return isinstance(obj, (dict, list)) and (
+            isinstance(obj, list) or all(k in obj for k in keys))
+
+    return ours
