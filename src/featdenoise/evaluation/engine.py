@@ -29,9 +29,7 @@ each column ``pred_<name>`` (+ ``top5_<name>`` and whatever else the column adds
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -40,18 +38,28 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from featdenoise.data.datasets import subset_indices
+from featdenoise.evaluation.identity import (  # noqa: F401  (part of the engine's API)
+    FREE_KEYS,
+    check_identity,
+    model_identity,
+    prepare,
+    weights_digest,
+)
 from featdenoise.evaluation.metrics import topk_correct
+from featdenoise.evaluation.records import (  # noqa: F401  (part of the engine's API)
+    OUTCOMES_FILE,
+    OWN_FILES,
+    PARTS_DIR,
+    SETTINGS_FILE,
+    SUMMARY_FILE,
+    append_records,
+    load_records,
+    write_json,
+    write_outcomes,
+)
 from featdenoise.runtime import distributed as dist
-from featdenoise.runtime.atomic import atomic_write
+from featdenoise.runtime.distributed import rank_world  # noqa: F401  (part of the API)
 from featdenoise.runtime.seeds import derive_seed, generator
-
-SETTINGS_FILE = "settings.json"
-OUTCOMES_FILE = "outcomes.jsonl"
-SUMMARY_FILE = "summary.json"
-PARTS_DIR = "parts"
-# Files the engine writes into an evaluation folder (and may remove on restart=True).
-OWN_FILES = (SETTINGS_FILE, OUTCOMES_FILE, SUMMARY_FILE, PARTS_DIR, "table.md",
-             "accuracy_vs_iterations.png")
 
 
 # --------------------------------------------------------------------------- images and targets
@@ -81,41 +89,11 @@ def model_num_classes(model: nn.Module) -> int:
     return int(k)
 
 
-def weights_digest(model: nn.Module) -> str:
-    """SHA-256 over the model's state dict (names, dtypes, shapes and values), hex."""
-    h = hashlib.sha256()
-    for name, t in model.state_dict().items():
-        t = t.detach().cpu().contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
-
-
-def model_identity(model: nn.Module) -> dict:
-    """What a resumed evaluation must find unchanged about the model: class, registry name and
-    kwargs where known, and :func:`weights_digest`."""
-    out = {"class": type(model).__name__, "weights_sha256": weights_digest(model)}
-    for key in ("model_name", "model_kwargs"):
-        if getattr(model, key, None) is not None:
-            out[key] = getattr(model, key)
-    return out
-
-
 def default_device() -> torch.device:
     """``cuda:<LOCAL_RANK>`` when a GPU is present (torchrun sets LOCAL_RANK), else the CPU."""
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     return torch.device("cpu")
-
-
-def rank_world(rank: int | None, world_size: int | None) -> tuple[int, int, bool]:
-    """``(rank, world_size, collective)``; collective: the ranks come from torch.distributed."""
-    if rank is not None or world_size is not None:
-        if rank is None or world_size is None or not 0 <= rank < world_size:
-            raise ValueError(f"give both rank and world_size with 0 <= rank < world_size, "
-                             f"got rank={rank}, world_size={world_size}")
-        return int(rank), int(world_size), False
-    return dist.rank(), dist.world_size(), dist.is_dist()
 
 
 # --------------------------------------------------------------------------- columns
@@ -226,155 +204,11 @@ def _add(records: list[dict], fields: dict[str, list]) -> None:
             r[k] = v
 
 
-# --------------------------------------------------------------------------- record files
-def _read_jsonl(path: str) -> list[dict]:
-    """Records of a JSONL file; a line cut short by an interruption is dropped."""
-    out = []
-    if not os.path.isfile(path):
-        return out
-    with open(path) as f:
-        for line in f:
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue  # partially written last line of an interrupted run
-    return out
-
-
-def load_records(out_dir: str) -> dict[int, dict]:
-    """Every per-image record in ``out_dir`` (merged file and per-rank parts), by image index.
-
-    Partial lines of one image (one per column) are merged in file order.
-    """
-    records: dict[int, dict] = {}
-    paths = [os.path.join(out_dir, OUTCOMES_FILE)]
-    parts = os.path.join(out_dir, PARTS_DIR)
-    if os.path.isdir(parts):
-        paths += [os.path.join(parts, p) for p in sorted(os.listdir(parts)) if p.endswith(".jsonl")]
-    for path in paths:
-        for r in _read_jsonl(path):
-            records.setdefault(int(r["index"]), {}).update(r)
-    return records
-
-
-def append_records(path: str, records: Sequence[dict]) -> None:
-    """Append records as JSON lines and push them to disk (flush + fsync): a kill loses none."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "a") as f:
-        f.write("".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def write_json(path: str, obj) -> None:
-    """``obj`` as indented JSON, written atomically."""
-    with atomic_write(path) as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
-
-
-def write_outcomes(out_dir: str, records: Sequence[dict]) -> None:
-    """The merged ``outcomes.jsonl`` (one line per image, in evaluation order)."""
-    with atomic_write(os.path.join(out_dir, OUTCOMES_FILE)) as f:
-        f.write("".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
-
-
 def is_done(record: dict, columns: Sequence[Column]) -> bool:
     """Whether an image's record holds the clean fields and every column (or is skipped)."""
     if record.get("skipped"):
         return True
     return "pred_clean" in record and all(c.done_key in record for c in columns)
-
-
-# --------------------------------------------------------------------------- identity
-# Settings that describe a run without changing its numbers: they may differ on resume.
-FREE_KEYS = ("name", "exact", "source", "title")
-
-
-def check_identity(out_dir: str, identity: dict, *, restart: bool = False,
-                   write: bool = True) -> None:
-    """Refuse to mix two evaluations in one folder; write ``settings.json`` for a new one.
-
-    ``identity`` is everything that determines the numbers (attack settings, images, model
-    weights). A folder whose ``settings.json`` differs is refused with one line naming the
-    differing keys, unless ``restart``: then the engine's own files there are removed first.
-    A folder holding records but no settings is refused too (not ours, or damaged).
-    """
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise ValueError(f"--out {out_dir} is an existing file; give a folder")
-    path = os.path.join(out_dir, SETTINGS_FILE)
-    old = None
-    if os.path.isfile(path):
-        try:
-            with open(path) as f:
-                old = json.load(f)
-        except (OSError, json.JSONDecodeError) as err:
-            raise ValueError(f"{path} is unreadable ({err}); remove it or use a new --out "
-                             "folder") from None
-    elif os.path.isdir(os.path.join(out_dir, PARTS_DIR)) or \
-            os.path.isfile(os.path.join(out_dir, OUTCOMES_FILE)):
-        old = {}
-    if old is not None and not restart:
-        was = _flat({k: v for k, v in old.items() if k not in FREE_KEYS})
-        now = _flat({k: v for k, v in identity.items() if k not in FREE_KEYS})
-        diff = [k for k in sorted(set(was) | set(now)) if was.get(k) != now.get(k)]
-        if diff:
-            shown = ", ".join(f"{k}: {_short(was.get(k))} -> {_short(now.get(k))}"
-                              for k in diff[:4])
-            raise ValueError(
-                f"{out_dir} holds another evaluation ({shown}"
-                f"{', ...' if len(diff) > 4 else ''}); use a new --out folder, or --restart to "
-                "discard it")
-        return
-    if not write:
-        return
-    if old is not None and restart:
-        for name in OWN_FILES:
-            p = os.path.join(out_dir, name)
-            if os.path.isdir(p):
-                shutil.rmtree(p)
-            elif os.path.exists(p):
-                os.remove(p)
-    os.makedirs(out_dir, exist_ok=True)
-    write_json(path, identity)
-
-
-def prepare(out_dir: str, identity: dict, *, restart: bool = False, rank: int | None = None,
-            world_size: int | None = None) -> None:
-    """:func:`check_identity` once per evaluation: by every hand-run shard, or by rank 0 under
-    torchrun with its verdict shared, so every rank refuses (or goes on) together."""
-    rank, _, collective = rank_world(rank, world_size)
-    if not collective:
-        check_identity(out_dir, identity, restart=restart)
-        return
-    error = None
-    if rank == 0:
-        try:
-            check_identity(out_dir, identity, restart=restart)
-        except ValueError as err:
-            error = str(err)
-    error = dist.all_gather_objects([error])[0]
-    if error:
-        raise ValueError(error)
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    """``{"model": {"weights_sha256": h}}`` -> ``{"model.weights_sha256": h}`` (dicts only)."""
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and v:
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def _short(v) -> str:
-    text = json.dumps(v, sort_keys=True)
-    return text if len(text) <= 40 else text[:18] + "..." + text[-18:]
 
 
 # --------------------------------------------------------------------------- the run

@@ -330,3 +330,18 @@ def all_gather_objects(items: list) -> list:
     out: list = [None] * world_size()
     dist.all_gather_object(out, list(items))
     return [x for part in out for x in part]
+
+
+def rank_world(by_hand_rank: int | None, by_hand_world: int | None) -> tuple[int, int, bool]:
+    """``(rank, world_size, collective)`` of an evaluation shard.
+
+    Given both numbers, a shard run by hand (no collectives: ``collective`` False); given
+    neither, this process's rank in torch.distributed (``collective`` when a group is joined).
+    """
+    if by_hand_rank is not None or by_hand_world is not None:
+        if by_hand_rank is None or by_hand_world is None or \
+                not 0 <= by_hand_rank < by_hand_world:
+            raise ValueError(f"give both rank and world_size with 0 <= rank < world_size, "
+                             f"got rank={by_hand_rank}, world_size={by_hand_world}")
+        return int(by_hand_rank), int(by_hand_world), False
+    return rank(), world_size(), is_dist()
