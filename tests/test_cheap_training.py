@@ -273,3 +273,30 @@ def test_checkpoint_written_before_the_new_keys_still_resumes(tmp_path):
     loop._check_compatible(old, cfg, "c.pt")  # no error
     with pytest.raises(ValueError, match="'attack' config"):
         loop._check_compatible(old, load_config(None, ["attack.mode=free"]), "c.pt")
+
+
+# ---------------------------------------------------------------------------------------------
+# Two processes
+
+
+@pytest.mark.parametrize("extra", [
+    ("attack.mode=free", "attack.replays=2"),  # targeted: the input-only backward under DDP
+    ("attack.mode=fast", "optim.schedule=cyclic", "attack.check_images=8"),
+])
+def test_two_process_cheap_modes_keep_ranks_identical(tmp_path, extra):
+    import torch.multiprocessing as mp
+    from test_training import _free_port, _worker
+
+    cfg = tiny_config(tmp_path, "optim.epochs=1", "run.eval_every=0", *extra)
+    mp.start_processes(_worker, args=(2, _free_port(), cfg.to_dict(), str(tmp_path)), nprocs=2,
+                       join=True, start_method="fork")
+    a = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    b = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    saved = ckpt.load_checkpoint(os.path.join(cfg.run.out_dir, ckpt.CHECKPOINT))
+    if "attack.mode=free" in extra:  # one carried perturbation per process, both saved
+        d = saved["extra"]["free_delta"]
+        assert len(d) == 2 and not torch.equal(d[0], d[1])
+    else:
+        assert saved["extra"]["overfit_guard"]["best_epoch"] == 1
