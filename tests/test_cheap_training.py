@@ -123,11 +123,14 @@ def test_cyclic_rate_rises_to_the_peak_then_falls_to_zero():
     cfg = load_config(None, ["optim.schedule=cyclic", "optim.lr=0.2", "optim.base_batch=128",
                              "optim.epochs=15"])
     opt = recipe.build_optimizer(torch.nn.Linear(2, 2), cfg.optim)
-    s = recipe.LRSchedule(opt, 100, cfg.optim, 128)  # 1500 steps, peak at 600
+    s = recipe.LRSchedule(opt, 100, cfg.optim, 128)  # 1500 steps, peak at 750 (default 0.5)
     assert s.lr(0) == 0.0
-    assert math.isclose(s.lr(300), 0.1) and math.isclose(s.lr(600), 0.2)
-    assert math.isclose(s.lr(1050), 0.1) and s.lr(1500) == 0.0
-    assert math.isclose(recipe.LRSchedule(opt, 100, cfg.optim, 256).lr(600), 0.4)  # scaled
+    assert math.isclose(s.lr(375), 0.1) and math.isclose(s.lr(750), 0.2)
+    assert math.isclose(s.lr(1125), 0.1) and s.lr(1500) == 0.0
+    assert math.isclose(recipe.LRSchedule(opt, 100, cfg.optim, 256).lr(750), 0.4)  # scaled
+    early = load_config(None, ["optim.schedule=cyclic", "optim.epochs=15",
+                               "optim.cycle_peak=0.4"]).optim
+    assert math.isclose(recipe.LRSchedule(opt, 100, early, 256).lr(600), 0.1)
 
 
 def test_fast_attack_is_fgsm_from_a_random_start_in_the_box():
