@@ -303,3 +303,31 @@ def test_two_process_cheap_modes_keep_ranks_identical(tmp_path, extra):
         assert len(d) == 2 and not torch.equal(d[0], d[1])
     else:
         assert saved["extra"]["overfit_guard"]["best_epoch"] == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# The paper recipe is unchanged
+
+
+# sha256 over (name, bytes) of the final weights of ``tiny_config`` runs, computed from the tree
+# before attack.mode existed, on this torch build and CPU kernel set (other builds round
+# differently: the check is skipped there).
+BEFORE = {"torch": "2.14.1+cu130", "cpu": "AVX512",
+          "targeted": "ca781a2249952fb5293254b4cb0212544cde483373bb1a1380261ca7b726fbc3",
+          "untargeted": "3a718136cd7ea055a94d9383b97ad6a5d626c24aaab3e80049034765cb4bf2bc"}
+
+
+@pytest.mark.parametrize("kind", ["targeted", "untargeted"])
+def test_default_pgd_run_gives_the_weights_of_the_code_before_the_cheap_modes(tmp_path, kind):
+    import hashlib
+
+    if (torch.__version__, torch.backends.cpu.get_cpu_capability()) != (BEFORE["torch"],
+                                                                         BEFORE["cpu"]):
+        pytest.skip("stored checksums are for another torch build or CPU kernel set")
+    extra = [] if kind == "targeted" else ["attack.targeted=false"]
+    w = _weights(loop.train(tiny_config(tmp_path, *extra)))
+    h = hashlib.sha256()
+    for k in sorted(w):
+        h.update(k.encode())
+        h.update(w[k].numpy().tobytes())
+    assert h.hexdigest() == BEFORE[kind]
