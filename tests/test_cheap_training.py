@@ -243,6 +243,16 @@ def test_cheap_modes_resume_mid_epoch_bit_for_bit(tmp_path, extra):
         assert torch.equal(a[k], b[k]), k
 
 
+@pytest.mark.parametrize("mode", ["free", "fast"])
+def test_cheap_modes_train_in_bf16(tmp_path, mode):
+    run = loop.train(tiny_config(tmp_path, f"attack.mode={mode}", "attack.replays=2",
+                                 "attack.check_images=8", "optim.epochs=1", "run.bf16=true",
+                                 "run.eval_every=0", "run.final_eval_steps=0"))
+    train = [r for r in read_metrics(run) if r["kind"] == "train"]
+    assert train and all(math.isfinite(r["loss"]) for r in train)
+    assert all(v.dtype == torch.float32 for v in _weights(run).values() if v.is_floating_point())
+
+
 # ---------------------------------------------------------------------------------------------
 # Config
 
