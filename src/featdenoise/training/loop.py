@@ -6,6 +6,10 @@ directory's checkpoint when asked, trains with per-step learning rates, evaluate
 accuracy every ``run.eval_every`` epochs and with ``run.final_eval_steps`` at the end, and writes
 ``config.yaml``, ``metrics.jsonl``, TensorBoard logs, ``checkpoint.pt`` and ``model.safetensors``
 into ``run.out_dir`` (main process only).
+
+``attack.mode`` picks the recipe: ``pgd`` (the paper's, :func:`train_step`), ``free`` or ``fast``
+(:mod:`featdenoise.training.cheap`: Free-AT's replayed minibatches, Fast-AT's FGSM step and its
+per-epoch overfitting check).
 """
 
 from __future__ import annotations
