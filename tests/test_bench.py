@@ -57,3 +57,27 @@ def test_bench_train_quick_reports_both_ratios_and_the_flop_bound(capsys):
     flops = dict(re.findall(r"at (\d+)px: ([\d.]+)", out))
     # The non-local blocks' FLOPs grow with (HW)^2: relatively more at 224 px than at 112 px.
     assert 1.0 < float(flops["112"]) < float(flops["224"])
+
+
+@pytest.mark.slow
+def test_bench_recipes_quick_prints_one_row_per_mode_and_a_plot(capsys, tmp_path, monkeypatch):
+    import json
+    import os
+
+    from featdenoise.data.datasets import build_dataset
+
+    try:
+        build_dataset("fashion_mnist", None, "val", augment=False, image_size=28)
+    except (FileNotFoundError, ValueError):
+        pytest.skip("the Fashion-MNIST files are not installed")
+    monkeypatch.chdir(tmp_path)
+    assert main(["bench", "recipes", "--quick"]) == 0
+    out = capsys.readouterr().out
+    rows = re.findall(r"^\| (pgd|free|fast|fast x3) \| baseline \| \d+ \| ([\d.]+) \| ([\d.]+) \| "
+                      r"([\d.]+) \|$", out, re.M)
+    assert [r[0] for r in rows] == ["pgd", "free", "fast", "fast x3"]
+    for _, clean, pgd, aa in rows:  # robust accuracy never exceeds clean accuracy
+        assert float(aa) <= float(clean) and float(pgd) <= float(clean)
+    saved = json.load(open(tmp_path / "runs" / "bench_recipes" / "recipes.json"))
+    assert len(saved["rows"]) == 4 and all(r["n"] == 16 for r in saved["rows"])
+    assert os.path.getsize(tmp_path / "runs" / "bench_recipes" / "recipes.png") > 1000

@@ -29,6 +29,8 @@ from featdenoise.configs import resolve_config
 from featdenoise.runtime.atomic import atomic_write, ensure_dir
 
 DATASETS = ("fashion_mnist", "cifar10", "imagenet")
+ATTACK_MODES = ("pgd", "free", "fast")
+SCHEDULES = ("step", "cyclic")
 
 
 class _Loader(yaml.SafeLoader):
@@ -90,20 +92,44 @@ class DataConfig:
 @dataclass(frozen=True)
 class AttackConfig:
     """The training attack (Sec. 5): targeted PGD under L-inf. ``eps`` and ``step_size`` are in
-    0-255 pixel units as in the paper (16 and 1); ``steps=0`` is clean training (Table 3)."""
+    0-255 pixel units as in the paper (16 and 1); ``steps=0`` is clean training (Table 3).
+
+    ``mode`` picks the recipe (:mod:`featdenoise.training.cheap`): ``pgd`` (the paper's: PGD-
+    ``steps`` on every minibatch), ``free`` (Shafahi et al. 2019: each minibatch replayed
+    ``replays`` times, one backward gives both the weight gradient and the perturbation's step of
+    ``eps``; ``optim.epochs`` counts passes over the data *after* the division by ``replays``) or
+    ``fast`` (Wong et al. 2020: FGSM of step ``fgsm_step`` from a uniform random start; null means
+    1.25 x ``eps``). ``step_size`` stays the PGD step of the ``pgd`` recipe, of every evaluation
+    and of the ``fast`` overfitting check: PGD-``check_steps`` on the first ``check_images``
+    validation images after every epoch; when its accuracy falls more than ``overfit_drop`` (a
+    fraction, 0: no check) below the best so far, training stops and the best weights are kept.
+    ``steps`` and ``clean_start_prob`` apply to ``pgd`` only."""
 
     steps: int = 30
     eps: float = 16.0
     step_size: float = 1.0
     clean_start_prob: float = 0.2
     targeted: bool = True
+    mode: str = "pgd"
+    replays: int = 4
+    fgsm_step: float | None = None
+    check_images: int = 256
+    check_steps: int = 10
+    overfit_drop: float = 0.2
+
+    def fast_step(self) -> float:
+        """The ``fast`` recipe's FGSM step in pixel units: ``fgsm_step``, or 1.25 x ``eps``."""
+        return self.fgsm_step if self.fgsm_step is not None else 1.25 * self.eps
 
 
 @dataclass(frozen=True)
 class OptimConfig:
     """SGD recipe (Sec. 5; Goyal et al. warm-up). ``lr`` is per ``base_batch`` images; when the
     scaled rate exceeds ``lr`` it ramps linearly from ``lr`` over ``warmup_epochs``. The rate is
-    multiplied by ``lr_decay`` at each of ``milestones`` (in epochs); training lasts ``epochs``."""
+    multiplied by ``lr_decay`` at each of ``milestones`` (in epochs); training lasts ``epochs``.
+    ``schedule``: ``step`` (that recipe) or ``cyclic`` (Wong et al. 2020's one cycle: linear from
+    0 up to the scaled ``lr`` at fraction ``cycle_peak`` of all steps, 0.5 as in their CIFAR-10
+    code, then linear down to 0; warm-up and milestones unused)."""
 
     lr: float = 0.1
     base_batch: int = 256
@@ -115,6 +141,8 @@ class OptimConfig:
     milestones: list = field(default_factory=lambda: [35, 70, 95])
     lr_decay: float = 0.1
     epochs: int = 110
+    schedule: str = "step"
+    cycle_peak: float = 0.5
 
 
 @dataclass(frozen=True)
@@ -211,6 +239,13 @@ _CHECKS: dict[str, tuple[Any, str]] = {
     "attack.eps": (lambda v: 0 <= v <= 255, "a number in [0, 255] (pixel units, paper: 16)"),
     "attack.step_size": (lambda v: 0 < v <= 255, "a number in (0, 255] (pixel units, paper: 1)"),
     "attack.clean_start_prob": (_probability, "a number in [0, 1] (paper: 0.2)"),
+    "attack.mode": (lambda v: v in ATTACK_MODES, f"one of {', '.join(ATTACK_MODES)}"),
+    "attack.replays": (_positive, "an integer >= 1 (free: Shafahi et al. use 4 to 10)"),
+    "attack.fgsm_step": (lambda v: 0 < v <= 255,
+                         "a number in (0, 255] (pixel units) or null for 1.25 x eps"),
+    "attack.check_images": (_positive, "an integer >= 1"),
+    "attack.check_steps": (_positive, "an integer >= 1"),
+    "attack.overfit_drop": (_probability, "a fraction in [0, 1] (0: no check; e.g. 0.2)"),
     "optim.lr": (_positive, "a number > 0"),
     "optim.base_batch": (_positive, "an integer >= 1 (paper: 256)"),
     "optim.momentum": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
@@ -223,6 +258,8 @@ _CHECKS: dict[str, tuple[Any, str]] = {
         "an increasing list of epochs > 0"),
     "optim.lr_decay": (lambda v: 0 < v <= 1, "a number in (0, 1]"),
     "optim.epochs": (_positive, "an integer >= 1"),
+    "optim.schedule": (lambda v: v in SCHEDULES, f"one of {', '.join(SCHEDULES)}"),
+    "optim.cycle_peak": (lambda v: 0 < v < 1, "a fraction in (0, 1) (Wong et al.: 0.5)"),
     "run.out_dir": (lambda v: len(v) > 0, "a non-empty path"),
     "run.checkpoint_every": (_non_negative, "an integer >= 0 (steps; 0: epoch ends only)"),
     "run.eval_every": (_non_negative, "an integer >= 0 (epochs; 0: final evaluation only)"),

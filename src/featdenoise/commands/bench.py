@@ -1,5 +1,6 @@
-"""``featdenoise bench {ops,attacks,train,gpu}``: speed and memory goals as side-by-side ratios,
-and the GPU smoke test (:mod:`featdenoise.benchmarks.gpu_check`)."""
+"""``featdenoise bench {ops,attacks,train,recipes,gpu}``: speed and memory goals as side-by-side
+ratios, the training recipes compared on Fashion-MNIST, and the GPU smoke test
+(:mod:`featdenoise.benchmarks.gpu_check`)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ def _run(args: argparse.Namespace) -> int:
         from featdenoise.benchmarks import ops as bench
     elif args.target == "attacks":
         from featdenoise.benchmarks import attacks as bench
+    elif args.target == "recipes":
+        from featdenoise.benchmarks import recipes as bench
     else:
         from featdenoise.benchmarks import train as bench
     return bench.run(args)
@@ -27,7 +30,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     from featdenoise.benchmarks.gpu_check import add_arguments
 
     p = sub.add_parser("bench", help="benchmarks that print ratios measured side by side")
-    p.add_argument("target", choices=["ops", "attacks", "train", "gpu"],
+    p.add_argument("target", choices=["ops", "attacks", "train", "recipes", "gpu"],
                    help="what to benchmark (gpu: the CUDA smoke test, one line per check)")
     p.add_argument("--quick", action="store_true", help="fewer shapes and repeats (smoke run)")
     p.add_argument("--repeats", type=int, default=None, help="timed repetitions per case")

@@ -6,6 +6,10 @@ directory's checkpoint when asked, trains with per-step learning rates, evaluate
 accuracy every ``run.eval_every`` epochs and with ``run.final_eval_steps`` at the end, and writes
 ``config.yaml``, ``metrics.jsonl``, TensorBoard logs, ``checkpoint.pt`` and ``model.safetensors``
 into ``run.out_dir`` (main process only).
+
+``attack.mode`` picks the recipe: ``pgd`` (the paper's, :func:`train_step`), ``free`` or ``fast``
+(:mod:`featdenoise.training.cheap`: Free-AT's replayed minibatches, Fast-AT's FGSM step and its
+per-epoch overfitting check).
 """
 
 from __future__ import annotations
@@ -24,8 +28,8 @@ from featdenoise.data.datasets import SeededDataset, build_dataset, drop_skipped
 from featdenoise.runtime import backends
 from featdenoise.runtime import distributed as dist
 from featdenoise.runtime.seeds import derive_seed
+from featdenoise.training import cheap, recipe, rundir
 from featdenoise.training import checkpoint as ckpt
-from featdenoise.training import recipe, rundir
 from featdenoise.training.logging import MetricsLogger
 
 
@@ -145,9 +149,13 @@ def resume_decision(cfg: Config) -> str | None:
 
 
 def _check_compatible(saved: dict, cfg: Config, path: str) -> None:
-    now = cfg.to_dict()
+    now, defaults = cfg.to_dict(), Config().to_dict()
     for section in ("model", "optim", "attack"):
-        if saved.get(section) != now[section]:
+        # Keys added after the checkpoint was written take their defaults (same recipe).
+        old = saved.get(section)
+        if isinstance(old, dict) and section != "model":
+            old = {**defaults[section], **old}
+        if old != now[section]:
             raise ValueError(f"checkpoint {path} was written with a different '{section}' config; "
                              f"use a new run.out_dir or run.resume=never")
     if saved["data"]["batch_size"] != now["data"]["batch_size"]:
@@ -308,7 +316,7 @@ def _log_train(state: State, schedule, logger: MetricsLogger, bar, device) -> No
     state.tick = now
 
 
-def _save(path, model, cfg, optimizer, schedule, state: State) -> None:
+def _save(path, model, cfg, optimizer, schedule, state: State, extra: dict | None = None) -> None:
     """Checkpoint from the unwrapped model, on the main process only."""
     dist.sync_buffers(model)
     if dist.is_main():
@@ -316,7 +324,7 @@ def _save(path, model, cfg, optimizer, schedule, state: State) -> None:
                              model_kwargs=dict(cfg.model.kwargs), optimizer=optimizer,
                              schedule_step=schedule.step, epoch=state.epoch,
                              step_in_epoch=state.step_in_epoch, step=state.step,
-                             config=cfg.to_dict())
+                             config=cfg.to_dict(), extra=extra)
     dist.barrier()
 
 
@@ -346,14 +354,22 @@ class Job:
     steps_per_epoch: int
     total_steps: int
     saved_step: int | None = None  # global step of the newest checkpoint (None: none exists)
+    free: cheap.FreeState | None = None  # attack.mode=free: the carried perturbation
+    guard: cheap.OverfitGuard | None = None  # attack.mode=fast: the overfitting check
+    check: tuple | None = None  # its held-out batch (x, y)
 
     @property
     def checkpoint_path(self) -> str:
         return os.path.join(self.cfg.run.out_dir, ckpt.CHECKPOINT)
 
     def save(self) -> None:
+        extra = {}
+        if self.free is not None:
+            extra["free_delta"] = self.free.state_dict()  # a collective: every rank calls it
+        if self.guard is not None:
+            extra["overfit_guard"] = self.guard.state_dict()
         _save(self.checkpoint_path, self.model, self.cfg, self.optimizer, self.schedule,
-              self.state)
+              self.state, extra or None)
         self.saved_step = self.state.step
 
     def evaluate(self, steps: list[int], desc: str) -> dict:
@@ -414,6 +430,12 @@ def _setup(cfg: Config, device) -> Job:
     schedule = recipe.LRSchedule(optimizer, steps_per_epoch, cfg.optim, global_batch)
     criterion = recipe.loss_fn(cfg.optim.label_smoothing)
     state = State(targeted=cfg.attack.targeted)
+    # The cheaper recipes' state: Free-AT's perturbation, Fast-AT's overfitting guard.
+    mode = cfg.attack.mode
+    free = cheap.FreeState() if mode == "free" else None
+    guard = None
+    if mode == "fast" and cfg.attack.overfit_drop > 0:
+        guard = cheap.OverfitGuard(cfg.attack.overfit_drop)
     # Resume: weights, optimizer, schedule, position and RNG states from the last checkpoint.
     if resume is not None:
         saved = ckpt.load_checkpoint(resume)
@@ -425,6 +447,11 @@ def _setup(cfg: Config, device) -> Job:
                                                         saved["step"])
         if dist.world_size() == 1:
             ckpt.set_rng_state(saved["rng"])
+        extra = saved.get("extra") or {}
+        if free is not None and "free_delta" in extra:
+            free.load_state_dict(extra["free_delta"], device)
+        if guard is not None and "overfit_guard" in extra:
+            guard.load_state_dict(extra["overfit_guard"])
     # Accepted: now the run directory is written (main process only): stale files of an earlier
     # run deleted (run.resume=never), the resolved config, a fresh metrics file when starting
     # from scratch, TensorBoard logs.
@@ -442,15 +469,23 @@ def _setup(cfg: Config, device) -> Job:
     attack_net = model
     if cfg.run.compile:
         net, attack_net = torch.compile(net), torch.compile(model)
-    attack = recipe.TrainAttack(attack_net, cfg.attack.steps, cfg.attack.eps / 255,
-                                cfg.attack.step_size / 255, cfg.attack.clean_start_prob,
-                                cfg.attack.targeted, exact=cfg.run.compile)
+    if mode == "fast":
+        attack = cheap.FastAttack(attack_net, cfg.attack.eps / 255,
+                                  cfg.attack.fast_step() / 255, cfg.attack.targeted,
+                                  exact=cfg.run.compile)
+    else:  # pgd (free crafts its perturbation inside its own step)
+        attack = recipe.TrainAttack(attack_net, cfg.attack.steps, cfg.attack.eps / 255,
+                                    cfg.attack.step_size / 255, cfg.attack.clean_start_prob,
+                                    cfg.attack.targeted, exact=cfg.run.compile)
     total_steps = steps_per_epoch * cfg.optim.epochs
     bar = tqdm(total=total_steps, initial=state.step, unit="step", dynamic_ncols=True,
                disable=not (dist.is_main() and cfg.run.progress))
     return Job(cfg, device, model, net, attack, criterion, optimizer, schedule, train_set,
                train_loader, val_set, sampler, logger, bar, state, steps_per_epoch,
-               total_steps, saved_step=state.step if resume is not None else None)
+               total_steps, saved_step=state.step if resume is not None else None,
+               free=free, guard=guard,
+               check=cheap.check_batch(val_set, cfg.attack.check_images, device)
+               if guard is not None else None)
 
 
 def _run_epoch(job: Job) -> bool:
@@ -471,8 +506,13 @@ def _run_epoch(job: Job) -> bool:
             empty = dist.all_reduce_sum([float(empty)], job.device)[0] > 0
         if not empty:
             x, y = _to_device(x, y, cfg, job.device)
-            train_step(job.net, job.attack, job.criterion, job.optimizer, job.schedule, x, y,
-                       state, cfg, job.device)
+            if job.free is not None:
+                cheap.free_step(job.net, job.free, job.criterion, job.optimizer, job.schedule,
+                                x, y, state, cfg, job.device, job.model.num_classes)
+                _check_finite(state, cfg)
+            else:
+                train_step(job.net, job.attack, job.criterion, job.optimizer, job.schedule, x,
+                           y, state, cfg, job.device)
         state.step += 1
         state.step_in_epoch += 1
         job.bar.update(1)
@@ -502,8 +542,28 @@ def _end_epoch(job: Job) -> None:
         job.logger.log("eval", state.step, done, metrics)
         if dist.is_main():
             tqdm.write(f"epoch {done}: " + _fmt(metrics))
+    if job.guard is not None:
+        _guard_epoch(job, done)
     state.epoch, state.step_in_epoch = done, 0
     job.save()
+
+
+def _guard_epoch(job: Job, done: int) -> None:
+    """Fast-AT's check after epoch ``done``: PGD accuracy on the held-out batch; on a collapse
+    the best weights go back into the model and training stops (kept in the checkpoint)."""
+    acc = cheap.pgd_accuracy(job.model, *job.check, job.cfg, done)
+    stop = job.guard.update(acc, done, job.model)
+    job.logger.log("overfit_check", job.state.step, done,
+                   {"pgd_acc": acc, "best_pgd_acc": job.guard.best_acc,
+                    "best_epoch": job.guard.best_epoch, "stopped": stop})
+    if stop:
+        job.model.load_state_dict(job.guard.best_model)
+        if dist.is_main():
+            tqdm.write(f"epoch {done}: PGD-{job.cfg.attack.check_steps} accuracy {acc:.4f} on "
+                       f"the check batch fell more than {job.cfg.attack.overfit_drop:.2f} below "
+                       f"the best {job.guard.best_acc:.4f} (epoch {job.guard.best_epoch}): "
+                       f"catastrophic overfitting; stopped, keeping epoch "
+                       f"{job.guard.best_epoch}'s weights")
 
 
 def _finish(job: Job) -> None:
@@ -569,7 +629,8 @@ def fit(cfg: Config, device) -> str:
     updated = _track_updates(job)
     stopped = False
     try:
-        while job.state.epoch < cfg.optim.epochs and not stopped:
+        while (job.state.epoch < cfg.optim.epochs and not stopped
+               and not (job.guard is not None and job.guard.stopped)):
             # One epoch (or its remainder after a resume), then its bookkeeping unless stopped
             # mid-epoch, in which case the position is checkpointed for the next run.
             stopped = _run_epoch(job)

@@ -64,8 +64,21 @@ def lr_at(step: int, steps_per_epoch: int, *, lr: float, global_batch: int, base
     return value * lr_decay ** passed
 
 
+def cyclic_lr_at(step: int, total_steps: int, *, peak: float, peak_at: float) -> float:
+    """One-cycle rate of Wong, Rice, Kolter (ICLR 2020, Sec. 5.1): linear from 0 at step 0 to
+    ``peak`` at step ``peak_at x total_steps``, then linear to 0 at ``total_steps``."""
+    top = peak_at * total_steps
+    if step <= top:
+        return peak * step / top
+    return peak * max(total_steps - step, 0) / (total_steps - top)
+
+
 class LRSchedule:
-    """Sets the optimizer's learning rate from the global step (state: the step)."""
+    """Sets the optimizer's learning rate from the global step (state: the step).
+
+    ``optim_cfg.schedule``: ``step`` (:func:`lr_at`) or ``cyclic`` (:func:`cyclic_lr_at` over
+    ``steps_per_epoch x optim_cfg.epochs`` steps, peak the scaled ``optim_cfg.lr``).
+    """
 
     def __init__(self, optimizer: torch.optim.Optimizer, steps_per_epoch: int, optim_cfg,
                  global_batch: int):
@@ -73,9 +86,17 @@ class LRSchedule:
         self.kw = dict(lr=optim_cfg.lr, global_batch=global_batch,
                        base_batch=optim_cfg.base_batch, warmup_epochs=optim_cfg.warmup_epochs,
                        milestones=list(optim_cfg.milestones), lr_decay=optim_cfg.lr_decay)
+        self.cyclic = None
+        if getattr(optim_cfg, "schedule", "step") == "cyclic":
+            self.cyclic = dict(total_steps=steps_per_epoch * optim_cfg.epochs,
+                               peak=scaled_lr(optim_cfg.lr, global_batch, optim_cfg.base_batch),
+                               peak_at=optim_cfg.cycle_peak)
 
     def lr(self, step: int | None = None) -> float:
-        return lr_at(self.step if step is None else step, self.steps_per_epoch, **self.kw)
+        step = self.step if step is None else step
+        if self.cyclic is not None:
+            return cyclic_lr_at(step, **self.cyclic)
+        return lr_at(step, self.steps_per_epoch, **self.kw)
 
     def apply(self, step: int) -> float:
         """Set every group's rate for ``step`` and remember it; returns the rate."""
