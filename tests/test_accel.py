@@ -33,6 +33,7 @@ class ConvBNNet(nn.Module):
                 bn.running_var.uniform_(0.3, 3.0)
                 bn.weight.uniform_(0.5, 2.0)
                 bn.bias.uniform_(-0.5, 0.5)
+        self.num_classes = K
 
     def forward(self, x):
         h = self.conv(self.bn(x)) if self.swapped else self.bn(self.conv(x))

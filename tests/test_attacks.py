@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_accel import ConvBNNet
 from torch import nn
 
 from featdenoise.accel import caches
@@ -295,30 +296,6 @@ def test_threat_model_projection():
     assert torch.allclose(hi, torch.tensor([0.1, 0.15, 0.6, 1.0, 1.0]))
     z = torch.tensor([-1.0, 0.2, 0.45, 2.0, 0.5])
     assert torch.allclose(ball.project_(z, lo, hi), torch.tensor([0.0, 0.15, 0.45, 1.0, 0.9]))
-
-
-class ConvBNNet(nn.Module):
-    """Conv-BN pairs as children (foldable), plus a pair whose BN runs BEFORE its conv."""
-
-    def __init__(self, swapped: bool = False):
-        super().__init__()
-        torch.manual_seed(0)
-        self.swapped = swapped
-        self.conv = nn.Conv2d(3, 3, 3, padding=1, bias=True)
-        self.bn = nn.BatchNorm2d(3)
-        self.head = nn.Sequential(nn.Conv2d(3, 4, 3, stride=2, padding=1, bias=False),
-                                  nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(64, K))
-        for bn in (self.bn, self.head[1]):
-            with torch.no_grad():
-                bn.running_mean.uniform_(-0.5, 0.5)
-                bn.running_var.uniform_(0.3, 3.0)
-                bn.weight.uniform_(0.5, 2.0)
-                bn.bias.uniform_(-0.5, 0.5)
-        self.num_classes = K
-
-    def forward(self, x):
-        h = self.conv(self.bn(x)) if self.swapped else self.bn(self.conv(x))
-        return self.head(torch.relu(h))
 
 
 def test_accelerated_by_default_and_skipped_where_folding_is_wrong():
