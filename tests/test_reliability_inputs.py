@@ -397,3 +397,33 @@ def test_cli_train_unknown_model_or_op_exit_2(tmp_path, capsys):
         lines = stderr.strip().splitlines()
         assert code == 2, (override, stderr)
         assert len(lines) == 1 and word in lines[0], (override, stderr)
+
+
+def test_a_batch_of_only_unreadable_files_trains_on_a_stand_in_without_a_collective():
+    """Every process takes every step: an all-unreadable batch is replaced by the first readable
+    image of the process's epoch order (no all-reduce to agree on skipping; resume-safe)."""
+    from types import SimpleNamespace
+
+    from featdenoise.runtime.distributed import TrainSampler
+    from featdenoise.training.loop import _stand_in
+
+    class Data(torch.utils.data.Dataset):
+        def __init__(self, readable):
+            self.readable = readable
+
+        def __len__(self):
+            return 8
+
+        def __getitem__(self, i):
+            return torch.full((1, 2, 2), float(i)), (i % 3 if i in self.readable else -1)
+
+    sampler = TrainSampler(Data({5, 6}), seed=0)
+    sampler.set_epoch(1)
+    sampler.set_start(4)  # a resumed position does not change the stand-in
+    job = SimpleNamespace(sampler=sampler, train_set=Data({5, 6}))
+    first = next(i for i in sampler.epoch_order() if i in (5, 6))
+    x, y = _stand_in(job)
+    assert x.shape == (1, 1, 2, 2) and float(x.flatten()[0]) == first and int(y) == first % 3
+    job.train_set = Data(set())
+    with pytest.raises(ValueError, match="no readable image"):
+        _stand_in(job)

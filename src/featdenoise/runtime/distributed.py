@@ -294,6 +294,10 @@ class TrainSampler(DistributedSampler):
     def set_start(self, k: int) -> None:
         self.start = k
 
+    def epoch_order(self) -> list[int]:
+        """This process's whole share of the current epoch, in order (``set_start`` ignored)."""
+        return list(super().__iter__())
+
     def __iter__(self):
         indices = list(super().__iter__())
         return iter(indices[self.start:])

@@ -488,6 +488,21 @@ def _setup(cfg: Config, device) -> Job:
                if guard is not None else None)
 
 
+def _stand_in(job: Job) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first readable image of this process's epoch order, as a batch of one.
+
+    Used when every file of a batch is unreadable: the step still runs on every process (DDP
+    needs every rank in every gradient all-reduce), on data that depends only on (seed, epoch,
+    rank), so a resumed run takes the same step.
+    """
+    for i in job.sampler.epoch_order():
+        x, y = job.train_set[i]
+        if int(y) >= 0:
+            return x[None], torch.tensor([int(y)])  # [1, C, H, W], [1]
+    raise ValueError(f"no readable image among the {job.sampler.num_samples} training images of "
+                     "this process; check data.root (data.strict=true names the bad files)")
+
+
 def _run_epoch(job: Job) -> bool:
     """Train the rest of the current epoch; True if ``run.stop_after`` stopped it early."""
     cfg, state = job.cfg, job.state
@@ -500,19 +515,18 @@ def _run_epoch(job: Job) -> bool:
         # Drop unreadable files (counted and reported at the end of the epoch).
         x, y, n_bad = drop_skipped(x, y)
         state.sums["skipped"] += n_bad
-        # A batch with no readable image skips the step on every process alike.
-        empty = len(y) == 0
-        if dist.world_size() > 1:
-            empty = dist.all_reduce_sum([float(empty)], job.device)[0] > 0
-        if not empty:
-            x, y = _to_device(x, y, cfg, job.device)
-            if job.free is not None:
-                cheap.free_step(job.net, job.free, job.criterion, job.optimizer, job.schedule,
-                                x, y, state, cfg, job.device, job.model.num_classes)
-                _check_finite(state, cfg)
-            else:
-                train_step(job.net, job.attack, job.criterion, job.optimizer, job.schedule, x,
-                           y, state, cfg, job.device)
+        # A batch with no readable image trains on a stand-in, so every process takes every
+        # step without agreeing first (no collective, no host sync per step).
+        if len(y) == 0:
+            x, y = _stand_in(job)
+        x, y = _to_device(x, y, cfg, job.device)
+        if job.free is not None:
+            cheap.free_step(job.net, job.free, job.criterion, job.optimizer, job.schedule,
+                            x, y, state, cfg, job.device, job.model.num_classes)
+            _check_finite(state, cfg)
+        else:
+            train_step(job.net, job.attack, job.criterion, job.optimizer, job.schedule, x,
+                       y, state, cfg, job.device)
         state.step += 1
         state.step_in_epoch += 1
         job.bar.update(1)
