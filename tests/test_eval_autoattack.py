@@ -90,3 +90,29 @@ def test_eval_cli_runs_pgd_and_autoattack_on_the_same_images(tmp_path, capsys):
     assert rc == 0
     s2 = json.loads((tmp_path / "ev2" / "summary.json").read_text())
     assert s2["autoattack"]["names"] == ["apgd-ce", "square"] and s2["attacks"] == []
+
+
+def test_autoattack_on_an_official_checkpoint_with_1000_classes(tmp_path, capsys):
+    """``--official NPZ --arch`` (the authors' format, 1000 classes) runs AutoAttack through
+    the CLI, RobustBench's eps 4 here."""
+    from pathlib import Path
+
+    from featdenoise.cli import main
+    from featdenoise.data.files import save_image
+
+    npz = Path(__file__).parent / "fixtures" / "official" / "resnet_1111" / "checkpoint.npz"
+    g = torch.Generator().manual_seed(0)
+    lines = []
+    for i in range(2):
+        save_image(torch.rand(3, 64, 64, generator=g), str(tmp_path / "img" / f"im{i}.png"))
+        lines.append(f"im{i}.png,{17 + 400 * i}")
+    (tmp_path / "labels.csv").write_text("\n".join(lines) + "\n")
+    rc = main(["eval", "--official", str(npz), "--arch", "ResNet", "--blocks", "1,1,1,1",
+               "--data", "folder", "--data-root", str(tmp_path / "img"), "--labels",
+               str(tmp_path / "labels.csv"), "--attack", "autoattack", "--eps", "4",
+               "--aa-steps", "2", "--aa-targets", "2", "--aa-queries", "5", "--batch-size", "2",
+               "--out", str(tmp_path / "aa"), "--device", "cpu", "--no-progress"])
+    assert rc == 0, capsys.readouterr().err
+    s = json.loads((tmp_path / "aa" / "summary.json").read_text())
+    assert s["num_classes"] == 1000 and s["eps_255"] == 4 and s["autoattack"]["n"] == 2
+    assert s["autoattack"]["n_target_classes"] == 2
