@@ -297,3 +297,14 @@ def test_input_gradient_of_a_denoising_network_matches_normal_path():
     assert torch.allclose(out, ref_out, rtol=1e-4, atol=1e-5)
     assert (g - ref_g).abs().max() <= 1e-4 * ref_g.abs().max()
     assert F.cosine_similarity(g.flatten(), ref_g.flatten(), dim=0) > 0.99999
+
+
+def test_fold_check_tolerance_follows_the_precision_in_use():
+    """Strict float32 keeps 1e-4; CUDA with TF32 allows 8 TF32 roundoffs (both passes carry it),
+    still far below what a wrong fold moves (the wiring check catches misplaced pairs)."""
+    from featdenoise.accel.layer import fold_tolerance
+
+    assert fold_tolerance("cpu", tf32=True) == 1e-4
+    assert fold_tolerance("cuda", tf32=False) == 1e-4
+    assert fold_tolerance("cuda", tf32=True) == pytest.approx(8 * 2.0 ** -11)
+    assert fold_tolerance("cuda", tf32=True) < 0.01

@@ -166,6 +166,13 @@ def _run(block: _Block, forward, x: torch.Tensor, mode: str, fold: frozenset[int
         block.last_out.clear()
 
 
+def fold_tolerance(device_type: str, tf32: bool, rtol: float = 1e-4) -> float:
+    """Relative tolerance of the folding check: ``rtol`` in strict float32; on CUDA with TF32
+    matmuls or convolutions, 8 unit roundoffs of TF32 (2^-11), since both the folded and the
+    unfolded network then carry that rounding and a strict check would switch folding off."""
+    return max(rtol, 8 * 2.0 ** -11) if device_type == "cuda" and tf32 else rtol
+
+
 @torch.no_grad()
 def _verify_fold(block: _Block, forward, x: torch.Tensor, rtol: float = 1e-4) -> frozenset[int]:
     """The pairs that may be folded for inputs like ``x``: wiring (each paired BatchNorm receives
@@ -196,7 +203,12 @@ def _verify_fold(block: _Block, forward, x: torch.Tensor, rtol: float = 1e-4) ->
     if not isinstance(out, torch.Tensor) or out.shape != ref.shape:
         return frozenset()
     ref, out = ref.float(), out.float()
-    tol = rtol * float(ref.abs().max()) + 1e-6
+    tf32 = False
+    if x.device.type == "cuda":
+        from featdenoise.runtime.backends import tf32_enabled
+
+        tf32 = any(tf32_enabled().values())
+    tol = fold_tolerance(x.device.type, tf32, rtol) * float(ref.abs().max()) + 1e-6
     return wired if bool(((out - ref).abs().max() <= tol).item()) else frozenset()
 
 
