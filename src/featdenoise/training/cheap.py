@@ -20,8 +20,6 @@
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -30,6 +28,7 @@ from featdenoise.attacks import PGD
 from featdenoise.attacks.base import draw_targets
 from featdenoise.runtime import distributed as dist
 from featdenoise.runtime.seeds import derive_seed
+from featdenoise.training.recipe import add_running_metrics, autocast, zero_nonfinite_grads
 
 
 class FastAttack:
@@ -77,19 +76,6 @@ class FreeState:
             self.delta = deltas[dist.rank()].to(device)
 
 
-def zero_nonfinite_grads(model: nn.Module, state, device) -> None:
-    """Zero non-finite gradients on the device and remember the first bad step in
-    ``state.nonfinite`` (as :func:`featdenoise.training.loop.train_step`)."""
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    if state.nonfinite is None:
-        state.nonfinite = torch.full((), -1, dtype=torch.int64, device=device)
-    if grads:
-        bad = ~torch.nn.utils.get_total_norm(grads).isfinite()
-        for g in grads:
-            g.masked_fill_(bad, 0.0)
-        state.nonfinite.masked_fill_(bad & (state.nonfinite < 0), state.step)
-
-
 def free_step(model: nn.Module, free: FreeState, criterion, optimizer, schedule, x, y, state,
               cfg, device, num_classes: int) -> None:
     """One minibatch of Free-AT: ``cfg.attack.replays`` SGD updates (module docstring).
@@ -126,19 +112,12 @@ def free_step(model: nn.Module, free: FreeState, criterion, optimizer, schedule,
         optimizer.step()
         with torch.no_grad():
             delta = (delta.detach() + eps * step).clamp(-eps, eps)
-            pred = logits.argmax(1)
-            s = state.sums
-            s["loss"] += loss.detach().float() * len(y)
-            s["correct"] += (pred == y).sum()
-            s["hit"] += (pred == target).sum() if target is not None else 0.0
-            s["n"] += len(y)
+        add_running_metrics(state.sums, loss, logits, y, target)
     free.put(delta)
 
 
 def _autocast(cfg, device):
-    if not cfg.run.bf16:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16)
+    return autocast(cfg.run.bf16, device)
 
 
 def pgd_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg, epoch: int) -> float:

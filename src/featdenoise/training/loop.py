@@ -14,7 +14,6 @@ per-epoch overfitting check).
 
 from __future__ import annotations
 
-import contextlib
 import os
 import time
 from dataclasses import dataclass, field
@@ -25,6 +24,7 @@ from tqdm import tqdm
 
 from featdenoise.config import Config, check_model, load_config
 from featdenoise.data.datasets import SeededDataset, build_dataset, drop_skipped
+from featdenoise.models import model_in_channels
 from featdenoise.runtime import backends
 from featdenoise.runtime import distributed as dist
 from featdenoise.runtime.seeds import derive_seed
@@ -108,9 +108,7 @@ def _build_model(cfg: Config, device):
 
 
 def _autocast(cfg: Config, device):
-    if not cfg.run.bf16:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16)
+    return recipe.autocast(cfg.run.bf16, device)
 
 
 def _to_device(x, y, cfg: Config, device):
@@ -198,25 +196,11 @@ def train_step(model, attack, criterion, optimizer, schedule, x, y, state: State
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     # Non-finite gradients are zeroed on the device and their step remembered (no host sync).
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    if state.nonfinite is None:
-        state.nonfinite = torch.full((), -1, dtype=torch.int64, device=device)
-    if grads:
-        bad = ~torch.nn.utils.get_total_norm(grads).isfinite()  # one fused reduction
-        for g in grads:
-            g.masked_fill_(bad, 0.0)
-        first = state.nonfinite < 0
-        state.nonfinite.masked_fill_(bad & first, state.step)
+    recipe.zero_nonfinite_grads(model, state, device)
     # SGD step.
     optimizer.step()
     # Running metrics, summed on the device (read at log steps).
-    with torch.no_grad():
-        pred = logits.argmax(1)
-        s = state.sums
-        s["loss"] += loss.detach().float() * len(y)
-        s["correct"] += (pred == y).sum()
-        s["hit"] += (pred == target).sum() if target is not None else 0.0
-        s["n"] += len(y)
+    recipe.add_running_metrics(state.sums, loss, logits, y, target)
     _check_finite(state, cfg)
 
 
@@ -377,20 +361,12 @@ class Job:
                         cfg=self.cfg, device=self.device, desc=desc)
 
 
-def _model_in_channels(model: torch.nn.Module) -> int | None:
-    c = getattr(model, "in_channels", None)
-    if c is not None:
-        return int(c)
-    conv = next((m for m in model.modules() if isinstance(m, torch.nn.Conv2d)), None)
-    return None if conv is None else int(conv.in_channels)
-
-
 def _check_model_fits_data(cfg: Config, model: torch.nn.Module, dataset) -> None:
     """One line naming the config key when the data's channels or classes cannot fit the model
     (checked once the data set is built, before anything is written or trained)."""
     x, _ = dataset[0]  # [C, H, W]
     channels = int(x.shape[0])
-    want = _model_in_channels(model)
+    want = model_in_channels(model, default=None)
     if want is not None and want != channels:
         raise ValueError(f"model.kwargs.in_channels={want} does not fit data.name="
                          f"{cfg.data.name}: its images have {channels} channel(s); set "

@@ -19,6 +19,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -122,6 +123,39 @@ def build_optimizer(model: nn.Module, optim_cfg) -> torch.optim.SGD:
 def loss_fn(label_smoothing: float = 0.1) -> nn.Module:
     """Mean cross-entropy with label smoothing (target ``(1-s) onehot + s/K``)."""
     return nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+
+
+def autocast(bf16: bool, device: torch.device):
+    """bfloat16 autocast on ``device`` when ``bf16`` (``run.bf16``), else nothing."""
+    if not bf16:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def zero_nonfinite_grads(model: nn.Module, state, device) -> None:
+    """Zero non-finite gradients on the device and remember the first bad step in
+    ``state.nonfinite`` (a 0-d int64 tensor, -1: none), with no host synchronisation: one fused
+    norm over every gradient decides, so a NaN never reaches the weights."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if state.nonfinite is None:
+        state.nonfinite = torch.full((), -1, dtype=torch.int64, device=device)
+    if grads:
+        bad = ~torch.nn.utils.get_total_norm(grads).isfinite()  # one fused reduction
+        for g in grads:
+            g.masked_fill_(bad, 0.0)
+        state.nonfinite.masked_fill_(bad & (state.nonfinite < 0), state.step)
+
+
+@torch.no_grad()
+def add_running_metrics(sums: dict, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor,
+                        target: torch.Tensor | None) -> None:
+    """Add a step's loss, correct count and target hits to the running ``sums`` on the device
+    (read on the host only at log steps)."""
+    pred = logits.argmax(1)
+    sums["loss"] += loss.detach().float() * len(y)
+    sums["correct"] += (pred == y).sum()
+    sums["hit"] += (pred == target).sum() if target is not None else 0.0
+    sums["n"] += len(y)
 
 
 def draw_clean_start(prob: float, generator: torch.Generator | None = None) -> bool:
