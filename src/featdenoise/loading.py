@@ -119,7 +119,7 @@ def load_dataset(name: str, *, root: str | None = None, split: str = "val",
 def check_compatible(model: nn.Module, dataset: Dataset, what: str) -> None:
     """One clear error when the data's channels or labels cannot fit the model."""
     from featdenoise.evaluation.engine import model_num_classes
-    from featdenoise.evaluation.predict import model_in_channels
+    from featdenoise.models import model_in_channels
 
     if len(dataset) == 0:
         raise ValueError(f"{what} holds no images")

@@ -30,8 +30,8 @@ def _run(args: argparse.Namespace) -> int:
     from featdenoise.data.files import ImageFiles, read_labels_csv
     from featdenoise.evaluation import blackbox as bb
     from featdenoise.evaluation.engine import model_num_classes
-    from featdenoise.evaluation.predict import model_in_channels
     from featdenoise.loading import check_compatible, load_model_spec
+    from featdenoise.models import model_in_channels
     from featdenoise.runtime import distributed
 
     check_run_args(args)

@@ -186,9 +186,9 @@ def check_run_args(args: argparse.Namespace) -> None:
 
 def _evaluate(args: argparse.Namespace, device: torch.device) -> int:
     from featdenoise.evaluation import report
-    from featdenoise.evaluation.predict import model_in_channels
     from featdenoise.evaluation.whitebox import evaluate_whitebox
     from featdenoise.loading import check_compatible
+    from featdenoise.models import model_in_channels
     from featdenoise.runtime import distributed
 
     sweep, aa = split_attacks(args)

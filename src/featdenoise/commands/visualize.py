@@ -12,8 +12,8 @@ def _run(args: argparse.Namespace) -> int:
 
     from featdenoise import viz
     from featdenoise.commands.evaluate import dataset_from_args, models_from_args
-    from featdenoise.evaluation.predict import model_in_channels
     from featdenoise.loading import check_compatible
+    from featdenoise.models import model_in_channels
 
     if not 0 < args.eps <= 255:
         raise ValueError(f"--eps {args.eps:g} is outside (0, 255]; eps is on the 0..255 scale")

@@ -22,17 +22,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from featdenoise.data.files import ImageFiles, list_images, write_labels_csv
-
-
-def model_in_channels(model: nn.Module) -> int:
-    """Input channels the model expects: ``model.in_channels`` if set, else its first conv's."""
-    c = getattr(model, "in_channels", None)
-    if c is not None:
-        return int(c)
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            return int(m.in_channels)
-    return 3
+from featdenoise.models import model_in_channels
 
 
 def predict_folder(model: nn.Module, folder: str, *, size: int | None = 224,

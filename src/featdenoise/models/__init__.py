@@ -9,8 +9,9 @@ from featdenoise.models.registry import (
     create_model,
     list_models,
     model_from_metadata,
+    model_in_channels,
     model_metadata,
 )
 
 __all__ = ["DenoisingBlock", "create_model", "list_models", "model_from_metadata",
-           "model_metadata"]
+           "model_in_channels", "model_metadata"]

@@ -120,3 +120,13 @@ def model_from_metadata(meta: dict[str, str]) -> nn.Module:
     if "model" not in meta:
         raise ValueError(f"metadata has no 'model' entry (keys: {', '.join(sorted(meta))})")
     return create_model(meta["model"], **json.loads(meta.get("model_kwargs", "{}")))
+
+
+def model_in_channels(model: nn.Module, default: int | None = 3) -> int | None:
+    """Input channels the model expects: ``model.in_channels`` if set, else its first conv's,
+    else ``default`` (3: RGB; None: unknown)."""
+    c = getattr(model, "in_channels", None)
+    if c is not None:
+        return int(c)
+    conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    return default if conv is None else int(conv.in_channels)
