@@ -177,16 +177,22 @@ def bench_case(name: str, model: nn.Module, shape: tuple[int, ...], num_classes:
     return m["theirs"] / m["ours"], m["theirs"] / m["theirs_accel"], agree
 
 
-def run(args: argparse.Namespace) -> int:
-    """Entry point of ``featdenoise bench attacks`` (args: quick, repeats, threads, device)."""
+def prepare(args: argparse.Namespace, what: str) -> torch.device:
+    """Check torchattacks is installed (one line naming ``what`` if not), set ``args.threads``
+    torch threads, and return ``args.device``: the start of every bench against torchattacks."""
     try:
         import torchattacks  # noqa: F401
     except ImportError:
-        raise ValueError("bench attacks compares against torchattacks; install it with "
+        raise ValueError(f"{what} compares against torchattacks; install it with "
                          "`pip install torchattacks==3.5.1` (a dev dependency)") from None
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    return torch.device(args.device)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Entry point of ``featdenoise bench attacks`` (args: quick, repeats, threads, device)."""
+    device = prepare(args, "bench attacks")
     quick = bool(args.quick)
     repeats = args.repeats or (1 if quick else 5)
     peak = matmul_gflops(device, 1024 if quick else 2048)

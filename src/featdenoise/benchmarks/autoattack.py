@@ -143,14 +143,9 @@ def bench_case(name: str, model: nn.Module, shape: tuple[int, ...], n_classes: i
 
 def run(args: argparse.Namespace) -> int:
     """Entry point (args: full, images, threads, device); prints one block per case."""
-    try:
-        import torchattacks  # noqa: F401
-    except ImportError:
-        raise ValueError("the AutoAttack bench compares against torchattacks; install it with "
-                         "`pip install torchattacks==3.5.1` (a dev dependency)") from None
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    from featdenoise.benchmarks.attacks import prepare
+
+    device = prepare(args, "the AutoAttack bench")
     quick = bool(getattr(args, "quick", False))
     budget = QUICK if quick else FULL if args.full else REDUCED
     label = ("standard budget" if args.full and not quick else
