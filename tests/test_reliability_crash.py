@@ -16,11 +16,13 @@ import torch
 from test_reliability_inputs import write_idx_folder
 
 
-def _tiny_config(out_dir: Path, **run) -> dict:
-    """A few steps of a 4-channel small ResNet on 16 images of a tiny Fashion-MNIST folder."""
-    data = out_dir.parent / "fmnist"
-    if not data.exists():
-        write_idx_folder(data, n=24)
+def _tiny_config(out_dir: Path, data: Path | None = None, **run) -> dict:
+    """A few steps of a 1-channel small ResNet on 16 images of a tiny Fashion-MNIST folder
+    (``data``, or one written beside ``out_dir``); ``run`` overrides the run section."""
+    if data is None:
+        data = out_dir.parent / "fmnist"
+        if not data.exists():
+            write_idx_folder(data, n=24)
     return {
         "model": {"name": "small_resnet",
                   "kwargs": {"in_channels": 1, "num_classes": 10, "width": 4, "blocks": [1, 1, 1]}},

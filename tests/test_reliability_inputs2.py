@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from test_reliability_crash import _tiny_config as crash_config
 from test_reliability_inputs import _png, write_idx_folder
 
 from featdenoise.cli import main
@@ -55,19 +56,9 @@ def _snapshot(folder: Path) -> dict[str, bytes]:
 
 
 def _tiny_config(out_dir: Path, data: Path, **run) -> dict:
-    """4 steps (one epoch) of a tiny small ResNet on 16 Fashion-MNIST-like images."""
-    return {
-        "model": {"name": "small_resnet",
-                  "kwargs": {"in_channels": 1, "num_classes": 10, "width": 4, "blocks": [1, 1, 1]}},
-        "data": {"name": "fashion_mnist", "root": str(data), "train_subset": 16,
-                 "val_subset": 8, "batch_size": 4, "workers": 0},
-        "attack": {"steps": 1, "eps": 8.0, "step_size": 2.0},
-        "optim": {"epochs": 1, "lr": 0.05, "base_batch": 4, "warmup_epochs": 0,
-                  "milestones": [10]},
-        "run": {"out_dir": str(out_dir), "checkpoint_every": 0, "eval_every": 0,
-                "final_eval_steps": 0, "log_every": 1, "tensorboard": False,
-                "progress": False, "device": "cpu", **run},
-    }
+    """4 steps (one epoch) of a tiny small ResNet on 16 Fashion-MNIST-like images, checkpoints
+    only at the epoch end."""
+    return crash_config(out_dir, data, **{"checkpoint_every": 0, **run})
 
 
 @pytest.fixture(scope="module")
