@@ -77,8 +77,8 @@ def test_packs_follow_every_kind_of_weight_change():
 
     first = packed()
     packs = caches(conv).packer._packs[id(conv)]
-    entry = packs[tuple(x.shape)]
-    assert packed().equal(first) and packs[tuple(x.shape)] is entry
+    entry = packs[tuple(x.shape[1:])]
+    assert packed().equal(first) and packs[tuple(x.shape[1:])] is entry
     with torch.no_grad():
         conv.weight.mul_(2.0)  # in place: version counter
     assert torch.allclose(packed(), ref(), atol=1e-5)
@@ -86,6 +86,45 @@ def test_packs_follow_every_kind_of_weight_change():
     assert torch.allclose(packed(), ref(), atol=1e-5)
     conv.weight = nn.Parameter(torch.randn_like(conv.weight))  # a new tensor
     assert torch.allclose(packed(), ref(), atol=1e-5)
+
+
+@needs_onednn
+@pytest.mark.parametrize("cfg", [CONFIGS[0], CONFIGS[4], CONFIGS[6]],
+                         ids=["stem", "3x3s2", "grouped"])
+def test_one_pack_and_one_check_serve_every_batch_size(cfg, monkeypatch):
+    """Attacks that drop broken images see a new batch size at almost every step: the pack and
+    check of the first batch are reused, and every batch size still matches float64."""
+    cin, cout, k, s, p, d, g, bias, size = cfg
+    conv = frozen_conv(cin, cout, k, s, p, d, g, bias=bias)
+    packer = caches(conv).packer
+    calls = {"pack": 0, "verify": 0}
+    real_pack, real_verify = onednn.pack, packer._verify
+
+    def counting_pack(*args):
+        calls["pack"] += 1
+        return real_pack(*args)
+
+    def counting_verify(*args):
+        calls["verify"] += 1
+        return real_verify(*args)
+
+    monkeypatch.setattr(onednn, "pack", counting_pack)
+    monkeypatch.setattr(packer, "_verify", counting_verify)
+    for n in (8, 1, 3, 17, 8):
+        x = torch.randn(n, cin, size, size).contiguous(memory_format=torch.channels_last)
+        grad_y = torch.randn(F.conv2d(x, conv.weight, conv.bias, s, p, d, g).shape)
+        with inference_grad(conv):
+            y, grad_x = forward_and_grad(conv, x, grad_y)
+        x64 = x.detach().double().requires_grad_(True)
+        y64 = F.conv2d(x64, conv.weight.double(), conv.bias.double() if bias else None, s, p, d,
+                       g)
+        (gx64,) = torch.autograd.grad(y64, x64, grad_y.double())
+        for ours, ref in ((y, y64), (grad_x, gx64)):
+            assert ours.shape == ref.shape
+            assert (ours.double() - ref).abs().max() <= 1e-5 * ref.abs().max()
+    assert calls == {"pack": 1, "verify": 1}
+    assert list(packer._checked.values()) == [True]
+    assert list(packer._packs[id(conv)]) == [(cin, size, size)]
 
 
 def test_ineligible_inputs_run_the_normal_path():

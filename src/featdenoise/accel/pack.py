@@ -13,9 +13,15 @@ less time than with BN folding alone). :meth:`ConvPacker.conv_forward` runs
 
 The result is the same function up to float rounding (about 5e-7 relative on the input gradient
 of a ResNet-50). Eligible: a dense float32 CPU input (NCHW or NHWC) outside autocast; zero padding
-given as numbers; frozen weight and bias; the operators present. Each (conv, input shape) is
+given as numbers; frozen weight and bias; the operators present. Each (conv, input kind) is
 checked once against ``F.conv2d`` and ``aten.convolution_backward`` on the real input before it is
 used; anything ineligible, refused by an operator or failing that check runs the normal path.
+
+An input kind is the input's shape without the batch size, and its layout: packs and checks are
+shared by every batch size, since attacks that drop broken images from the batch (APGD, FAB,
+Square) see a new batch size at almost every image they break. The packed weight's layout does
+not depend on the batch size (oneDNN reorders it itself at a call where it would), and a batch
+size an operator refuses runs the normal path for that call.
 """
 
 from __future__ import annotations
@@ -29,12 +35,13 @@ from torch import nn
 from featdenoise.accel import onednn
 from featdenoise.accel.unchanged import Unchanged
 
-_SHAPES_PER_CONV = 2  # packs kept per conv (a full batch and an eval's smaller last batch)
+_KINDS_PER_CONV = 2  # packs kept per conv (input sizes; the batch size is not part of a kind)
 
 
 class _Geometry:
     """A conv's padding, stride, dilation and groups as the operators want them, with the
-    output shape and the transposed convolution's output padding for an input shape."""
+    output shape (packing only) and the transposed convolution's output padding for an input
+    shape; all but the output shape hold for any batch size."""
 
     def __init__(self, conv: nn.Conv2d, x_shape: tuple):
         self.padding = [int(p) for p in conv.padding]
@@ -80,17 +87,18 @@ class _PackedConv(torch.autograd.Function):
 class ConvPacker:
     """Packed weights of one model (shared by every use of it), kept while they are unchanged.
 
-    A pack is keyed on the conv and the input shape and is reused only while the weight and bias
-    are the same tensors at the same in-place version; a ``nn.Parameter`` must also still equal
-    a snapshot taken at packing (``p.data`` writes bypass version counters). Weights that BN
-    folding produced are the folding cache's own tensors, which change identity when refolded.
+    A pack is keyed on the conv and the input kind (shape without the batch size) and is reused
+    only while the weight and bias are the same tensors at the same in-place version; a
+    ``nn.Parameter`` must also still equal a snapshot taken at packing (``p.data`` writes bypass
+    version counters). Weights that BN folding produced are the folding cache's own tensors,
+    which change identity when refolded.
     Memory: two packed copies of each weight (forward and transposed), plus the snapshot of
     parameters that were not folded.
     """
 
     def __init__(self):
-        self._packs: dict[int, dict] = {}  # id(conv) -> {shape: entry}
-        self._checked: dict[tuple, bool] = {}  # (conv, shape, layout, geometry) -> verified
+        self._packs: dict[int, dict] = {}  # id(conv) -> {input kind (C, H, W): entry}
+        self._checked: dict[tuple, bool] = {}  # (conv, kind, layout, geometry) -> verified
         self.epoch: int | None = None  # snapshots are compared once per epoch (None: always)
 
     def conv_forward(self, conv: nn.Conv2d, x: torch.Tensor, weight: torch.Tensor,
@@ -98,20 +106,22 @@ class ConvPacker:
         """``conv._conv_forward(x, weight, bias)``: packed when eligible, else the normal path."""
         if not self._eligible(conv, x, weight, bias):
             return nn.Conv2d._conv_forward(conv, x, weight, bias)
-        shape = tuple(x.shape)
-        check_key = (id(conv), shape, x.is_contiguous(), tuple(weight.shape), conv.stride,
+        kind = tuple(x.shape[1:])
+        check_key = (id(conv), kind, x.is_contiguous(), tuple(weight.shape), conv.stride,
                      conv.padding, conv.dilation, conv.groups)
-        if self._checked.get(check_key) is False:
+        verified = self._checked.get(check_key)
+        if verified is False:
             return nn.Conv2d._conv_forward(conv, x, weight, bias)
         try:
-            entry = self._entry(conv, shape, weight, bias)
-            if check_key not in self._checked:
-                self._checked[check_key] = self._verify(conv, x, weight, bias, entry)
-            if self._checked[check_key]:
+            entry = self._entry(conv, tuple(x.shape), weight, bias)
+            if verified is None:
+                verified = self._checked[check_key] = self._verify(conv, x, weight, bias, entry)
+            if verified:
                 return _PackedConv.apply(x, weight, entry["packed"], entry["packed_t"], bias,
                                          entry["geo"])
-        except onednn.Unsupported:  # missing, or refused these arguments: never try again
-            self._checked[check_key] = False
+        except onednn.Unsupported:
+            if verified is None:  # missing, or refused this kind: never try again
+                self._checked[check_key] = False
         return nn.Conv2d._conv_forward(conv, x, weight, bias)
 
     # -------------------------------------------------------------------------- internals
@@ -125,12 +135,14 @@ class ConvPacker:
 
     def _entry(self, conv: nn.Conv2d, shape: tuple, weight: torch.Tensor,
                bias: torch.Tensor | None) -> dict:
+        """The packs of ``conv`` for inputs of ``shape``'s kind (packed at ``shape`` if new)."""
         packs = self._packs.setdefault(id(conv), {})
-        entry = packs.get(shape)
+        kind = shape[1:]
+        entry = packs.get(kind)
         if entry is not None and entry["conv"]() is conv and entry["sources"].holds((weight, bias),
                                                                               self.epoch):
             return entry
-        if shape not in packs and len(packs) >= _SHAPES_PER_CONV:
+        if kind not in packs and len(packs) >= _KINDS_PER_CONV:
             packs.clear()
         geo = _Geometry(conv, shape)
         with torch.no_grad():
@@ -142,7 +154,7 @@ class ConvPacker:
                             epoch=self.epoch or 0)
         entry = dict(conv=weakref.ref(conv), sources=sources, packed=packed, packed_t=packed_t,
                      geo=geo)
-        packs[shape] = entry
+        packs[kind] = entry
         return entry
 
     @staticmethod
