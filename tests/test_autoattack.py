@@ -284,6 +284,36 @@ def test_gradient_masked_model_broken_by_square_not_by_pgd_or_apgd(trained, imag
     assert sum(r["broken_by"] == "square" for r in records) >= 0.25 * clean
 
 
+class PerImage(nn.Module):
+    """Runs ``net`` one image at a time (logits independent of the batch), counting images."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+        self.images = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.images += len(x)
+        return torch.cat([self.net(x[i:i + 1]) for i in range(len(x))])
+
+
+def test_square_skips_only_proposals_that_change_no_pixel(trained, images, monkeypatch):
+    """Gray images: a window often already holds the proposed corner values. Not sending those
+    proposals through the model changes no result, and saves passes."""
+    x, y = images[0][:24], images[1][:24]
+    model = PerImage(trained).eval()
+    runs = {}
+    for skip in (True, False):
+        monkeypatch.setattr(Square, "_skip_unchanged", skip)
+        model.images = 0
+        attack = Square(model, eps=4 / 255, n_queries=400, seed=0)
+        runs[skip] = (attack(x, y), attack.last_iteration, attack.last_margin, model.images)
+    (adv, its, margin, passes), (adv_ref, its_ref, margin_ref, passes_ref) = runs[True], runs[False]
+    assert adv.equal(adv_ref) and its.equal(its_ref) and margin.equal(margin_ref)
+    assert (its_ref == -1).sum() >= 4  # some images ran all queries
+    assert passes < 0.95 * passes_ref, (passes, passes_ref)
+
+
 # --------------------------------------------------------------------------- the parts
 def test_checkpoints_are_the_papers():
     """Croce & Hein 2020, Sec. 3.2: p_j = 0, 0.22, 0.41, 0.57, 0.70, 0.80, 0.87, 0.93, 0.99."""

@@ -13,8 +13,9 @@ standard run keeps it for its 5000 queries, ``rescale_schedule=False``; ``True``
 ``n_queries``).
 
 The window and signs are drawn per image (Sec. 3.1); every image that is still unbroken spends one
-query per iteration; a broken image stops. One query at the start, then ``n_queries`` iterations
-(as the authors' code counts them).
+query per iteration; a broken image stops. A proposal that changes no pixel (the window already
+holds those values) is counted but not sent through the model: it cannot lower the margin.
+One query at the start, then ``n_queries`` iterations (as the authors' code counts them).
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ class Square(OutcomeAttack):
     """
 
     name = "square"
+    _skip_unchanged = True  # False: every proposal goes through the model (the tests' reference)
 
     def __init__(self, model: nn.Module, eps: float = 16 / 255, n_queries: int = 5000,
                  p_init: float = 0.8, restarts: int = 1, rescale_schedule: bool = False,
@@ -126,8 +128,18 @@ class Square(OutcomeAttack):
             in_cols = (cols >= left) & (cols < left + s)  # [m, w]
             window = in_rows[:, None, :, None] & in_cols[:, None, None, :]  # [m, 1, h, w]
             corner = torch.where(signs, hi[idx], lo[idx])  # x +- eps per channel, in [0, 1]
-            x_new = torch.where(window, corner, x_best[idx])
-            new_margin = margins(self._logits(x_new), y[idx])
+            current = x_best[idx]
+            x_new = torch.where(window, corner, current)
+            # A proposal the window already holds cannot lower the margin: no forward pass for
+            # it (common on gray images and late, small windows); the query still counts.
+            moved = (x_new != current).flatten(1).any(1)
+            new_margin = margin[idx]
+            if bool(moved.all()) or not self._skip_unchanged:
+                new_margin = margins(self._logits(x_new), y[idx])
+            elif bool(moved.any()):
+                sub = moved.nonzero()[:, 0]
+                new_margin = new_margin.clone()
+                new_margin[sub] = margins(self._logits(x_new[sub]), y[idx[sub]])
             queries[idx] += 1
             better = new_margin < margin[idx]
             x_best[idx[better]] = x_new[better]
