@@ -89,6 +89,32 @@ def test_packs_follow_every_kind_of_weight_change():
 
 
 @needs_onednn
+def test_weight_changes_inside_one_block_are_followed():
+    """Inside one block each conv call reuses what its first call resolved to: any change of a
+    weight (in place, a new tensor, unfrozen) must still be seen at the next call."""
+    conv = frozen_conv(8, 8, 3, padding=1, bias=True)
+    x = torch.randn(2, 8, 6, 6)
+
+    def ref():
+        return F.conv2d(x, conv.weight, conv.bias, padding=1)
+
+    with inference_grad(conv):
+        with torch.no_grad():
+            first = conv(x)
+            assert torch.allclose(first, ref(), atol=1e-5)
+            conv.weight.mul_(2.0)  # in place
+            assert torch.allclose(conv(x), ref(), atol=1e-5)
+            conv.bias = nn.Parameter(torch.randn_like(conv.bias), requires_grad=False)  # new
+            assert torch.allclose(conv(x), ref(), atol=1e-5)
+        conv.weight.requires_grad_(True)  # weight gradients wanted after all: normal path
+        conv(x).sum().backward()
+    assert conv.weight.grad is not None
+    assert torch.allclose(conv.weight.grad, F.conv2d(
+        x.transpose(0, 1), torch.ones(2, 8, 6, 6).transpose(0, 1), padding=1).transpose(0, 1),
+        atol=1e-4)
+
+
+@needs_onednn
 @pytest.mark.parametrize("cfg", [CONFIGS[0], CONFIGS[4], CONFIGS[6]],
                          ids=["stem", "3x3s2", "grouped"])
 def test_one_pack_and_one_check_serve_every_batch_size(cfg, monkeypatch):

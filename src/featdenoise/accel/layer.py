@@ -19,7 +19,11 @@ operator missing or refusing its arguments.
 
 The caches (folded weights, packs, verifications) belong to the model and outlive the block, so
 an evaluation that builds a new attack per batch folds and packs once; they are refreshed when
-any weight changes (identity and version at every call, values once per block).
+any weight changes (identity, version and ``requires_grad`` at every call, values once per
+block). While none changes, each conv call reuses what it resolved to at its first call in the
+block, and passes that need no graph call oneDNN directly. (The fixed cost per call, measured
+on the small 28-px net with one 4x4 image, one thread: 1.1 ms per forward with the checks at
+every call, 0.57 ms with the lookups; PyTorch's own path 0.36 ms.)
 """
 
 from __future__ import annotations
@@ -86,6 +90,22 @@ class _Block:
         self.pack = False
         self.last_out: dict[int, torch.Tensor] = {}  # pair -> its conv's latest output
         self.counts: dict[str, list[int]] = {}
+        # Every tensor the fast path derives from, and what each conv call resolved to while
+        # they are unchanged (a forward then costs a lookup per conv, not the checks).
+        self.slots = [(m, name) for m in self.modules if isinstance(m, nn.Conv2d)
+                      for name in ("weight", "bias")]
+        self.slots += [(bn, name) for _, bn in self.pairs
+                       for name in ("weight", "bias", "running_mean", "running_var")]
+        self.plans: dict[tuple, tuple] = {}
+        self.planned_from: list = []  # the slot tensors the plans were made from (held)
+        self.planned_marks: tuple | None = None
+
+
+def _slot_tensor(module: nn.Module, name: str):
+    for table in (module._parameters, module._buffers):
+        if name in table:
+            return table[name]
+    return getattr(module, name, None)
 
 
 def _compiling() -> bool:
@@ -109,19 +129,34 @@ def _conv_forward(block: _Block, i: int | None, conv: nn.Conv2d, x: torch.Tensor
             block.counts["conv"][i] += 1
             block.last_out[i] = out
         return out
+    key = (id(conv), i in block.fold, block.pack, tuple(x.shape[1:]), x.dtype, x.device,
+           x.is_contiguous())
+    plan = block.plans.get(key)
+    if plan is None or plan[0] is not weight or plan[1] is not bias:
+        plan = block.plans[key] = _plan(block, i, conv, x, weight, bias)
+    _, _, weight, bias, folded, entry = plan
+    if entry is not None:
+        out = block.caches.packer.run(entry, conv, x, weight, bias)
+    else:
+        out = nn.Conv2d._conv_forward(conv, x, weight, bias)
+    if folded:
+        block.last_out[i] = out  # the BatchNorm that receives exactly this tensor passes it on
+    return out
+
+
+def _plan(block: _Block, i: int | None, conv: nn.Conv2d, x: torch.Tensor,
+          weight: torch.Tensor, bias: torch.Tensor | None) -> tuple:
+    """What a fast-mode call of ``conv`` on inputs like ``x`` runs: ``(weight, bias as called,
+    weight, bias to use, folded, verified pack entry or None)``."""
+    given = (weight, bias)
     folded = False
     if i in block.fold and weight is conv.weight and bias is conv.bias:
         bn = block.pairs[i][1]
         if not bn.training and _frozen(sources(conv, bn)):
             weight, bias = block.caches.folds.get(conv, bn, block.caches.epoch)
             folded = True
-    if block.pack:
-        out = block.caches.packer.conv_forward(conv, x, weight, bias)
-    else:
-        out = nn.Conv2d._conv_forward(conv, x, weight, bias)
-    if folded:
-        block.last_out[i] = out  # the BatchNorm that receives exactly this tensor passes it on
-    return out
+    entry = block.caches.packer.resolve(conv, x, weight, bias) if block.pack else None
+    return (*given, weight, bias, folded, entry)
 
 
 def _bn_forward(block: _Block, i: int, bn: nn.BatchNorm2d, forward, x: torch.Tensor):
@@ -144,8 +179,13 @@ def _model_forward(block: _Block, forward, *args, **kwargs):
         return forward(*args, **kwargs)
     x = args[0]
     c = block.caches
-    token = tuple((id(t), t._version) for pair in block.pairs for t in sources(*pair)
-                  if t is not None)
+    tensors = [_slot_tensor(m, name) for m, name in block.slots]
+    marks = tuple(None if t is None else (t._version, t.requires_grad) for t in tensors)
+    if marks != block.planned_marks or any(
+            a is not b for a, b in zip(tensors, block.planned_from, strict=True)):
+        block.plans.clear()  # a tensor was replaced, written in place or unfrozen
+        block.planned_from, block.planned_marks = tensors, marks
+    token = tuple(None if t is None else id(t) for t in tensors) + marks
     if token != c.token:
         c.verified.clear()
         c.token = token

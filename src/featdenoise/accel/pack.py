@@ -104,25 +104,43 @@ class ConvPacker:
     def conv_forward(self, conv: nn.Conv2d, x: torch.Tensor, weight: torch.Tensor,
                      bias: torch.Tensor | None) -> torch.Tensor:
         """``conv._conv_forward(x, weight, bias)``: packed when eligible, else the normal path."""
-        if not self._eligible(conv, x, weight, bias):
+        entry = self.resolve(conv, x, weight, bias)
+        if entry is None:
             return nn.Conv2d._conv_forward(conv, x, weight, bias)
-        kind = tuple(x.shape[1:])
-        check_key = (id(conv), kind, x.is_contiguous(), tuple(weight.shape), conv.stride,
-                     conv.padding, conv.dilation, conv.groups)
+        return self.run(entry, conv, x, weight, bias)
+
+    def resolve(self, conv: nn.Conv2d, x: torch.Tensor, weight: torch.Tensor,
+                bias: torch.Tensor | None) -> dict | None:
+        """The verified, current pack of ``conv`` for inputs like ``x`` (packed and verified
+        on ``x`` if new), or None: run the normal path."""
+        if not self._eligible(conv, x, weight, bias):
+            return None
+        check_key = (id(conv), tuple(x.shape[1:]), x.is_contiguous(), tuple(weight.shape),
+                     conv.stride, conv.padding, conv.dilation, conv.groups)
         verified = self._checked.get(check_key)
         if verified is False:
-            return nn.Conv2d._conv_forward(conv, x, weight, bias)
+            return None
         try:
             entry = self._entry(conv, tuple(x.shape), weight, bias)
             if verified is None:
                 verified = self._checked[check_key] = self._verify(conv, x, weight, bias, entry)
-            if verified:
+        except onednn.Unsupported:  # missing, or refused this kind: never try again
+            self._checked[check_key] = False
+            return None
+        return entry if verified else None
+
+    @staticmethod
+    def run(entry: dict, conv: nn.Conv2d, x: torch.Tensor, weight: torch.Tensor,
+            bias: torch.Tensor | None) -> torch.Tensor:
+        """The convolution on ``entry``'s packs (:meth:`resolve`); a batch size an operator
+        refuses runs the normal path."""
+        try:
+            if torch.is_grad_enabled() and x.requires_grad:
                 return _PackedConv.apply(x, weight, entry["packed"], entry["packed_t"], bias,
                                          entry["geo"])
+            return onednn.conv(x, entry["packed"], bias, entry["geo"])  # no graph needed
         except onednn.Unsupported:
-            if verified is None:  # missing, or refused this kind: never try again
-                self._checked[check_key] = False
-        return nn.Conv2d._conv_forward(conv, x, weight, bias)
+            return nn.Conv2d._conv_forward(conv, x, weight, bias)
 
     # -------------------------------------------------------------------------- internals
     @staticmethod
