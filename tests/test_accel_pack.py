@@ -115,6 +115,37 @@ def test_weight_changes_inside_one_block_are_followed():
 
 
 @needs_onednn
+def test_one_kind_in_other_layouts_and_under_autocast_inside_one_block():
+    """What a conv call resolved to is reused only for inputs it holds for: a strided view,
+    autocast or an unbatched image of the same size run the normal path, with its result."""
+    class Twice(nn.Module):
+        """The same conv on the same input, then again under autocast, in one forward."""
+
+        def __init__(self):
+            super().__init__()
+            self.conv = frozen_conv(8, 8, 3, padding=1)
+
+        def forward(self, x):
+            first = self.conv(x)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return first, self.conv(x)
+
+    model = Twice().eval()
+    conv = model.conv
+    x = torch.randn(2, 8, 6, 6)
+    nhwc = x.contiguous(memory_format=torch.channels_last)
+    strided = torch.randn(2, 8, 6, 12)[..., ::2]  # neither NCHW nor NHWC
+    with inference_grad(model), torch.no_grad():
+        for inp in (nhwc, strided, x, x[0]):
+            first, second = model(inp)
+            assert torch.allclose(first, F.conv2d(inp, conv.weight, conv.bias, padding=1),
+                                  atol=1e-5)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                ref = F.conv2d(inp, conv.weight, conv.bias, padding=1)
+            assert second.dtype == torch.bfloat16 and second.equal(ref)
+
+
+@needs_onednn
 @pytest.mark.parametrize("cfg", [CONFIGS[0], CONFIGS[4], CONFIGS[6]],
                          ids=["stem", "3x3s2", "grouped"])
 def test_one_pack_and_one_check_serve_every_batch_size(cfg, monkeypatch):

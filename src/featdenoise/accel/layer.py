@@ -129,8 +129,11 @@ def _conv_forward(block: _Block, i: int | None, conv: nn.Conv2d, x: torch.Tensor
             block.counts["conv"][i] += 1
             block.last_out[i] = out
         return out
+    # Everything the plan's choices depend on besides the weights (those are in the plans'
+    # validity, checked per forward): input kind, dtype, device, layout, autocast.
     key = (id(conv), i in block.fold, block.pack, tuple(x.shape[1:]), x.dtype, x.device,
-           x.is_contiguous())
+           x.is_contiguous(), x.is_contiguous(memory_format=torch.channels_last),
+           torch.is_autocast_enabled(x.device.type))
     plan = block.plans.get(key)
     if plan is None or plan[0] is not weight or plan[1] is not bias:
         plan = block.plans[key] = _plan(block, i, conv, x, weight, bias)
