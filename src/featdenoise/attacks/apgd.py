@@ -124,11 +124,8 @@ class APGD(OutcomeAttack):
     # ------------------------------------------------------------------------------ rule
     def _perturb(self, x: torch.Tensor, y: torch.Tensor, lo: torch.Tensor,
                  hi: torch.Tensor) -> torch.Tensor:
-        clean = self._logits(x)
+        clean, broken, iteration, target_class = self._clean_outcome(x, y)
         n = len(x)
-        broken = clean.argmax(1) != y
-        iteration = torch.where(broken, 0, -1).long()
-        target_class = torch.full_like(y, -1)
         x_ret, best_loss = x.clone(), torch.full((n,), -math.inf, device=x.device)
         for targets in self._target_runs(clean, y):
             for _ in range(self.restarts):

@@ -113,10 +113,7 @@ class FAB(OutcomeAttack):
     # ------------------------------------------------------------------------------ rule
     def _perturb(self, x: torch.Tensor, y: torch.Tensor, lo: torch.Tensor,
                  hi: torch.Tensor) -> torch.Tensor:
-        clean = self._logits(x)
-        broken = clean.argmax(1) != y
-        iteration = torch.where(broken, 0, -1).long()
-        target_class = torch.full_like(y, -1)
+        clean, broken, iteration, target_class = self._clean_outcome(x, y)
         x_ret = x.clone()
         order = clean.argsort(1, descending=True)  # [N, K]
         for j in range(1, min(self.n_target_classes, clean.shape[1] - 1) + 1):

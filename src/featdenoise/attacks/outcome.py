@@ -68,6 +68,13 @@ class OutcomeAttack(Attack):
         with self._autocast(x):
             return self.model(x).float()
 
+    def _clean_outcome(self, x: torch.Tensor, y: torch.Tensor):
+        """Where every run starts: ``(clean logits [N, K], broken [N] bool, iteration [N] int64,
+        target_class [N] int64)``; an image misclassified clean is broken at iteration 0."""
+        clean = self._logits(x)
+        broken = clean.argmax(1) != y
+        return clean, broken, torch.where(broken, 0, -1).long(), torch.full_like(y, -1)
+
     def _finish(self, x_adv: torch.Tensor, y: torch.Tensor, iteration: torch.Tensor,
                 target_class: torch.Tensor) -> torch.Tensor:
         """Record the per-image results on the returned images (one forward pass) and return

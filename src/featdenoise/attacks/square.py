@@ -86,9 +86,7 @@ class Square(OutcomeAttack):
                  hi: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4:
             raise ValueError(f"Square Attack needs images [N, C, H, W], got {tuple(x.shape)}")
-        clean = self._logits(x)
-        broken = clean.argmax(1) != y
-        iteration = torch.where(broken, 0, -1).long()
+        clean, broken, iteration, no_target = self._clean_outcome(x, y)
         x_ret, best = x.clone(), margins(clean, y)
         for _ in range(self.restarts):
             idx = (~broken).nonzero()[:, 0]
@@ -101,7 +99,7 @@ class Square(OutcomeAttack):
             best[idx] = torch.minimum(best[idx], margin)
             broken[idx[hit]] = True
             iteration[idx[hit]] = queries[hit]
-        return self._finish(x_ret, y, iteration, torch.full_like(y, -1))
+        return self._finish(x_ret, y, iteration, no_target)
 
     def _run(self, x: torch.Tensor, y: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor):
         """One run. Returns ``(x_best, margin [n], queries [n])``."""
