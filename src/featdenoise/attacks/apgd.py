@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from featdenoise.attacks.base import count_arg
 from featdenoise.attacks.outcome import OutcomeAttack
 
 LOSSES = ("ce", "dlr")
@@ -99,21 +100,15 @@ class APGD(OutcomeAttack):
                  early_stop: bool = True, seed: int | None = None,
                  num_classes: int | None = None, **kwargs):
         super().__init__(model, eps=eps, seed=seed, num_classes=num_classes, **kwargs)
-        if int(steps) != steps or steps < 1:
-            raise ValueError(f"steps={steps} must be an integer >= 1 (AutoAttack uses 100)")
+        self.steps = count_arg("steps", steps, hint=" (AutoAttack uses 100)")
         if loss not in LOSSES:
             raise ValueError(f"loss={loss!r} is unknown; use one of {LOSSES}")
-        if int(restarts) != restarts or restarts < 1:
-            raise ValueError(f"restarts={restarts} must be an integer >= 1")
-        if int(eot_iter) != eot_iter or eot_iter < 1:
-            raise ValueError(f"eot_iter={eot_iter} must be an integer >= 1 (1, or 20 for 'rand')")
+        self.restarts = count_arg("restarts", restarts)
+        self.eot_iter = count_arg("eot_iter", eot_iter, hint=" (1, or 20 for 'rand')")
         if not 0.0 < rho <= 1.0:
             raise ValueError(f"rho={rho} must be in (0, 1] (the paper uses 0.75)")
-        self.steps = int(steps)
         self.loss = loss
-        self.restarts = int(restarts)
         self.rho = float(rho)
-        self.eot_iter = int(eot_iter)
         self.early_stop = bool(early_stop)
 
     def __repr__(self) -> str:
@@ -288,9 +283,7 @@ class APGDT(APGD):
         super().__init__(model, eps=eps, steps=steps, loss="dlr", restarts=restarts, rho=rho,
                          eot_iter=eot_iter, early_stop=early_stop, seed=seed,
                          num_classes=num_classes, **kwargs)
-        if int(n_target_classes) != n_target_classes or n_target_classes < 1:
-            raise ValueError(f"n_target_classes={n_target_classes} must be an integer >= 1")
-        self.n_target_classes = int(n_target_classes)
+        self.n_target_classes = count_arg("n_target_classes", n_target_classes)
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(eps={self.eps * 255:g}/255, steps={self.steps}, "

@@ -35,6 +35,15 @@ from featdenoise.attacks.threat import LinfBall
 _RANGE_TOLERANCE = 1e-6  # images may exceed [0, 1] by this much (float rounding of x / 255)
 
 
+def count_arg(name: str, value, minimum: int = 1, hint: str = "") -> int:
+    """``value`` as an int, or one line naming ``name`` if it is not a whole number >=
+    ``minimum`` (steps, restarts, queries, targets...); ``hint`` ends the message."""
+    if int(value) != value or value < minimum:
+        need = "a non-negative integer" if minimum == 0 else f"an integer >= {minimum}"
+        raise ValueError(f"{name}={value} must be {need}{hint}")
+    return int(value)
+
+
 def draw_targets(y: torch.Tensor, num_classes: int,
                  generator: torch.Generator | None = None) -> torch.Tensor:
     """Random wrong-class targets ``(y + U{1..K-1}) mod K``, one per image (paper Sec. 6).

@@ -28,6 +28,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from featdenoise.attacks.base import count_arg
 from featdenoise.attacks.outcome import OutcomeAttack
 
 
@@ -92,16 +93,12 @@ class FAB(OutcomeAttack):
                  eta: float = 1.05, beta: float = 0.9, early_stop: bool = True,
                  seed: int | None = None, num_classes: int | None = None, **kwargs):
         super().__init__(model, eps=eps, seed=seed, num_classes=num_classes, **kwargs)
-        for key, value in (("steps", steps), ("n_target_classes", n_target_classes),
-                           ("restarts", restarts)):
-            if int(value) != value or value < 1:
-                raise ValueError(f"{key}={value} must be an integer >= 1")
+        self.steps = count_arg("steps", steps)
+        self.n_target_classes = count_arg("n_target_classes", n_target_classes)
+        self.restarts = count_arg("restarts", restarts)
         if not 0.0 <= alpha_max <= 1.0 or not eta > 0 or not 0.0 < beta <= 1.0:
             raise ValueError(f"alpha_max={alpha_max}, eta={eta}, beta={beta}: need alpha_max in "
                              "[0, 1], eta > 0, beta in (0, 1] (the paper: 0.1, 1.05, 0.9)")
-        self.steps = int(steps)
-        self.n_target_classes = int(n_target_classes)
-        self.restarts = int(restarts)
         self.alpha_max, self.eta, self.beta = float(alpha_max), float(eta), float(beta)
         self.early_stop = bool(early_stop)
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from featdenoise.attacks.base import Attack
+from featdenoise.attacks.base import Attack, count_arg
 
 STEP_RULES = ("paper", "fixed")
 
@@ -57,16 +57,14 @@ class PGD(Attack):
                  channels_last: bool | None = None, exact: bool = False):
         super().__init__(model, eps=eps, targeted=targeted, seed=seed, num_classes=num_classes,
                          bf16=bf16, channels_last=channels_last, exact=exact)
-        if int(steps) != steps or steps < 0:
-            raise ValueError(f"steps={steps} must be a non-negative integer")
+        count_arg("steps", steps, minimum=0)
         if not step_size > 0:
             raise ValueError(f"step_size={step_size} must be > 0 (on the [0, 1] scale: 1/255)")
         if step_rule not in STEP_RULES:
             raise ValueError(f"step_rule={step_rule!r} is unknown; use one of {STEP_RULES}")
         if not 0.0 <= clean_start_prob <= 1.0:
             raise ValueError(f"clean_start_prob={clean_start_prob} must be in [0, 1]")
-        if int(restarts) != restarts or restarts < 1:
-            raise ValueError(f"restarts={restarts} must be an integer >= 1")
+        count_arg("restarts", restarts)
         self.step_size = float(step_size)
         self.steps = int(steps)
         self.random_start = bool(random_start)

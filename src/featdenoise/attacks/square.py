@@ -25,6 +25,7 @@ import math
 import torch
 from torch import nn
 
+from featdenoise.attacks.base import count_arg
 from featdenoise.attacks.outcome import OutcomeAttack, margins
 
 P_SCHEDULE = ((10, 1), (50, 2), (200, 4), (500, 8), (1000, 16), (2000, 32), (4000, 64),
@@ -66,15 +67,11 @@ class Square(OutcomeAttack):
                  p_init: float = 0.8, restarts: int = 1, rescale_schedule: bool = False,
                  seed: int | None = None, num_classes: int | None = None, **kwargs):
         super().__init__(model, eps=eps, seed=seed, num_classes=num_classes, **kwargs)
-        if int(n_queries) != n_queries or n_queries < 0:
-            raise ValueError(f"n_queries={n_queries} must be a non-negative integer (5000)")
-        if int(restarts) != restarts or restarts < 1:
-            raise ValueError(f"restarts={restarts} must be an integer >= 1")
+        self.n_queries = count_arg("n_queries", n_queries, minimum=0, hint=" (5000)")
+        self.restarts = count_arg("restarts", restarts)
         if not 0.0 < p_init <= 1.0:
             raise ValueError(f"p_init={p_init} must be in (0, 1] (the paper uses 0.8)")
-        self.n_queries = int(n_queries)
         self.p_init = float(p_init)
-        self.restarts = int(restarts)
         self.rescale_schedule = bool(rescale_schedule)
 
     def __repr__(self) -> str:
