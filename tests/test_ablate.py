@@ -5,10 +5,9 @@ from __future__ import annotations
 import json
 import math
 
-import numpy as np
 import pytest
 import yaml
-from idx_files import write_idx
+from idx_files import write_random_fashion_mnist
 
 from featdenoise.experiments import ablate
 
@@ -16,12 +15,9 @@ from featdenoise.experiments import ablate
 @pytest.fixture()
 def tiny_config(tmp_path):
     """A Fashion-MNIST-format folder of random images and a seconds-long training config."""
-    rng = np.random.default_rng(0)
     data = tmp_path / "fmnist"
     data.mkdir()
-    for prefix, n in (("train", 64), ("t10k", 16)):
-        write_idx(data / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
-        write_idx(data / f"{prefix}-labels-idx1-ubyte.gz", rng.integers(0, 10, n))
+    write_random_fashion_mnist(data, 64, 16)
     cfg = {
         "model": {"name": "small_resnet_denoise",
                   "kwargs": {"in_channels": 1, "width": 4, "denoise": "nonlocal_gaussian"}},

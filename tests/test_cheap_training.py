@@ -17,13 +17,7 @@ from featdenoise.training import cheap, loop, recipe
 from featdenoise.training import checkpoint as ckpt
 from featdenoise.training.logging import read_metrics
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -298,10 +292,11 @@ def test_checkpoint_written_before_the_new_keys_still_resumes(tmp_path):
 ])
 def test_two_process_cheap_modes_keep_ranks_identical(tmp_path, extra):
     import torch.multiprocessing as mp
-    from test_training import _free_port, _worker
+    from gloo import free_port
+    from test_training import _worker
 
     cfg = tiny_config(tmp_path, "optim.epochs=1", "run.eval_every=0", *extra)
-    mp.start_processes(_worker, args=(2, _free_port(), cfg.to_dict(), str(tmp_path)), nprocs=2,
+    mp.start_processes(_worker, args=(2, free_port(), cfg.to_dict(), str(tmp_path)), nprocs=2,
                        join=True, start_method="fork")
     a = torch.load(tmp_path / "rank0.pt", weights_only=True)
     b = torch.load(tmp_path / "rank1.pt", weights_only=True)

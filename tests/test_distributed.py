@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import datetime
 import os
-import socket
 
 import pytest
 import torch
+from gloo import as_rank, free_port
 
 from featdenoise.runtime import distributed as dist
 from featdenoise.training import checkpoint as ckpt
@@ -120,16 +120,8 @@ def test_resume_decision(tmp_path):
 # Two gloo processes, one run folder each: only rank 0's holds a checkpoint
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _resume_worker(rank, world, port, folders, missing):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
-    torch.set_num_threads(1)
+    as_rank(rank, world, port)
     # Each "node" works in its own folder: the same relative run.out_dir names different disks.
     os.chdir(folders[rank])
     dist.init("cpu")
@@ -160,7 +152,7 @@ def test_two_processes_resume_from_rank0s_checkpoint_with_per_rank_folders(tmp_p
                              model.parameters(), lr=0.1), schedule_step=17, epoch=2,
                          step_in_epoch=3, step=17, config={})
     try:
-        mp.start_processes(_resume_worker, args=(2, _free_port(), folders,
+        mp.start_processes(_resume_worker, args=(2, free_port(), folders,
                                                  str(tmp_path / "absent.pt")),
                            nprocs=2, join=True, start_method="fork")
     finally:
@@ -178,8 +170,7 @@ def test_two_processes_resume_from_rank0s_checkpoint_with_per_rank_folders(tmp_p
 
 
 def _share_worker(rank, world, port, folders, shared):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
+    as_rank(rank, world, port)
     dist.init("cpu")
     try:
         os.chdir(folders[rank])
@@ -203,7 +194,7 @@ def test_share_file_replaces_a_stale_copy_and_leaves_a_shared_one(tmp_path):
     (tmp_path / "f.bin").write_bytes(b"shared")
     cwd = os.getcwd()
     try:
-        mp.start_processes(_share_worker, args=(2, _free_port(), folders, str(tmp_path)),
+        mp.start_processes(_share_worker, args=(2, free_port(), folders, str(tmp_path)),
                            nprocs=2, join=True, start_method="fork")
     finally:
         os.chdir(cwd)
@@ -223,9 +214,7 @@ def _train_config(data, *extra):
 
 
 def _train_worker(rank, world, port, folders, cfg_dict):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
-    torch.set_num_threads(1)
+    as_rank(rank, world, port)
     os.chdir(folders[rank])
     from featdenoise.config import from_dict
 
@@ -245,16 +234,12 @@ def _train_worker(rank, world, port, folders, cfg_dict):
 
 
 def test_two_processes_train_on_from_rank0s_checkpoint_with_per_rank_folders(tmp_path):
-    import numpy as np
     import torch.multiprocessing as mp
-    from idx_files import write_idx
+    from idx_files import write_random_fashion_mnist
 
     data = tmp_path / "fmnist"
     data.mkdir()
-    rng = np.random.default_rng(0)
-    for prefix, n in (("train", 48), ("t10k", 8)):
-        write_idx(data / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
-        write_idx(data / f"{prefix}-labels-idx1-ubyte.gz", rng.integers(0, 10, n))
+    write_random_fashion_mnist(data, 48, 8)
     folders = [str(tmp_path / "node0"), str(tmp_path / "node1")]
     for f in folders:
         os.makedirs(f)
@@ -265,7 +250,7 @@ def test_two_processes_train_on_from_rank0s_checkpoint_with_per_rank_folders(tmp
         loop.train(_train_config(data, "run.stop_after=6"))
         assert ckpt.load_checkpoint(os.path.join("run", ckpt.CHECKPOINT))["step"] == 6
         os.chdir(cwd)
-        mp.start_processes(_train_worker, args=(2, _free_port(), folders,
+        mp.start_processes(_train_worker, args=(2, free_port(), folders,
                                                 _train_config(data).to_dict()),
                            nprocs=2, join=True, start_method="fork")
     finally:
@@ -285,9 +270,7 @@ def test_two_processes_train_on_from_rank0s_checkpoint_with_per_rank_folders(tmp
 
 
 def _ablate_worker(rank, world, port, config, out_dir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
-    torch.set_num_threads(1)
+    as_rank(rank, world, port)
     import json
 
     import featdenoise.evaluation.whitebox as wb
@@ -310,17 +293,13 @@ def _ablate_worker(rank, world, port, config, out_dir):
 def test_ablate_under_two_processes_evaluates_by_rank_and_writes_once(tmp_path):
     import json
 
-    import numpy as np
     import torch.multiprocessing as mp
     import yaml
-    from idx_files import write_idx
+    from idx_files import write_random_fashion_mnist
 
     data = tmp_path / "fmnist"
     data.mkdir()
-    rng = np.random.default_rng(0)
-    for prefix, n in (("train", 32), ("t10k", 8)):
-        write_idx(data / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
-        write_idx(data / f"{prefix}-labels-idx1-ubyte.gz", rng.integers(0, 10, n))
+    write_random_fashion_mnist(data, 32, 8)
     cfg = _train_config(data, "optim.epochs=1", "attack.steps=0").to_dict()
     cfg["model"]["kwargs"] = {"in_channels": 1, "width": 4, "blocks": [1, 1, 1]}
     path = tmp_path / "abl.yaml"
@@ -329,7 +308,7 @@ def test_ablate_under_two_processes_evaluates_by_rank_and_writes_once(tmp_path):
     cwd = os.getcwd()
     try:
         os.chdir(tmp_path)  # the config's relative run.out_dir is replaced per variant anyway
-        mp.start_processes(_ablate_worker, args=(2, _free_port(), str(path), str(out)),
+        mp.start_processes(_ablate_worker, args=(2, free_port(), str(path), str(out)),
                            nprocs=2, join=True, start_method="fork")
     finally:
         os.chdir(cwd)

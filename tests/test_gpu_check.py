@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import os
 import pathlib
-import socket
 import subprocess
 import sys
 
 import pytest
 import torch
+from gloo import as_rank, free_port
 
 from featdenoise.benchmarks import gpu_check
 
@@ -69,16 +69,8 @@ def test_scripts_parse_and_refuse_bad_arguments():
     assert bad.returncode == 2 and "usage" in bad.stderr
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _multi_worker(rank, world, port, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
-    torch.set_num_threads(1)
+    as_rank(rank, world, port)
     rc = gpu_check.main(["--dry-run", "--multi", "--stage", "train", "--out", out])
     if rc:
         raise SystemExit(rc)
@@ -88,7 +80,7 @@ def test_multi_dry_run_two_gloo_processes_then_resume_with_one(tmp_path, capfd):
     import torch.multiprocessing as mp
 
     out = str(tmp_path / "multi")
-    mp.start_processes(_multi_worker, args=(2, _free_port(), out), nprocs=2, join=True,
+    mp.start_processes(_multi_worker, args=(2, free_port(), out), nprocs=2, join=True,
                        start_method="fork")
     assert gpu_check.main(["--dry-run", "--multi", "--stage", "resume", "--out", out]) == 0
     text = capfd.readouterr().out

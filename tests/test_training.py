@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from gloo import as_rank, free_port
 from idx_files import write_idx
 from torch import nn
 
@@ -21,14 +21,7 @@ from featdenoise.training import checkpoint as ckpt
 from featdenoise.training import loop, recipe
 from featdenoise.training.logging import read_metrics
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread is faster than two on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def write_idx_folder(folder, n_train=48, n_val=10, seed=0):
@@ -269,7 +262,8 @@ def test_atomic_save_keeps_old_file_when_writing_fails(tmp_path, monkeypatch):
     assert torch.load(path, weights_only=True) == {"step": 1}
 
 
-def test_non_finite_loss_stops_with_step_and_keeps_last_checkpoint(tmp_path, monkeypatch):
+def exploding_at_step_5(monkeypatch) -> None:
+    """Training builds a small_resnet whose 6th training-mode forward (step 5) returns NaN."""
     import featdenoise.models as models
 
     real = models.create_model
@@ -290,6 +284,10 @@ def test_non_finite_loss_stops_with_step_and_keeps_last_checkpoint(tmp_path, mon
             return out
 
     monkeypatch.setattr(models, "create_model", lambda name, **kw: Exploding(**kw))
+
+
+def test_non_finite_loss_stops_with_step_and_keeps_last_checkpoint(tmp_path, monkeypatch):
+    exploding_at_step_5(monkeypatch)
     cfg = tiny_config(tmp_path, "attack.steps=0")
     with pytest.raises(loop.NonFiniteLossError) as err:
         loop.train(cfg)
@@ -304,26 +302,7 @@ def test_non_finite_step_between_checks_never_reaches_the_weights(tmp_path, monk
     """The guard reads the device flag only at check steps (no per-step host sync): a NaN at
     step 5, the last of epoch 1, is followed by the end-of-epoch checkpoint before the next
     check (step 7); that checkpoint holds finite weights and the error names both steps."""
-    import featdenoise.models as models
-
-    real = models.create_model
-
-    class Exploding(nn.Module):
-        def __init__(self, **kw):
-            super().__init__()
-            self.net = real("small_resnet", **kw)
-            self.num_classes = 10
-            self.calls = 0
-
-        def forward(self, x):
-            out = self.net(x)
-            if self.training:
-                self.calls += 1
-                if self.calls == 6:
-                    return out * float("nan")
-            return out
-
-    monkeypatch.setattr(models, "create_model", lambda name, **kw: Exploding(**kw))
+    exploding_at_step_5(monkeypatch)
     cfg = tiny_config(tmp_path, "attack.steps=0", "run.log_every=4", "run.checkpoint_every=0",
                       "run.eval_every=0")
     with pytest.raises(loop.NonFiniteLossError) as err:
@@ -360,16 +339,8 @@ def test_single_process_helpers_are_no_ops():
     assert dist.unwrap(model) is model
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _worker(rank, world, port, cfg_dict, out_dir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
-    torch.set_num_threads(1)
+    as_rank(rank, world, port)
     from featdenoise.config import from_dict
     from featdenoise.training import loop as lp
 
@@ -390,7 +361,7 @@ def test_two_process_gloo_training_keeps_ranks_identical(tmp_path):
 
     cfg = tiny_config(tmp_path, "optim.epochs=1", "run.eval_every=0")
     # fork: the children inherit the imported modules (spawn re-imports torch: much slower).
-    mp.start_processes(_worker, args=(2, _free_port(), cfg.to_dict(), str(tmp_path)), nprocs=2,
+    mp.start_processes(_worker, args=(2, free_port(), cfg.to_dict(), str(tmp_path)), nprocs=2,
                        join=True, start_method="fork")
     a = torch.load(tmp_path / "rank0.pt", weights_only=True)
     b = torch.load(tmp_path / "rank1.pt", weights_only=True)

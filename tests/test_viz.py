@@ -10,7 +10,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from idx_files import write_idx
+from idx_files import write_random_fashion_mnist
 
 from featdenoise import viz
 from featdenoise.models import create_model
@@ -110,12 +110,9 @@ def test_visualize_command_on_a_checkpoint(tmp_path, capsys):
     model = _tiny_denoise_net()
     ckpt = tmp_path / "model.safetensors"
     save_weights(str(ckpt), model, "small_resnet_denoise", {"in_channels": 1, "width": 4})
-    rng = np.random.default_rng(0)
     data = tmp_path / "fmnist"
     data.mkdir()
-    for prefix, n in (("train", 8), ("t10k", 8)):
-        write_idx(data / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
-        write_idx(data / f"{prefix}-labels-idx1-ubyte.gz", rng.integers(0, 10, n))
+    write_random_fashion_mnist(data, 8, 8)
     out = tmp_path / "viz"
     rc = main(["visualize", "--checkpoint", str(ckpt), "--data", "fashion_mnist",
                "--data-root", str(data), "--images", "0,5", "--stage", "stage3",
