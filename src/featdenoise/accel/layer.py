@@ -188,10 +188,11 @@ def _model_forward(block: _Block, forward, *args, **kwargs):
             a is not b for a, b in zip(tensors, block.planned_from, strict=True)):
         block.plans.clear()  # a tensor was replaced, written in place or unfrozen
         block.planned_from, block.planned_marks = tensors, marks
-    token = tuple(None if t is None else id(t) for t in tensors) + marks
-    if token != c.token:
-        c.verified.clear()
-        c.token = token
+        # The fold checks outlive the block: they hold while the same tensors are unchanged.
+        token = tuple(None if t is None else id(t) for t in tensors) + marks
+        if token != c.token:
+            c.verified.clear()
+            c.token = token
     key = (tuple(x.shape[1:]), x.dtype, x.device)
     fold = c.verified.get(key)
     if fold is None:

@@ -5,7 +5,8 @@ reorders each weight into oneDNN's blocked layout at every call, in the forward 
 backward. At small batches the deep layers are bound by reading weights, so this copy is a
 sizeable share of a step. Packed weights also make oneDNN return NHWC activations, on which its
 kernels run faster (ResNet-50 at 64x64, 2 CPU threads, batches 8-32: a 10-step PGD takes 14-17%
-less time than with BN folding alone). :meth:`ConvPacker.conv_forward` runs
+less time than with BN folding alone). :meth:`ConvPacker.resolve` finds (or packs and verifies)
+the packs of a conv for an input kind, and :meth:`ConvPacker.run` runs
 
 * forward: the convolution on the packed weight (:func:`featdenoise.accel.onednn.conv`);
 * backward (input gradient only; the weights are frozen): the transposed convolution on the same
@@ -100,14 +101,6 @@ class ConvPacker:
         self._packs: dict[int, dict] = {}  # id(conv) -> {input kind (C, H, W): entry}
         self._checked: dict[tuple, bool] = {}  # (conv, kind, layout, geometry) -> verified
         self.epoch: int | None = None  # snapshots are compared once per epoch (None: always)
-
-    def conv_forward(self, conv: nn.Conv2d, x: torch.Tensor, weight: torch.Tensor,
-                     bias: torch.Tensor | None) -> torch.Tensor:
-        """``conv._conv_forward(x, weight, bias)``: packed when eligible, else the normal path."""
-        entry = self.resolve(conv, x, weight, bias)
-        if entry is None:
-            return nn.Conv2d._conv_forward(conv, x, weight, bias)
-        return self.run(entry, conv, x, weight, bias)
 
     def resolve(self, conv: nn.Conv2d, x: torch.Tensor, weight: torch.Tensor,
                 bias: torch.Tensor | None) -> dict | None:
