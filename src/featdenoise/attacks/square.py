@@ -128,12 +128,11 @@ class Square(OutcomeAttack):
             # A proposal the window already holds cannot lower the margin: no forward pass for
             # it (common on gray images and late, small windows); the query still counts.
             moved = (x_new != current).flatten(1).any(1)
-            new_margin = margin[idx]
+            new_margin = margin[idx]  # a copy (indexing)
             if bool(moved.all()) or not self._skip_unchanged:
                 new_margin = margins(self._logits(x_new), y[idx])
             elif bool(moved.any()):
                 sub = moved.nonzero()[:, 0]
-                new_margin = new_margin.clone()
                 new_margin[sub] = margins(self._logits(x_new[sub]), y[idx[sub]])
             queries[idx] += 1
             better = new_margin < margin[idx]
