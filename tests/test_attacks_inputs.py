@@ -132,3 +132,20 @@ def test_model_must_return_logits(kind, name):
         attack(x, y)
     assert "_Returns returned" in str(err.value) and "\n" not in str(err.value)
     assert build_attack(name, _Returns("tensor"), num_classes=K, seed=0)(x, y).shape == x.shape
+
+
+@pytest.mark.parametrize("cls,kwargs,match", [
+    ("PGD", dict(steps=-1), "steps=-1 must be a non-negative integer"),
+    ("PGD", dict(restarts=1.5), "restarts=1.5 must be an integer >= 1"),
+    ("APGD", dict(steps=None), "steps=None must be an integer >= 1 .AutoAttack uses 100."),
+    ("APGD", dict(eot_iter=0), "eot_iter=0 must be an integer >= 1"),
+    ("APGDT", dict(n_target_classes="9"), "n_target_classes='9' must be an integer >= 1"),
+    ("FAB", dict(steps=2.5), "steps=2.5 must be an integer >= 1"),
+    ("Square", dict(n_queries="many"), "n_queries='many' must be a non-negative integer"),
+])
+def test_counts_that_are_not_whole_numbers_are_refused_in_one_line(cls, kwargs, match):
+    import featdenoise.attacks as attacks
+
+    with pytest.raises(ValueError, match=match) as err:
+        getattr(attacks, cls)(tiny_model(), **kwargs)
+    assert "\n" not in str(err.value)

@@ -38,9 +38,13 @@ _RANGE_TOLERANCE = 1e-6  # images may exceed [0, 1] by this much (float rounding
 def count_arg(name: str, value, minimum: int = 1, hint: str = "") -> int:
     """``value`` as an int, or one line naming ``name`` if it is not a whole number >=
     ``minimum`` (steps, restarts, queries, targets...); ``hint`` ends the message."""
-    if int(value) != value or value < minimum:
-        need = "a non-negative integer" if minimum == 0 else f"an integer >= {minimum}"
-        raise ValueError(f"{name}={value} must be {need}{hint}")
+    need = "a non-negative integer" if minimum == 0 else f"an integer >= {minimum}"
+    try:
+        whole = int(value) == value and value >= minimum
+    except (TypeError, ValueError):  # None, "many", ...
+        whole = False
+    if not whole:
+        raise ValueError(f"{name}={value!r} must be {need}{hint}")
     return int(value)
 
 
