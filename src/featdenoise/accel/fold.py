@@ -37,8 +37,12 @@ def foldable_pairs(model: nn.Module) -> list[tuple[nn.Conv2d, nn.BatchNorm2d]]:
 
 
 def sources(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple:
-    """The tensors a folded pair is computed from (entries may be None)."""
-    return (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
+    """The tensors a folded pair is computed from (entries may be None), with the BatchNorm's
+    ``num_batches_tracked``: a train-mode forward updates the running statistics in the
+    batch_norm kernel, which leaves their version counters alone, while ``BatchNorm2d.forward``
+    counts that update in ``num_batches_tracked`` with an in-place add that bumps its own."""
+    return (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var,
+            bn.num_batches_tracked)
 
 
 @torch.no_grad()

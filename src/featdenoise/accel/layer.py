@@ -19,9 +19,11 @@ operator missing or refusing its arguments.
 
 The caches (folded weights, packs, verifications) belong to the model and outlive the block, so
 an evaluation that builds a new attack per batch folds and packs once; they are refreshed when
-any weight changes (identity, version and ``requires_grad`` at every call, values once per
-block). While none changes, each conv call reuses what it resolved to at its first call in the
-block, and passes that need no graph call oneDNN directly. (The fixed cost per call, measured
+any weight or BatchNorm statistic changes (identity, version and ``requires_grad`` at every call,
+values once per block; a train-mode forward through ``num_batches_tracked``, since the kernel
+leaves the statistics' versions alone) or a BatchNorm's ``eps``. While none changes, each conv
+call reuses what it resolved to at its first call in the block, and passes that need no graph
+call oneDNN directly. (The fixed cost per call, measured
 on the small 28-px net with one 4x4 image, one thread: 1.1 ms per forward with the checks at
 every call, 0.57 ms with the lookups; PyTorch's own path 0.36 ms.)
 """
@@ -95,7 +97,8 @@ class _Block:
         self.slots = [(m, name) for m in self.modules if isinstance(m, nn.Conv2d)
                       for name in ("weight", "bias")]
         self.slots += [(bn, name) for _, bn in self.pairs
-                       for name in ("weight", "bias", "running_mean", "running_var")]
+                       for name in ("weight", "bias", "running_mean", "running_var",
+                                    "num_batches_tracked")]
         self.plans: dict[tuple, tuple] = {}
         self.planned_from: list = []  # the slot tensors the plans were made from (held)
         self.planned_marks: tuple | None = None
@@ -155,7 +158,8 @@ def _plan(block: _Block, i: int | None, conv: nn.Conv2d, x: torch.Tensor,
     folded = False
     if i in block.fold and weight is conv.weight and bias is conv.bias:
         bn = block.pairs[i][1]
-        if not bn.training and _frozen(sources(conv, bn)):
+        if (not bn.training and bn.running_mean is not None and bn.running_var is not None
+                and _frozen(sources(conv, bn))):
             weight, bias = block.caches.folds.get(conv, bn, block.caches.epoch)
             folded = True
     entry = block.caches.packer.resolve(conv, x, weight, bias) if block.pack else None
@@ -183,7 +187,9 @@ def _model_forward(block: _Block, forward, *args, **kwargs):
     x = args[0]
     c = block.caches
     tensors = [_slot_tensor(m, name) for m, name in block.slots]
+    # A train-mode BatchNorm forward bumps num_batches_tracked (a slot); eps is no tensor.
     marks = tuple(None if t is None else (t._version, t.requires_grad) for t in tensors)
+    marks += tuple(bn.eps for _, bn in block.pairs)
     if marks != block.planned_marks or any(
             a is not b for a, b in zip(tensors, block.planned_from, strict=True)):
         block.plans.clear()  # a tensor was replaced, written in place or unfrozen

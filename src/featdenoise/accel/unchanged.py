@@ -18,8 +18,9 @@ def _versions(tensors: tuple) -> tuple:
 
 class Unchanged:
     """A record of ``tensors`` (entries may be None) taken now; :meth:`holds` tells later whether
-    the given tensors are the very same objects, at the same in-place version (optimizer steps,
-    ``load_state_dict`` and BatchNorm statistic updates all bump it) and, for those ``snapshot``
+    the given tensors are the very same objects, at the same in-place version (optimizer steps
+    and ``load_state_dict`` bump it; the batch_norm kernel's update of running statistics does
+    not, so a cache of them also holds ``num_batches_tracked``) and, for those ``snapshot``
     selects, still equal to a copy taken now (``p.data`` writes bypass version counters).
 
     The record holds its tensors, so a freed tensor's id or address can never be mistaken for a
