@@ -1,5 +1,6 @@
 """featdenoise.accel.inference_grad sees every change PyTorch's own path would: BatchNorm
-statistics updated by a train-mode forward, ``eps`` and removed tensors inside the block."""
+statistics updated by a train-mode forward, ``eps`` and removed tensors inside the block; an
+empty batch."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import torch
 from test_accel import ConvBNNet, images
 
 from featdenoise.accel import caches, inference_grad
+from featdenoise.attacks import APGD, FAB, PGD, Square
 
 
 def fast_and_exact(model, x):
@@ -59,3 +61,14 @@ def test_a_batchnorm_change_inside_the_block_is_seen_at_the_next_call(change):
     assert_same(out, ref)
     # Refolded from the new values, not switched off by a failed check of stale ones.
     assert list(caches(model).verified.values()) == [{0, 1}]
+
+
+def test_an_empty_batch_runs_the_normal_path_and_attacks_return_an_empty_batch():
+    model = ConvBNNet().eval()
+    x, y = images()[:0], torch.zeros(0, dtype=torch.long)
+    with inference_grad(model), torch.no_grad():
+        out = model(x)
+    assert out.shape == (0, 5) and not caches(model).verified  # nothing to check on
+    for attack in (PGD(model, steps=2), APGD(model, steps=2), FAB(model, steps=2),
+                   Square(model, n_queries=4)):
+        assert attack(x, y).shape == x.shape

@@ -13,9 +13,9 @@ choose per call between the fast and the normal path, and removes them on exit. 
 parameters, buffers and ``state_dict`` stay the caller's own objects throughout, so code inside
 the block (an attack library calling ``model.eval()`` and ``model(x)``) sees the model it knows.
 The normal path runs, with bit-identical results, whenever a fast one is not verified: a module
-in training mode, a call with more than one argument, autocast (bf16: a speed path of its own,
-whose rounding would hide a wrong fold), ``torch.compile`` tracing, a check that failed, an
-operator missing or refusing its arguments.
+in training mode, a call with more than one argument or on an empty batch, autocast (bf16: a
+speed path of its own, whose rounding would hide a wrong fold), ``torch.compile`` tracing, a
+check that failed, an operator missing or refusing its arguments.
 
 The caches (folded weights, packs, verifications) belong to the model and outlive the block, so
 an evaluation that builds a new attack per batch folds and packs once; they are refreshed when
@@ -180,7 +180,7 @@ def _bn_forward(block: _Block, i: int, bn: nn.BatchNorm2d, forward, x: torch.Ten
 def _model_forward(block: _Block, forward, *args, **kwargs):
     """The model's ``forward`` inside a block: fast when verified for inputs like ``args[0]``."""
     if (not block.enabled[-1] or block.mode is not None or len(args) != 1 or kwargs
-            or not isinstance(args[0], torch.Tensor) or _compiling()
+            or not isinstance(args[0], torch.Tensor) or args[0].numel() == 0 or _compiling()
             or torch.is_autocast_enabled(args[0].device.type)
             or any(m.training for m in block.modules)):
         return forward(*args, **kwargs)
