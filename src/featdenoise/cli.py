@@ -17,7 +17,7 @@ from featdenoise.runtime.atomic import command_inputs
 
 OUTPUT_ARGS = frozenset({"out", "output", "save_adv"})
 """Argument names (``dest``) that name what a command writes; every other argument naming an
-existing file is one of the command's inputs, which no write of the command may replace
+existing file or folder is one of the command's inputs, which no write of the command may replace
 (:func:`featdenoise.runtime.atomic.command_inputs`)."""
 
 
@@ -42,13 +42,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def input_files(args: argparse.Namespace) -> list[str]:
-    """Every existing file named by a non-output argument (strings and lists of strings)."""
+    """Every existing file or folder named by a non-output argument (strings and lists of
+    strings): what the command reads, so never what it writes."""
     found = []
     for dest, value in vars(args).items():
         if dest in OUTPUT_ARGS or dest == "func":
             continue
         for item in value if isinstance(value, (list, tuple)) else [value]:
-            if isinstance(item, str) and item and os.path.isfile(item):
+            if isinstance(item, str) and item and os.path.exists(item):
                 found.append(item)
     return found
 

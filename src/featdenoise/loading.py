@@ -27,8 +27,9 @@ OFFICIAL_ARCHS = ("ResNet", "ResNetDenoise", "ResNeXtDenoiseAll")
 
 
 def model_name_from_path(path: str) -> str:
-    """A short label for a model file: the run folder's name for ``runs/x/model.safetensors``."""
-    path = os.path.normpath(path)
+    """A short label for a model file: the run folder's name for ``runs/x/model.safetensors``;
+    taken from the resolved path, so ``.`` and ``..`` are named by the folders they stand for."""
+    path = os.path.realpath(path)
     if os.path.isdir(path):
         return os.path.basename(path)
     base, _ = os.path.splitext(os.path.basename(path))

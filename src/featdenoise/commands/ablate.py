@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from featdenoise.commands.common import int_list, str_list
+from featdenoise.commands.common import int_list, output_folder, str_list
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -16,6 +16,7 @@ def _run(args: argparse.Namespace) -> int:
         raise ValueError(f"--step-size {args.step_size:g} must be > 0 (0..255 scale)")
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit {args.limit} must be >= 1")
+    output_folder(args.out, "--out")
     out = run_ablation(
         args.config, args.out, variants=args.variants, seeds=args.seeds, steps=args.steps,
         overrides=args.overrides, eps=None if args.eps is None else args.eps / 255,

@@ -24,6 +24,7 @@ from featdenoise.commands.evaluate import (
     print_table,
     resolve_device,
 )
+from featdenoise.runtime import outdir
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -35,6 +36,9 @@ def _run(args: argparse.Namespace) -> int:
     from featdenoise.runtime import distributed
 
     check_run_args(args)
+    outdir.output_dir(args.out, "--out", create=False)
+    if args.save_adv:
+        outdir.output_dir(args.save_adv, "--save-adv", create=False)
     device = resolve_device(args.device)
     try:
         ((name, model, source),) = models_from_args(args)

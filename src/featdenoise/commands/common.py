@@ -24,10 +24,11 @@ def int_list(text: str) -> list[int]:
 
 
 def output_folder(path: str, flag: str = "--out") -> str:
-    """Create the output folder ``path``; an existing *file* there is one line naming ``flag``."""
-    from featdenoise.runtime.atomic import ensure_dir
+    """Create the output folder ``path``; an existing *file* there, or an input of the command,
+    is one line naming ``flag`` (:func:`featdenoise.runtime.outdir.output_dir`)."""
+    from featdenoise.runtime.outdir import output_dir
 
-    return ensure_dir(path, flag)
+    return output_dir(path, flag)
 
 
 def output_file(path: str, flag: str = "--out", ours=None) -> str:

@@ -8,8 +8,10 @@ import argparse
 
 
 def _run(args: argparse.Namespace) -> int:
+    from featdenoise.commands.common import output_folder
     from featdenoise.experiments.demo import run_demo
 
+    output_folder(args.out, "--out")
     run_demo(out_dir=args.out, quick=args.quick, data_root=args.data_root, threads=args.threads,
              seed=args.seed, progress=not args.no_progress)
     return 0

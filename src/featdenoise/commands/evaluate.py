@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from featdenoise.commands.common import int_list, str_list
+from featdenoise.runtime import outdir
 
 
 # --------------------------------------------------------------------------- shared helpers
@@ -75,10 +76,8 @@ def models_from_args(args: argparse.Namespace) -> list[tuple[str, nn.Module, dic
                              "ResNeXtDenoiseAll; see the official model zoo)")
         out.append(load_model_spec(args.official, arch=args.arch, depth=args.depth,
                                    blocks=args.blocks))
-    names = [n for n, _, _ in out]
-    for i, n in enumerate(names):  # make names unique for output folders and legends
-        if names.count(n) > 1:
-            names[i] = f"{n}-{i + 1}"
+    # One path component each, unique: they name output folders and legends.
+    names = outdir.unique_names([n for n, _, _ in out])
     return [(n, m, src) for n, (_, m, src) in zip(names, out, strict=True)]
 
 
@@ -146,6 +145,7 @@ def print_table(path: str) -> None:
 def _run(args: argparse.Namespace) -> int:
     from featdenoise.evaluation import report
 
+    outdir.output_dir(args.out, "--out", create=False)
     if args.plot:
         paths = report.merge_runs(args.plot, args.out, title=args.title)
         print_table(paths["table"])
@@ -206,7 +206,8 @@ def _evaluate(args: argparse.Namespace, device: torch.device) -> int:
                       "numbers would not be trustworthy, so it is not evaluated", file=sys.stderr)
                 code = 1
                 continue
-        out = os.path.join(args.out, name) if several else args.out
+        out = outdir.child(args.out, name, "evaluation folder") if several else args.out
+        outdir.output_dir(out, "--out", create=False)
         summary = evaluate_whitebox(
             model, dataset, out, steps=args.steps, attack=sweep, autoattack=aa, eps=args.eps / 255,
             step_size=args.step_size / 255, restarts=args.restarts, targeted=not args.untargeted,

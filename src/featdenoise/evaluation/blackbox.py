@@ -41,6 +41,7 @@ from torch.utils.data import Dataset
 from featdenoise.evaluation import engine
 from featdenoise.evaluation.metrics import all_or_nothing, kept
 from featdenoise.evaluation.whitebox import attack_column
+from featdenoise.runtime import outdir
 
 TRANSFER_ATTACKS = ("pgd", "fgsm", "ifgsm", "mifgsm")
 
@@ -168,7 +169,7 @@ def _transfer_column(a: TransferAttacker, eps: float, save_adv: str | None, exac
         atk = make_attack(a.attack, a.source, eps=eps, targeted=targeted, seed=batch.seed,
                           exact=exact, **kw)
         x_adv = atk.attack(batch.x, batch.y, target=batch.target if targeted else None)
-        sub = os.path.join(save_adv, adv_folder_name(a.name))
+        sub = outdir.child(save_adv, adv_folder_name(a.name), "--save-adv folder")
         for m, image_id in enumerate(batch.ids):
             save_image(x_adv[m], os.path.join(sub, f"{image_id}.png"))
         return engine.predict_fields(model, a.name, x_adv, batch.y)
@@ -246,7 +247,7 @@ def evaluate_blackbox(
                                  if isinstance(a, TransferAttacker)), ids=ids)
     _match(attackers, [p.ids[i] for i in p.order])
     settings = {
-        "name": name or os.path.basename(os.path.normpath(out_dir)),
+        "name": name or outdir.display_name(out_dir),
         "kind": "blackbox",
         "attackers": [_describe(a) for a in attackers],
         "eps": float(eps), "eps_255": round(float(eps) * 255, 6), "clip_eps": bool(clip_eps),
@@ -278,8 +279,9 @@ def _channels(dataset: Dataset) -> int | None:
 
 
 def adv_folder_name(attacker: str) -> str:
-    """Folder name for an attacker's saved images: ``"src:pgd" -> "src_pgd"``."""
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in attacker)
+    """Folder name for an attacker's saved images: ``"src:pgd" -> "src_pgd"`` (one safe path
+    component, :func:`featdenoise.runtime.outdir.safe_name`)."""
+    return outdir.safe_name(attacker, "attacker")
 
 
 def _describe(a: TransferAttacker | FolderAttacker) -> dict:

@@ -29,6 +29,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from featdenoise.evaluation import engine, metrics
+from featdenoise.runtime import outdir
 
 ATTACKS = ("pgd", "fgsm", "ifgsm", "mifgsm")
 
@@ -171,7 +172,7 @@ def evaluate_whitebox(
     p = engine.plan(model, dataset, columns, batch_size=batch_size, limit=limit, seed=seed,
                     targeted=targeted, ids=ids)
     settings = {
-        "name": name or os.path.basename(os.path.normpath(out_dir)),
+        "name": name or outdir.display_name(out_dir),
         "kind": "whitebox", "attack": attack, "steps": steps, "eps": float(eps),
         "step_size": float(step_size), "eps_255": round(float(eps) * 255, 6),
         "step_size_255": round(float(step_size) * 255, 6), "restarts": int(restarts),

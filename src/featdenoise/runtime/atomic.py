@@ -40,18 +40,29 @@ from typing import IO
 
 _INPUTS: contextvars.ContextVar[tuple[str, ...] | None] = contextvars.ContextVar(
     "featdenoise_command_inputs", default=None)
+_INPUT_DIRS: contextvars.ContextVar[tuple[str, ...]] = contextvars.ContextVar(
+    "featdenoise_command_input_folders", default=())
 
 
 @contextlib.contextmanager
 def command_inputs(paths: Iterable[str | os.PathLike] = ()) -> Iterator[None]:
     """Within the block, ``paths`` (and anything :func:`register_input` adds) are the running
-    command's inputs: :func:`atomic_write` refuses to replace them. Paths that are not existing
-    files are ignored (a folder or a name that is created later is not an input)."""
-    token = _INPUTS.set(tuple(os.fspath(p) for p in paths if os.path.isfile(p)))
+    command's inputs: :func:`atomic_write` refuses to replace the files among them, and
+    :func:`featdenoise.runtime.outdir.output_dir` refuses the folders among them as output
+    folders. Paths that do not exist are ignored (a name that is created later is not an input)."""
+    paths = [os.fspath(p) for p in paths]
+    token = _INPUTS.set(tuple(p for p in paths if os.path.isfile(p)))
+    dirs = _INPUT_DIRS.set(tuple(p for p in paths if os.path.isdir(p)))
     try:
         yield
     finally:
         _INPUTS.reset(token)
+        _INPUT_DIRS.reset(dirs)
+
+
+def input_folders() -> tuple[str, ...]:
+    """The folders among the running command's inputs (see :func:`command_inputs`)."""
+    return _INPUT_DIRS.get()
 
 
 def register_input(path: str | os.PathLike) -> None:
