@@ -112,8 +112,9 @@ def test_predict_cli_writes_a_label_for_every_image(tmp_path, capsys):
                "--out", str(out), "--size", "224", "--batch-size", "2", "--device", "cpu",
                "--no-progress"])
     assert rc == 0 and str(out) in capsys.readouterr().out
-    lines = out.read_text().splitlines()
-    assert [line.split(",")[0] for line in lines] == names  # sorted, no header, no .txt
+    header, *lines = out.read_text().splitlines()
+    assert header == "filename,featdenoise_prediction"  # marks the file as ours
+    assert [line.split(",")[0] for line in lines] == names  # sorted, no .txt
     labels = [int(line.split(",")[1]) for line in lines]
     assert labels == _reference_predictions(model, tmp_path / "imgs", names, 224)
     assert read_labels_csv(str(out)) == {n.rsplit(".", 1)[0]: y for n, y in zip(names, labels,
@@ -130,7 +131,7 @@ def test_predict_cli_resize_pil(tmp_path):
                "--out", str(out), "--size", "24", "--resize", "pil", "--device", "cpu",
                "--no-progress"])
     assert rc == 0
-    labels = [int(line.split(",")[1]) for line in out.read_text().splitlines()]
+    labels = [int(line.split(",")[1]) for line in out.read_text().splitlines()[1:]]
     assert labels == _reference_predictions(model, tmp_path / "imgs", names, 24, "pil")
 
 

@@ -421,7 +421,7 @@ def test_predict_out_folder_and_input_file_are_named(tmp_path, capsys):
     for _ in range(2):
         assert main(["predict", str(images), "--checkpoint", str(model), "--out", str(out),
                      "--no-progress"]) == 0
-    assert len(out.read_text().splitlines()) == 3
+    assert len(out.read_text().splitlines()) == 4  # the header row and 3 images
 
 
 @pytest.mark.parametrize("rows, words", [
@@ -529,5 +529,5 @@ def test_predictions_file_check_reads_without_failing_on_binary(tmp_path):
     blob.write_bytes(np.arange(256, dtype=np.uint8).tobytes())
     assert not is_predictions_csv(str(blob))
     ok = tmp_path / "p.csv"
-    ok.write_text("a.png,1\nb.png,0\n")
+    ok.write_text("filename,featdenoise_prediction\na.png,1\nb.png,0\n")
     assert is_predictions_csv(str(ok))

@@ -3,7 +3,10 @@
 The official ``main.py --eval-directory``: every image directly in DIR, resized naively (no crop)
 to ``--size`` (224 by default for ``--official`` models; checkpoints keep the files' size unless
 ``--size`` is given) by OpenCV ``INTER_CUBIC`` as the official code (``--resize pil``: Pillow
-bicubic), classified; ``filename,label`` lines written without a header.
+bicubic), classified; ``filename,label`` lines written after a
+``filename,featdenoise_prediction`` header row, which marks the file as ours: a later run replaces
+it, and nothing else (``--no-header``: the official headerless form, written only where no file
+exists yet).
 """
 
 from __future__ import annotations
@@ -17,7 +20,8 @@ from featdenoise.commands.evaluate import add_model_args, models_from_args, reso
 
 def check_paths(args: argparse.Namespace) -> None:
     """DIR must be a folder; --out a file that may be (re)written: not a folder, not an input, not
-    a file of another program (an earlier predictions file is replaced)."""
+    a file of another program (only an earlier predictions file of ours, recognised by its header
+    row, is replaced)."""
     from featdenoise.data.files import is_predictions_csv
 
     if os.path.isfile(args.dir):
@@ -46,7 +50,8 @@ def _run(args: argparse.Namespace) -> int:
             size = None
         out = predict_to_csv(model, args.dir, args.out, size=size, batch_size=args.batch_size,
                              device=device, num_workers=args.workers,
-                             progress=not args.no_progress, resize_method=args.resize)
+                             progress=not args.no_progress, resize_method=args.resize,
+                             header=not args.no_header)
         print(f"predictions: {out}")
         return 0
     finally:
@@ -57,7 +62,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "predict", help="write filename,label for every image of a folder (--eval-directory)",
         description="Classify every image directly inside DIR and write 'filename,label' lines "
-                    "(no header), as the official --eval-directory / --prediction-file.")
+                    "as the official --eval-directory / --prediction-file, after a header row "
+                    "that marks the file as featdenoise's (only such a file is ever replaced).")
     p.add_argument("dir", metavar="DIR", help="flat folder of images")
     add_model_args(p)
     p.add_argument("--out", default="predictions.csv",
@@ -68,6 +74,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resize", choices=("cv2", "pil"), default="cv2",
                    help="how --size resizes: cv2 = cv2.resize INTER_CUBIC on 8-bit pixels, the "
                         "official code bit for bit (default); pil = Pillow bicubic, antialiased")
+    p.add_argument("--no-header", action="store_true",
+                   help="no header row (the official headerless form); such a file cannot be "
+                        "told from a labels file, so a later run will not replace it")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--workers", type=int, default=0)

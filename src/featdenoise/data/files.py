@@ -110,7 +110,8 @@ def read_labels_csv(path: str) -> dict[str, int]:
             f"labels file {path!r} does not exist; expected 'filename,label' lines")
     labels: dict[str, int] = {}
     first_line: dict[str, int] = {}
-    with open(path, newline="") as f:
+    # utf-8-sig: a byte-order mark (as spreadsheet programs write) is not part of the first name.
+    with open(path, newline="", encoding="utf-8-sig") as f:
         for lineno, row in enumerate(csv.reader(f), 1):
             if not row or not row[0].strip():
                 continue
@@ -136,13 +137,21 @@ def read_labels_csv(path: str) -> dict[str, int]:
     return labels
 
 
+PREDICTIONS_HEADER = ("filename", "featdenoise_prediction")
+"""The first row of every predictions file :func:`write_labels_csv` writes (by default): how a
+later run knows the file for one of its own, which it may replace. ``read_labels_csv`` skips it."""
+
+
 def is_predictions_csv(path: str) -> bool:
-    """True if ``path`` has the form :func:`write_labels_csv` writes (``name,integer`` lines, no
-    header), so a new predictions file may replace it. A labels file in exactly that form cannot
-    be told apart from an earlier predictions file."""
+    """True if ``path`` is a predictions file featdenoise wrote: the :data:`PREDICTIONS_HEADER`
+    row, then ``name,integer`` rows. Anything else (a labels file, a headerless file, another
+    program's CSV) is not, and is never replaced."""
     try:
-        with open(path, newline="") as f:
-            for row in csv.reader(f):
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = csv.reader(f)
+            if tuple(next(rows, ())) != PREDICTIONS_HEADER:
+                return False
+            for row in rows:
                 if len(row) != 2:
                     return False
                 int(row[1])
@@ -151,12 +160,20 @@ def is_predictions_csv(path: str) -> bool:
     return True
 
 
-def write_labels_csv(path: str, names: Sequence[str], labels: Sequence[int]) -> None:
-    """Write ``filename,label`` lines, no header (official ``--prediction-file``), atomically."""
+def write_labels_csv(path: str, names: Sequence[str], labels: Sequence[int], *,
+                     header: bool = True) -> None:
+    """Write ``filename,label`` rows atomically, after the :data:`PREDICTIONS_HEADER` row
+    (``header=False``: no header, the official ``--prediction-file`` form, which cannot be told
+    from a user's labels file: it is then written only where no file exists yet).
+
+    An existing file at ``path`` is replaced only if it is a predictions file of ours
+    (:func:`is_predictions_csv`); anything else is refused (``ValueError``, one line)."""
     if len(names) != len(labels):
         raise ValueError(f"{len(names)} names but {len(labels)} labels")
-    with atomic_write(path, newline="") as f:
+    with atomic_write(path, newline="", ours=is_predictions_csv) as f:
         w = csv.writer(f, lineterminator="\n")
+        if header:
+            w.writerow(PREDICTIONS_HEADER)
         for n, y in zip(names, labels, strict=True):
             w.writerow([n, int(y)])
 

@@ -78,9 +78,11 @@ def predict_folder(model: nn.Module, folder: str, *, size: int | None = 224,
     return names, preds
 
 
-def predict_to_csv(model: nn.Module, folder: str, out: str, **kwargs) -> str:
-    """Run :func:`predict_folder` and write ``filename,label`` lines to ``out`` (no header, like the
-    official ``--prediction-file``). Returns ``out``."""
+def predict_to_csv(model: nn.Module, folder: str, out: str, *, header: bool = True,
+                   **kwargs) -> str:
+    """Run :func:`predict_folder` and write ``filename,label`` lines to ``out`` after a header row
+    that marks the file as ours (``header=False``: none, the official ``--prediction-file``
+    form); see :func:`featdenoise.data.files.write_labels_csv`. Returns ``out``."""
     names, preds = predict_folder(model, folder, **kwargs)
-    write_labels_csv(out, names, preds)
+    write_labels_csv(out, names, preds, header=header)
     return out
