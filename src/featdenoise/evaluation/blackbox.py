@@ -258,17 +258,17 @@ def evaluate_blackbox(
                     if isinstance(a, TransferAttacker)},
         **(extra or {}),
     }
-    engine.prepare(out_dir, settings, restart=restart, rank=rank, world_size=world_size)
-    dev = torch.device(device) if device is not None else engine.default_device()
-    for a in attackers:
-        if isinstance(a, TransferAttacker):
-            a.source.eval().to(dev)
-    records = engine.run(model, p, out_dir, desc=f"blackbox {settings['name']}", device=dev,
-                         rank=rank, world_size=world_size, max_batches=max_batches,
-                         num_workers=num_workers, progress=progress)
-    if records is None:
-        return None
-    return finalize_blackbox(out_dir, records, settings)
+    with engine.prepare(out_dir, settings, restart=restart, rank=rank, world_size=world_size):
+        dev = torch.device(device) if device is not None else engine.default_device()
+        for a in attackers:
+            if isinstance(a, TransferAttacker):
+                a.source.eval().to(dev)
+        records = engine.run(model, p, out_dir, desc=f"blackbox {settings['name']}", device=dev,
+                             rank=rank, world_size=world_size, max_batches=max_batches,
+                             num_workers=num_workers, progress=progress)
+        if records is None:
+            return None
+        return finalize_blackbox(out_dir, records, settings)
 
 
 def _channels(dataset: Dataset) -> int | None:

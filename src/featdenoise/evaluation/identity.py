@@ -4,14 +4,17 @@
 of their ids) and the model (class, registry name and kwargs where known, SHA-256 of its weights).
 A run into a folder holding another evaluation, finished or half-done, is refused with one line
 naming the first differing keys; ``restart=True`` removes the engine's own files there first.
+One process at a time holds the folder (:func:`prepare`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -24,6 +27,7 @@ from featdenoise.evaluation.records import (
     write_json,
 )
 from featdenoise.runtime import distributed as dist
+from featdenoise.runtime import outdir
 
 
 def weights_digest(model: nn.Module) -> str:
@@ -100,22 +104,59 @@ def check_identity(out_dir: str, identity: dict, *, restart: bool = False,
 
 
 def prepare(out_dir: str, identity: dict, *, restart: bool = False, rank: int | None = None,
-            world_size: int | None = None) -> None:
-    """:func:`check_identity` once per evaluation: by every hand-run shard, or by rank 0 under
-    torchrun with its verdict shared, so every rank refuses (or goes on) together."""
-    rank, _, collective = dist.rank_world(rank, world_size)
+            world_size: int | None = None) -> outdir.FolderLock:
+    """Take the folder's lock, then :func:`check_identity` once per evaluation: by every hand-run
+    shard, or by rank 0 under torchrun with its verdict shared, so every rank refuses (or goes on)
+    together.
+
+    Returns the lock (``with prepare(...):`` holds it while the evaluation runs): one process per
+    evaluation folder, or per shard of it (shards run by hand hold one lock each, and wait for no
+    one but a run of the whole folder); see :class:`featdenoise.runtime.outdir.FolderLock`.
+    """
+    rank, world, collective = dist.rank_world(rank, world_size)
     if not collective:
-        check_identity(out_dir, identity, restart=restart)
-        return
-    error = None
+        lock = folder_lock(out_dir, rank if world > 1 else None, restart)
+        with _released_on_error(lock.acquire()):
+            check_identity(out_dir, identity, restart=restart)
+        return lock
+    error, lock = None, outdir.FolderLock(out_dir)
     if rank == 0:
         try:
-            check_identity(out_dir, identity, restart=restart)
+            with _released_on_error(folder_lock(out_dir, None, restart).acquire()) as lock:
+                check_identity(out_dir, identity, restart=restart)
         except ValueError as err:
             error = str(err)
     error = dist.all_gather_objects([error])[0]
     if error:
         raise ValueError(error)
+    return lock
+
+
+def folder_lock(out_dir: str, shard: int | None, restart: bool = False) -> outdir.FolderLock:
+    """The lock of an evaluation folder (``shard`` None) or of one hand-run shard of it.
+
+    A run of the whole folder waits for no shard to be running there and the reverse; a shard
+    that restarts the folder waits for every other shard too."""
+    name = outdir.LOCK_FILE if shard is None else f"{outdir.LOCK_FILE}.shard{shard}"
+
+    def conflicts() -> list[str]:
+        if not os.path.isdir(out_dir):
+            return []
+        found = [os.path.join(out_dir, n) for n in sorted(os.listdir(out_dir))
+                 if n.startswith(outdir.LOCK_FILE) and n != name]
+        return found if shard is None or restart else \
+            [p for p in found if os.path.basename(p) == outdir.LOCK_FILE]
+
+    return outdir.FolderLock(out_dir, "evaluation folder", name, conflicts)
+
+
+@contextlib.contextmanager
+def _released_on_error(lock: outdir.FolderLock) -> Iterator[outdir.FolderLock]:
+    try:
+        yield lock
+    except BaseException:
+        lock.release()
+        raise
 
 
 def _flat(d: dict, prefix: str = "") -> dict:

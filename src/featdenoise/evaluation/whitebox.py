@@ -183,13 +183,13 @@ def evaluate_whitebox(
     }
     if autoattack:
         settings["autoattack"] = autoattack
-    engine.prepare(out_dir, settings, restart=restart, rank=rank, world_size=world_size)
-    records = engine.run(model, p, out_dir, desc=settings["name"], device=device, rank=rank,
-                         world_size=world_size, max_batches=max_batches,
-                         num_workers=num_workers, progress=progress)
-    if records is None:
-        return None
-    return finalize(out_dir, records, settings)
+    with engine.prepare(out_dir, settings, restart=restart, rank=rank, world_size=world_size):
+        records = engine.run(model, p, out_dir, desc=settings["name"], device=device, rank=rank,
+                             world_size=world_size, max_batches=max_batches,
+                             num_workers=num_workers, progress=progress)
+        if records is None:
+            return None
+        return finalize(out_dir, records, settings)
 
 
 def summarize(records: Sequence[dict], settings: dict) -> dict:

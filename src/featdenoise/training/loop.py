@@ -612,9 +612,16 @@ def _save_on_interrupt(job: Job, updated: dict) -> str:
 def fit(cfg: Config, device) -> str:
     """Train by ``cfg`` on ``device`` (process group already joined); see :func:`train`.
 
-    Ctrl-C (``KeyboardInterrupt``) saves a checkpoint at the current step when it can (one
-    process) and is raised again with one line saying where training stopped and what was kept.
+    The run folder is locked for the whole run (:func:`featdenoise.training.rundir.lock_run_dir`:
+    a second run into it is refused). Ctrl-C (``KeyboardInterrupt``) saves a checkpoint at the
+    current step when it can (one process) and is raised again with one line saying where
+    training stopped and what was kept.
     """
+    with rundir.lock_run_dir(cfg):
+        return _fit(cfg, device)
+
+
+def _fit(cfg: Config, device) -> str:
     job = _setup(cfg, device)
     updated = _track_updates(job)
     stopped = False

@@ -1,9 +1,10 @@
 """Run-directory consistency: a run folder holds the files of one run, and nothing of anyone else's.
 
 A training run owns five names in ``run.out_dir``: ``config.yaml``, ``metrics.jsonl``,
-``checkpoint.pt``, ``model.safetensors`` and the ``tensorboard/`` event files. Before a run writes
-anything, :func:`check_run_dir` looks at what the folder already holds and either accepts it or
-refuses with one line (``ValueError``); only then does :func:`prepare_run_dir` write:
+``checkpoint.pt``, ``model.safetensors`` and the ``tensorboard/`` event files, and one run at a
+time holds it (:func:`lock_run_dir`). Before a run writes anything but its lock,
+:func:`check_run_dir` looks at what the folder already holds and either accepts it or refuses with
+one line (``ValueError``); only then does :func:`prepare_run_dir` write:
 
 - a file of one of those names that featdenoise did not write (recognised by its content, not its
   name) is never replaced or deleted: the run is refused;
@@ -25,6 +26,7 @@ import json
 import os
 
 from featdenoise.config import Config, config_text, is_own_config, save_config
+from featdenoise.runtime import outdir
 from featdenoise.runtime.atomic import check_output, ensure_dir, file_in_the_way, remove_own
 from featdenoise.training import checkpoint as ckpt
 
@@ -128,3 +130,12 @@ def prepare_run_dir(cfg: Config, stale: list[str]) -> list[str]:
             removed.append(path)
     save_config(cfg, cfg.run.out_dir)
     return removed
+
+
+def lock_run_dir(cfg: Config) -> outdir.FolderLock:
+    """The run folder's lock, taken by the main process (rank 0 under torchrun) before anything
+    is read or written there, and held to the end of the run: a second run into the same
+    ``run.out_dir`` is refused in one line naming the folder and the holder's pid (the same lock
+    as an evaluation folder's, :class:`featdenoise.runtime.outdir.FolderLock`; one left by a
+    killed run is taken over). ``with lock_run_dir(cfg): ...``."""
+    return outdir.lock_on_main(cfg.run.out_dir, "run.out_dir")
