@@ -1,5 +1,6 @@
-"""``featdenoise bench {ops,attacks,train,recipes,gpu}``: speed and memory goals as side-by-side
-ratios, the training recipes compared on Fashion-MNIST, and the GPU smoke test
+"""``featdenoise bench {ops,attacks,train,recipes,agreement,gpu}``: speed and memory goals as
+side-by-side ratios, the training recipes compared on Fashion-MNIST, the default attacks' strength
+against ``exact=True`` (:mod:`featdenoise.benchmarks.agreement`), and the GPU smoke test
 (:mod:`featdenoise.benchmarks.gpu_check`)."""
 
 from __future__ import annotations
@@ -21,17 +22,22 @@ def _run(args: argparse.Namespace) -> int:
         from featdenoise.benchmarks import attacks as bench
     elif args.target == "recipes":
         from featdenoise.benchmarks import recipes as bench
+    elif args.target == "agreement":
+        from featdenoise.benchmarks import agreement as bench
     else:
         from featdenoise.benchmarks import train as bench
     return bench.run(args)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from featdenoise.benchmarks import agreement
     from featdenoise.benchmarks.gpu_check import add_arguments
 
     p = sub.add_parser("bench", help="benchmarks that print ratios measured side by side")
-    p.add_argument("target", choices=["ops", "attacks", "train", "recipes", "gpu"],
-                   help="what to benchmark (gpu: the CUDA smoke test, one line per check)")
+    p.add_argument("target", choices=["ops", "attacks", "train", "recipes", "agreement", "gpu"],
+                   help="what to benchmark (agreement: default vs exact=True attacks, paired, "
+                        "over models, seeds and CPU kernel sets; gpu: the CUDA smoke test, one "
+                        "line per check)")
     p.add_argument("--quick", action="store_true", help="fewer shapes and repeats (smoke run)")
     p.add_argument("--repeats", type=int, default=None, help="timed repetitions per case")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all)")
@@ -43,5 +49,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     a.add_argument("--full", action="store_true",
                    help="AutoAttack rows with the standard budget (100 iterations, 5000 "
                         "queries; about half an hour on one CPU thread)")
+    agreement.add_arguments(p.add_argument_group("agreement"))
     add_arguments(p.add_argument_group("gpu"))
     p.set_defaults(func=_run)

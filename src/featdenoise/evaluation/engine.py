@@ -58,6 +58,7 @@ from featdenoise.evaluation.records import (  # noqa: F401  (part of the engine'
     write_outcomes,
 )
 from featdenoise.runtime import distributed as dist
+from featdenoise.runtime import outdir
 from featdenoise.runtime.distributed import rank_world  # noqa: F401  (part of the API)
 from featdenoise.runtime.seeds import derive_seed, generator
 
@@ -291,6 +292,9 @@ def run(model: nn.Module, p: Plan, out_dir: str | None, *, desc: str = "eval",
         mine = mine[:max_batches]
     memory: list[dict] = []
     part = os.path.join(out_dir, PARTS_DIR, f"outcomes-rank{rank}.jsonl") if out_dir else None
+    if part:  # appended to in place: no link may lead the records out of the folder
+        outdir.check_entry(out_dir, os.path.dirname(part), "records folder")
+        outdir.check_entry(out_dir, part, "records")
 
     def emit(recs: list[dict]) -> None:
         if part:

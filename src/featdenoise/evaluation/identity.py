@@ -3,8 +3,9 @@
 ``settings.json`` holds everything that decides the numbers: attack settings, the images (a digest
 of their ids) and the model (class, registry name and kwargs where known, SHA-256 of its weights).
 A run into a folder holding another evaluation, finished or half-done, is refused with one line
-naming the first differing keys; ``restart=True`` removes the engine's own files there first.
-One process at a time holds the folder (:func:`prepare`).
+naming the first differing keys; ``restart=True`` removes the engine's own files there first, each
+checked before any is deleted (recognised as ours, no symbolic link, inside the folder), so a
+refused restart deletes nothing. One process at a time holds the folder (:func:`prepare`).
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import contextlib
 import hashlib
 import json
 import os
-import shutil
 from collections.abc import Iterator
 
 import torch
@@ -93,13 +93,10 @@ def check_identity(out_dir: str, identity: dict, *, restart: bool = False,
     if not write:
         return
     if old is not None and restart:
-        for name in OWN_FILES:
-            p = os.path.join(out_dir, name)
-            if os.path.isdir(p):
-                shutil.rmtree(p)
-            elif os.path.exists(p):
-                os.remove(p)
-    os.makedirs(out_dir, exist_ok=True)
+        # Every deletion planned and checked first (ours, no link, inside the folder): a refused
+        # restart deletes nothing.
+        outdir.remove_planned(outdir.plan_removal(out_dir, OWN_FILES, "--restart"))
+    outdir.output_dir(out_dir)
     write_json(path, identity)
 
 

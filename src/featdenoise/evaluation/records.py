@@ -12,15 +12,45 @@ import json
 import os
 from collections.abc import Sequence
 
-from featdenoise.runtime.atomic import atomic_write, own_json
+from featdenoise.runtime.atomic import atomic_write, own_json, own_png, own_text
+from featdenoise.runtime.outdir import own_folder
 
 SETTINGS_FILE = "settings.json"
 OUTCOMES_FILE = "outcomes.jsonl"
 SUMMARY_FILE = "summary.json"
 PARTS_DIR = "parts"
-# Files the engine writes into an evaluation folder (and may remove on restart=True).
-OWN_FILES = (SETTINGS_FILE, OUTCOMES_FILE, SUMMARY_FILE, PARTS_DIR, "table.md",
-             "accuracy_vs_iterations.png")
+
+
+def is_own_records(path: str) -> bool:
+    """A JSONL file of per-image records (every line an object with an ``index``; a line cut
+    short by an interruption is allowed), or a temporary file of one being written."""
+    if ".tmp." in os.path.basename(path):
+        return os.path.isfile(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except (OSError, UnicodeDecodeError):
+        return False
+    for line in lines:
+        try:
+            record = json.loads(line) if line.strip() else {"index": None}
+            ok = isinstance(record, dict) and "index" in record
+        except ValueError:
+            ok = line.startswith("{")  # a line cut short by an interruption
+        if not ok:
+            return False
+    return True
+
+
+def _own_table(path: str) -> bool:
+    return own_text("| model |")(path) or own_text("| attacker |")(path)
+
+
+# Files the engine writes into an evaluation folder, each with how it is recognised as ours
+# (restart=True removes them, after checking every one).
+OWN_FILES = {SETTINGS_FILE: own_json(), OUTCOMES_FILE: is_own_records, SUMMARY_FILE: own_json(),
+             PARTS_DIR: own_folder(is_own_records), "table.md": _own_table,
+             "accuracy_vs_iterations.png": own_png}
 
 
 
