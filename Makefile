@@ -25,8 +25,10 @@ data:
 demo: install data
 	$(BIN)/featdenoise demo
 
+# The whole suite, then the numerics tests again under another CPU's kernels.
 test: install data
 	$(BIN)/python -m pytest -q
+	PY=$(BIN)/python scripts/test_other_kernels.sh
 
 lint: install
 	$(BIN)/ruff check src tests

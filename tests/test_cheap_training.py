@@ -315,24 +315,47 @@ def test_two_process_cheap_modes_keep_ranks_identical(tmp_path, extra):
 
 
 # sha256 over (name, bytes) of the final weights of ``tiny_config`` runs, computed from the tree
-# before attack.mode existed, on this torch build and CPU kernel set (other builds round
-# differently: the check is skipped there).
-BEFORE = {"torch": "2.14.1+cu130", "cpu": "AVX512",
-          "targeted": "ca781a2249952fb5293254b4cb0212544cde483373bb1a1380261ca7b726fbc3",
-          "untargeted": "3a718136cd7ea055a94d9383b97ad6a5d626c24aaab3e80049034765cb4bf2bc"}
+# before attack.mode existed, per kernel set: (PyTorch's CPU capability, oneDNN's ISA limit), each
+# emulated with ATEN_CPU_CAPABILITY and ONEDNN_MAX_CPU_ISA (AVX512 without a limit: oneDNN then
+# runs its AVX-512 kernels). Both kernel libraries round differently, so each set has its own.
+BEFORE_TORCH = "2.14.1+cu130"
+BEFORE = {
+    ("AVX512", "AVX512"): ("ca781a2249952fb5293254b4cb0212544cde483373bb1a1380261ca7b726fbc3",
+                           "3a718136cd7ea055a94d9383b97ad6a5d626c24aaab3e80049034765cb4bf2bc"),
+    ("AVX2", "AVX2"): ("6d2580b48a63b4eeabde349fcd003c1f37309541cfd740f341cadeae70088414",
+                       "ddb18577c55ce4e0c12a8bffbe39a2dddc662723a5dfa430f7ede19d648f4cf7"),
+    ("AVX2", "AVX512"): ("c236319aadc157f2edc1559a43139a7f8af9fd326f49b6ef04b74d341e5ea6a3",
+                         "42d41f887cf287a4d12ce7082f816b882317436db3798993e4ee6066a84b31cd"),
+    ("DEFAULT", "SSE41"): ("d14a0667b3eee2fb5c342c9073e49c7ff849e4677ab15444bc5e4947dc30598d",
+                           "f91b01d2bcf34b4c32bbb3aabb8573da445a9759d54e0a50f9c35736967b6884"),
+    ("DEFAULT", "AVX512"): ("d78d9f88de0c6f0d1093f01ed61408af273f0e400a2e753846ca7a0f3bb39002",
+                            "7d84c0585e7afcd44198657874ded12575edea15347ad6541183aeb5805cad0d"),
+}
+
+
+def _onednn_isa() -> str:
+    """oneDNN's ISA: its limit where one is set, else the best this CPU offers (x86-64 Linux)."""
+    limit = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper()
+    if limit:
+        return "AVX512" if limit.startswith("AVX512") else limit
+    try:
+        flags = open("/proc/cpuinfo").read().split()
+    except OSError:
+        return "unknown"
+    return "AVX512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "SSE41"
 
 
 @pytest.mark.parametrize("kind", ["targeted", "untargeted"])
 def test_default_pgd_run_gives_the_weights_of_the_code_before_the_cheap_modes(tmp_path, kind):
     import hashlib
 
-    if (torch.__version__, torch.backends.cpu.get_cpu_capability()) != (BEFORE["torch"],
-                                                                         BEFORE["cpu"]):
-        pytest.skip("stored checksums are for another torch build or CPU kernel set")
+    kernels = (torch.backends.cpu.get_cpu_capability(), _onednn_isa())
+    if torch.__version__ != BEFORE_TORCH or kernels not in BEFORE:
+        pytest.skip(f"no stored weights for torch {torch.__version__} with kernels {kernels}")
     extra = [] if kind == "targeted" else ["attack.targeted=false"]
     w = _weights(loop.train(tiny_config(tmp_path, *extra)))
     h = hashlib.sha256()
     for k in sorted(w):
         h.update(k.encode())
         h.update(w[k].numpy().tobytes())
-    assert h.hexdigest() == BEFORE[kind]
+    assert h.hexdigest() == BEFORE[kernels][0 if kind == "targeted" else 1]
