@@ -269,8 +269,8 @@ class APGDT(APGD):
 
     Args:
         n_target_classes: 9 in AutoAttack's standard version; capped at ``K - 1``.
-        Others: as :class:`APGD` (``loss`` is fixed: targeted DLR). ``last_target_class`` holds the
-        target of the run that broke each image.
+        Others: as :class:`APGD` (``loss`` is fixed: targeted DLR). ``last_target_class`` holds
+            the target of the run that broke each image.
     """
 
     name = "apgd-t"

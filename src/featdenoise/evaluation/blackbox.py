@@ -215,9 +215,9 @@ def evaluate_blackbox(
         targeted: transfer attacks aim at the engine's random target per image (default:
             untargeted, the CAAD non-targeted track).
         seed: seeds the transfer attacks (random starts, targets) and the ``limit`` subset.
-        batch_size, limit, ids, name, device, rank, world_size, max_batches, num_workers,
-        progress, exact, restart, extra: as in
-            :func:`featdenoise.evaluation.whitebox.evaluate_whitebox`.
+        batch_size, limit, ids, name, device, rank, world_size: as in
+            :func:`featdenoise.evaluation.whitebox.evaluate_whitebox`, and so are
+            ``max_batches``, ``num_workers``, ``progress``, ``exact``, ``restart``, ``extra``.
         save_adv: if given, the transfer attackers' images are also written there as PNG,
             ``<save_adv>/<source>_<attack>/<image id>.png``, a folder per attacker that
             ``folder_attackers`` (``--adv-dirs``) reads back, e.g. to attack other defences with
