@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 FMNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: install data demo test lint bench clean
+.PHONY: install data demo test lint bench docs clean
 
 install: $(STAMP)
 
@@ -37,6 +37,16 @@ bench: install
 	$(BIN)/featdenoise bench ops
 	$(BIN)/featdenoise bench attacks
 	$(BIN)/featdenoise bench train
+
+# The documentation site (docs/, mkdocs.yml) into build/site; any warning fails the build.
+# The docs extra is installed by itself: mkdocs-material needs a newer requests than torchattacks
+# 3.5.1 declares (torchattacks never imports it), so pip cannot resolve '.[dev,docs]' at once.
+docs: install $(VENV)/.docs-installed
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir build/site
+
+$(VENV)/.docs-installed: pyproject.toml
+	$(BIN)/pip install --quiet -e '.[docs]'
+	touch $@
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info
