@@ -1,12 +1,15 @@
 """featdenoise.accel.inference_grad sees every change PyTorch's own path would: BatchNorm
 statistics updated by a train-mode forward, ``eps`` and removed tensors inside the block; an
-empty batch."""
+empty batch; hooks (module and global, added before or inside the block) see PyTorch's own
+tensors, once per call."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from test_accel import ConvBNNet, images
+import torch.nn.functional as F
+from test_accel import ConvBNNet, images, logits_and_grad
+from torch import nn
 
 from featdenoise.accel import caches, inference_grad
 from featdenoise.attacks import APGD, FAB, PGD, Square
@@ -72,3 +75,74 @@ def test_an_empty_batch_runs_the_normal_path_and_attacks_return_an_empty_batch()
     for attack in (PGD(model, steps=2), APGD(model, steps=2), FAB(model, steps=2),
                    Square(model, n_queries=4)):
         assert attack(x, y).shape == x.shape
+
+
+def _recorder(kind: str, model, seen: list):
+    """Register one hook of ``kind`` that records what it is given; returns its handle."""
+    module = {"conv": model.conv, "bn": model.bn, "relu": model.head[2]}.get(kind.split("_")[0])
+    last = lambda t: seen.append(t[0].detach().clone())  # noqa: E731
+    only = lambda fn: lambda m, *a: fn(*a) if m is model.conv else None  # noqa: E731
+    global_hooks = torch.nn.modules.module
+    register = {
+        "conv_forward": lambda: module.register_forward_hook(lambda m, i, o: last([o])),
+        "conv_pre": lambda: module.register_forward_pre_hook(lambda m, i: last(i)),
+        "conv_backward": lambda: module.register_full_backward_hook(lambda m, gi, go: last(go)),
+        "bn_forward": lambda: module.register_forward_hook(lambda m, i, o: last([o])),
+        "bn_pre": lambda: module.register_forward_pre_hook(lambda m, i: last(i)),
+        "bn_backward": lambda: module.register_full_backward_hook(lambda m, gi, go: last(go)),
+        "bn_backward_pre": lambda: module.register_full_backward_pre_hook(lambda m, go: last(go)),
+        "relu_forward": lambda: module.register_forward_hook(lambda m, i, o: last([o])),
+        "global_forward": lambda: global_hooks.register_module_forward_hook(
+            only(lambda i, o: last([o]))),
+        "global_backward": lambda: global_hooks.register_module_full_backward_hook(
+            only(lambda gi, go: last(go))),
+    }
+    return register[kind]()
+
+
+HOOKS = ["conv_forward", "conv_pre", "conv_backward", "bn_forward", "bn_pre", "bn_backward",
+         "bn_backward_pre", "relu_forward", "global_forward", "global_backward"]
+
+
+@pytest.mark.parametrize("when", ["before", "inside"])
+@pytest.mark.parametrize("kind", HOOKS)
+def test_a_hook_sees_what_pytorch_gives_it_once_per_call(kind, when):
+    """A hooked conv or BatchNorm runs PyTorch's own path (a folded pair would show a hook the
+    conv+BN output, or the BN as identity), and the first call's checks, which run the model
+    twice more, are not shown to any hook inside it."""
+    model = ConvBNNet().eval()
+    x = images()
+    ref: list = []
+    handle = _recorder(kind, model, ref)
+    try:
+        ref_out = logits_and_grad(model, x)
+    finally:
+        handle.remove()
+    seen: list = []
+    with inference_grad(model):
+        if when == "inside":
+            logits_and_grad(model, x)  # folded and packed, then hooked
+        handle = _recorder(kind, model, seen)
+        try:
+            out = logits_and_grad(model, x)
+        finally:
+            handle.remove()
+        again = logits_and_grad(model, x)
+    assert len(seen) == len(ref) == 1
+    assert_same(seen[0], ref[0])
+    for ours in (out, again):
+        assert_same(ours[0], ref_out[0])
+        assert_same(ours[1], ref_out[1])
+    assert list(caches(model).verified.values()) == [{0, 1}]  # unhooked: folded again
+
+
+def test_a_hooked_conv_given_as_the_model_is_not_packed():
+    conv = nn.Conv2d(3, 4, 3, padding=1).eval()
+    x = images()
+    seen: list = []
+    conv.register_forward_hook(lambda m, i, o: seen.append(o))
+    with inference_grad(conv), torch.no_grad():
+        out = conv(x)
+    ref = F.conv2d(x, conv.weight, conv.bias, padding=1)
+    assert out.equal(ref) and out.is_contiguous()  # a pack would give NHWC
+    assert len(seen) == 1 and seen[0] is out

@@ -15,7 +15,11 @@ the block (an attack library calling ``model.eval()`` and ``model(x)``) sees the
 The normal path runs, with bit-identical results, whenever a fast one is not verified: a module
 in training mode, a call with more than one argument or on an empty batch, autocast (bf16: a
 speed path of its own, whose rounding would hide a wrong fold), ``torch.compile`` tracing, a
-check that failed, an operator missing or refusing its arguments.
+check that failed, an operator missing or refusing its arguments. A hook must see PyTorch's own
+tensors: a conv or BatchNorm with a hook of its own (forward, forward pre-, backward or backward
+pre-hook, also added inside the block) runs the normal path (neither folded nor packed), a global
+module hook (``torch.nn.modules.module.register_module_*``) makes every call normal, and the fold
+check of a new input kind, which runs the model twice more, waits while a module inside has one.
 
 The caches (folded weights, packs, verifications) belong to the model and outlive the block, so
 an evaluation that builds a new attack per batch folds and packs once; they are refreshed when
@@ -38,6 +42,8 @@ from collections.abc import Iterator
 
 import torch
 from torch import nn
+from torch.nn.modules import module as torch_module
+from torch.utils.hooks import RemovableHandle
 
 from featdenoise.accel import onednn
 from featdenoise.accel.fold import FoldCache, foldable_pairs, sources
@@ -45,6 +51,9 @@ from featdenoise.accel.pack import ConvPacker
 
 _VERIFY_IMAGES = 8  # images of the first batch of a shape on which folding is verified
 _MISSING = object()
+# Hooks PyTorch runs around every module's call (torch.nn.modules.module.register_module_*).
+_GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
+                 "_global_backward_pre_hooks")
 
 
 @dataclasses.dataclass
@@ -92,16 +101,63 @@ class _Block:
         self.pack = False
         self.last_out: dict[int, torch.Tensor] = {}  # pair -> its conv's latest output
         self.counts: dict[str, list[int]] = {}
+        self.convs = [m for m in self.modules if isinstance(m, nn.Conv2d)]
+        # Modules with hooks (as of hook registration serial number ``hook_serial``), and the
+        # convs and BatchNorms that therefore run the normal path (ids; pairs by index).
+        self.hook_serial: int | None = None
+        self.hooked: frozenset[int] = frozenset()
+        self.excluded: frozenset[int] = frozenset()
+        self.excluded_pairs: frozenset[int] = frozenset()
         # Every tensor the fast path derives from, and what each conv call resolved to while
         # they are unchanged (a forward then costs a lookup per conv, not the checks).
-        self.slots = [(m, name) for m in self.modules if isinstance(m, nn.Conv2d)
-                      for name in ("weight", "bias")]
-        self.slots += [(bn, name) for _, bn in self.pairs
-                       for name in ("weight", "bias", "running_mean", "running_var",
-                                    "num_batches_tracked")]
+        self.slots: list[tuple[nn.Module, str]] = []
         self.plans: dict[tuple, tuple] = {}
         self.planned_from: list = []  # the slot tensors the plans were made from (held)
         self.planned_marks: tuple | None = None
+        _refresh(self)
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    """Any forward (pre-)hook or backward (pre-)hook, full or not, on ``module`` itself."""
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks)
+
+
+def _global_hooks() -> bool:
+    return any(getattr(torch_module, name, None) for name in _GLOBAL_HOOKS)
+
+
+def _hooks_changed(block: _Block) -> bool:
+    """Whether the set of hooked modules changed since the last call. Every registration draws
+    a new ``RemovableHandle`` serial number, so while no module is hooked and the serial is
+    unchanged nothing was added; once some module is, each call looks for removals."""
+    serial = RemovableHandle.next_id
+    if serial == block.hook_serial and not block.hooked:
+        return False
+    block.hook_serial = serial
+    hooked = frozenset(id(m) for m in block.modules if _has_hooks(m))
+    if hooked == block.hooked:
+        return False
+    block.hooked = hooked
+    return True
+
+
+def _refresh(block: _Block) -> None:
+    """Which convs and BatchNorms take the fast path (a hook must see PyTorch's own tensors:
+    a hooked conv is neither folded nor packed, a hooked BatchNorm not folded into its conv),
+    and the tensors those derive from; the plans are made again."""
+    excluded = frozenset(id(m) for m in block.convs if id(m) in block.hooked)
+    excluded |= frozenset(id(bn) for _, bn in block.pairs if id(bn) in block.hooked)
+    block.excluded = excluded
+    block.excluded_pairs = frozenset(i for i, (conv, bn) in enumerate(block.pairs)
+                                     if id(conv) in excluded or id(bn) in excluded)
+    block.slots = [(m, name) for m in block.convs if id(m) not in excluded
+                   for name in ("weight", "bias")]
+    block.slots += [(bn, name) for i, (_, bn) in enumerate(block.pairs)
+                    if i not in block.excluded_pairs
+                    for name in ("weight", "bias", "running_mean", "running_var",
+                                 "num_batches_tracked")]
+    block.planned_marks = None
 
 
 def _slot_tensor(module: nn.Module, name: str):
@@ -156,6 +212,8 @@ def _plan(block: _Block, i: int | None, conv: nn.Conv2d, x: torch.Tensor,
     weight, bias to use, folded, verified pack entry or None)``."""
     given = (weight, bias)
     folded = False
+    if id(conv) in block.excluded:  # hooked: PyTorch's own convolution, unpacked
+        return (*given, weight, bias, False, None)
     if i in block.fold and weight is conv.weight and bias is conv.bias:
         bn = block.pairs[i][1]
         if (not bn.training and bn.running_mean is not None and bn.running_var is not None
@@ -182,28 +240,41 @@ def _model_forward(block: _Block, forward, *args, **kwargs):
     if (not block.enabled[-1] or block.mode is not None or len(args) != 1 or kwargs
             or not isinstance(args[0], torch.Tensor) or args[0].numel() == 0 or _compiling()
             or torch.is_autocast_enabled(args[0].device.type)
-            or any(m.training for m in block.modules)):
+            or any(m.training for m in block.modules) or _global_hooks()):
         return forward(*args, **kwargs)
     x = args[0]
     c = block.caches
-    tensors = [_slot_tensor(m, name) for m, name in block.slots]
-    # A train-mode BatchNorm forward bumps num_batches_tracked (a slot); eps is no tensor.
-    marks = tuple(None if t is None else (t._version, t.requires_grad) for t in tensors)
-    marks += tuple(bn.eps for _, bn in block.pairs)
+    if _hooks_changed(block):
+        _refresh(block)
+    tensors, marks = _marks(block)
     if marks != block.planned_marks or any(
             a is not b for a, b in zip(tensors, block.planned_from, strict=True)):
         block.plans.clear()  # a tensor was replaced, written in place or unfrozen
         block.planned_from, block.planned_marks = tensors, marks
-        # The fold checks outlive the block: they hold while the same tensors are unchanged.
-        token = tuple(None if t is None else id(t) for t in tensors) + marks
+        # The fold checks outlive the block: they hold while the same tensors are unchanged
+        # and the same modules take the fast path.
+        token = (tuple(None if t is None else id(t) for t in tensors) + marks
+                 + (block.excluded,))
         if token != c.token:
             c.verified.clear()
             c.token = token
     key = (tuple(x.shape[1:]), x.dtype, x.device)
     fold = c.verified.get(key)
     if fold is None:
-        fold = c.verified[key] = _verify_fold(block, forward, x)
-    return _run(block, forward, x, "fast", fold, block.pack_available)
+        if block.hooked - {id(block.model)}:
+            # The checks run the model twice more: a hook inside it would see those calls.
+            fold = frozenset()
+        else:
+            fold = c.verified[key] = _verify_fold(block, forward, x)
+    return _run(block, forward, x, "fast", fold - block.excluded_pairs, block.pack_available)
+
+
+def _marks(block: _Block) -> tuple[list, tuple]:
+    """The slot tensors and their versions, ``requires_grad`` flags and the BatchNorms' eps (a
+    train-mode BatchNorm forward bumps ``num_batches_tracked``, a slot)."""
+    tensors = [_slot_tensor(m, name) for m, name in block.slots]
+    marks = tuple(None if t is None else (t._version, t.requires_grad) for t in tensors)
+    return tensors, marks + tuple(bn.eps for _, bn in block.pairs)
 
 
 def _run(block: _Block, forward, x: torch.Tensor, mode: str, fold: frozenset[int],
@@ -288,10 +359,10 @@ def inference_grad(model: nn.Module, *, enabled: bool = True) -> Iterator[nn.Mod
     Sec. 5 and 6): every BatchNorm that follows a convolution is folded into it, and on a CPU in
     float32 every convolution runs on weights packed once for oneDNN, forward and input
     gradient. Each is verified once per model and input kind against PyTorch's own result and
-    refreshed when any weight changes; whatever is not verified runs PyTorch's normal path. The
-    result is the same function up to float rounding (~1e-7 relative on logits, ~5e-7 on input
-    gradients), so a gradient sign near zero can flip: use ``enabled=False`` (attacks:
-    ``exact=True``) for bit-for-bit work.
+    refreshed when any weight changes; whatever is not verified, and any conv or BatchNorm with a
+    hook, runs PyTorch's normal path. The result is the same function up to float rounding (~1e-7
+    relative on logits, ~5e-7 on input gradients), so a gradient sign near zero can flip: use
+    ``enabled=False`` (attacks: ``exact=True``) for bit-for-bit work.
 
     Inside the block the parameters do not require gradients (input gradients only, as an
     attack needs: ``torch.autograd.grad(loss, x)``); a training step belongs outside. On exit,
