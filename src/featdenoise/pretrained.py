@@ -37,6 +37,7 @@ from featdenoise.models.denoise import DenoisingBlock
 from featdenoise.models.registry import create_model, model_metadata
 from featdenoise.models.resnet import NUM_BLOCKS, ConvBN
 from featdenoise.runtime.atomic import atomic_write, check_output
+from featdenoise.runtime.finite import check_finite_tensors
 from featdenoise.runtime.safeio import metadata_json, read_safetensors, read_safetensors_metadata
 from featdenoise.runtime.safeio import read_npz as safe_read_npz
 
@@ -206,7 +207,8 @@ def load_tensorpack(path: str | os.PathLike, arch: str, depth: int | None = None
         ``[N, 3, H, W]`` (224 px for ImageNet) and returning the official logits ``[N, 1000]``.
 
     Raises:
-        ValueError: one error naming every missing, unexpected and mis-shaped variable.
+        ValueError: one error naming every missing, unexpected and mis-shaped variable; one line
+            naming a variable that holds NaN or inf.
     """
     path = Path(path)
     _check_arch(arch)
@@ -234,10 +236,12 @@ def load_tensorpack(path: str | os.PathLike, arch: str, depth: int | None = None
     bad_dtype = sorted(n for n, v in variables.items() if not np.issubdtype(v.dtype, np.floating))
     if bad_dtype:
         raise ValueError(f"{path}: variables are not floating point: {', '.join(bad_dtype)}")
+    check_finite_tensors(variables, str(path))
 
     converted = {key: _from_tf(variables[tf_name], kind)
                  for tf_name, (key, kind) in names.items()}
     model.load_state_dict(converted, strict=False)  # num_batches_tracked keeps its default
+    model.source_file = str(path)
     return model.eval()
 
 
@@ -287,6 +291,7 @@ def load_converted(path: str | os.PathLike) -> nn.Module:
     """
     path = Path(path)
     state, meta = read_safetensors(path)
+    check_finite_tensors(state, str(path))
     if "model" not in meta:
         raise ValueError(f"{path} has no 'model' metadata; it was not written by featdenoise")
     kwargs = metadata_json(path, meta, "model_kwargs", {}, dict)
@@ -301,4 +306,5 @@ def load_converted(path: str | os.PathLike) -> nn.Module:
     except RuntimeError as err:
         raise ValueError(f"{path}: its weights do not fit the model it names "
                          f"({meta['model']!r}): {str(err).splitlines()[0]}") from None
+    model.source_file = str(path)
     return model.eval()

@@ -10,8 +10,9 @@ from featdenoise.models.registry import (
     list_models,
     model_from_metadata,
     model_in_channels,
+    model_label,
     model_metadata,
 )
 
 __all__ = ["DenoisingBlock", "create_model", "list_models", "model_from_metadata",
-           "model_in_channels", "model_metadata"]
+           "model_in_channels", "model_label", "model_metadata"]

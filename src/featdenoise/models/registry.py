@@ -30,6 +30,7 @@ from __future__ import annotations
 import difflib
 import inspect
 import json
+import math
 from collections.abc import Callable
 
 from torch import nn
@@ -37,6 +38,7 @@ from torch import nn
 from featdenoise.models.denoise import OP_NAMES
 from featdenoise.models.resnet import NUM_BLOCKS, ResNet
 from featdenoise.models.small import SmallResNet
+from featdenoise.runtime.finite import finite_float
 
 _BACKBONES: dict[str, tuple[Callable[..., nn.Module], dict]] = {
     "resnet50": (ResNet, dict(blocks=NUM_BLOCKS[50])),
@@ -95,6 +97,9 @@ def create_model(name: str, **kwargs) -> nn.Module:
     if unknown:
         raise ValueError(f"model {name!r} does not take {', '.join(unknown)}; it takes "
                          f"{', '.join(accepted)}")
+    for key, value in kwargs.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            finite_float(key, value)  # raises: no model size or rate is NaN or infinite
     args = {**defaults, **kwargs}
     if args.get("denoise") is not None and args["denoise"] not in OP_NAMES:  # even if unused
         raise ValueError(f"unknown denoising op {args['denoise']!r}; choose one of "
@@ -130,3 +135,11 @@ def model_in_channels(model: nn.Module, default: int | None = 3) -> int | None:
         return int(c)
     conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
     return default if conv is None else int(conv.in_channels)
+
+
+def model_label(model: nn.Module) -> str:
+    """How messages name ``model``: ``model NAME`` (its registry name, else its class), followed
+    by the file it was loaded from when a loader recorded it in ``model.source_file``."""
+    name = getattr(model, "model_name", None) or type(model).__name__
+    source = getattr(model, "source_file", None)
+    return f"model {name} ({source})" if source else f"model {name}"

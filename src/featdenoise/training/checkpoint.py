@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from featdenoise.runtime.atomic import atomic_write
+from featdenoise.runtime.finite import check_finite_tensors
 
 CHECKPOINT = "checkpoint.pt"
 WEIGHTS = "model.safetensors"
@@ -87,12 +88,16 @@ def save_checkpoint(path: str, *, model: nn.Module, model_name: str, model_kwarg
 def load_checkpoint(path: str, map_location="cpu") -> dict:
     """``torch.load(path, weights_only=True, map_location=map_location)`` (never runs code from
     the file); tensors land on the CPU by default, so a checkpoint written on a GPU loads on a
-    CPU-only machine. One-line errors for a missing, truncated or refused file."""
+    CPU-only machine. One-line errors for a missing, truncated or refused file, and for model
+    weights holding NaN or inf (:func:`featdenoise.runtime.finite.check_finite_tensors`)."""
     from featdenoise.runtime.safeio import safe_torch_load
 
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path} not found")
-    return safe_torch_load(path, map_location=map_location)
+    ckpt = safe_torch_load(path, map_location=map_location)
+    if isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict):
+        check_finite_tensors(ckpt["model"], path)  # resuming or loading NaN weights is refused
+    return ckpt
 
 
 def save_weights(path: str, model: nn.Module, model_name: str, model_kwargs: dict,
@@ -158,7 +163,8 @@ def load_model(path: str | os.PathLike, map_location="cpu") -> nn.Module:
         FileNotFoundError: no such file, or a run directory holding neither file.
         ValueError: one line naming the file when it is truncated, refused (a code pickle), lacks
             featdenoise metadata, its ``model_kwargs`` is not a JSON object (invalid JSON, a
-            list), it names a model that cannot be built, or its weights do not fit that model.
+            list), it names a model that cannot be built, its weights do not fit that model, or
+            a weight or buffer holds NaN or inf (naming the tensor).
     """
     path = os.fspath(path)
     if os.path.isdir(path):
@@ -175,6 +181,7 @@ def load_model(path: str | os.PathLike, map_location="cpu") -> nn.Module:
         from featdenoise.runtime.safeio import metadata_json, read_safetensors
 
         state, meta = read_safetensors(path, device=str(map_location))
+        check_finite_tensors(state, path)
         if "model" not in meta:
             raise ValueError(f"{path} has no 'model' metadata; it was not written by featdenoise")
         name = meta["model"]
@@ -200,4 +207,5 @@ def load_model(path: str | os.PathLike, map_location="cpu") -> nn.Module:
             f"missing, {len(unexpected)} unexpected, {len(misshaped)} with another shape "
             f"(file vs model), e.g. {'; '.join((missing + unexpected + misshaped)[:3])}")
     model.load_state_dict(state)
+    model.source_file = path  # named by messages about this model (models.model_label)
     return model.eval()
