@@ -44,6 +44,7 @@ from torch import nn
 
 from featdenoise.attacks.base import count_arg
 from featdenoise.attacks.outcome import OutcomeAttack
+from featdenoise.runtime.finite import finite_float
 
 LOSSES = ("ce", "dlr")
 
@@ -105,6 +106,7 @@ class APGD(OutcomeAttack):
             raise ValueError(f"loss={loss!r} is unknown; use one of {LOSSES}")
         self.restarts = count_arg("restarts", restarts)
         self.eot_iter = count_arg("eot_iter", eot_iter, hint=" (1, or 20 for 'rand')")
+        rho = finite_float("rho", rho, " (the paper uses 0.75)")
         if not 0.0 < rho <= 1.0:
             raise ValueError(f"rho={rho} must be in (0, 1] (the paper uses 0.75)")
         self.loss = loss
@@ -166,11 +168,9 @@ class APGD(OutcomeAttack):
                 loss = self._loss(logits, y, t)
             else:
                 xr = x.detach().requires_grad_(True)
-                with self._autocast(xr):
-                    out = self.model(xr)
-                logits = out.float()
+                logits = self._forward(xr).float()
                 loss = self._loss(logits, y, t)
-                (g,) = torch.autograd.grad(loss.sum(), xr)
+                g = self._input_grad(loss.sum(), xr)
                 grad = g if grad is None else grad + g
             loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
         if self.eot_iter > 1:

@@ -47,6 +47,9 @@ from featdenoise.attacks.apgd import APGD, APGDT
 from featdenoise.attacks.fab import FAB
 from featdenoise.attacks.outcome import OutcomeAttack, margins
 from featdenoise.attacks.square import Square
+from featdenoise.attacks.threat import LinfBall
+from featdenoise.models.registry import model_label
+from featdenoise.runtime.finite import check_finite_logits
 from featdenoise.runtime.seeds import derive_seed
 
 ATTACK_NAMES = ("apgd-ce", "apgd-dlr", "apgd-t", "fab-t", "square")
@@ -93,7 +96,7 @@ class AutoAttack:
         if n_classes is not None and n_classes < 2:
             raise ValueError(f"n_classes={n_classes} must be >= 2")
         self.model = model
-        self.eps = float(eps)
+        self.eps = LinfBall(eps).eps  # refused here (not at the first batch) when not in [0, 1]
         self.version = version
         self.attacks = names
         self.n_classes = n_classes if n_classes is not None else getattr(model, "num_classes",
@@ -181,7 +184,9 @@ class AutoAttack:
             was_training = [(m, m.training) for m in self.model.modules()]
             try:
                 self.model.eval()
-                clean_margin = margins(self.model(x.detach()).float(), y)
+                clean = self.model(x.detach()).float()  # [N, K]
+                check_finite_logits(clean, f"AutoAttack: {model_label(self.model)}")
+                clean_margin = margins(clean, y)
             finally:
                 for m, training in was_training:
                     m.training = training

@@ -11,6 +11,11 @@ A subclass writes only its update rule (:meth:`Attack._perturb`); this base clas
 - runs those passes inside :func:`featdenoise.accel.inference_grad` (BatchNorm folded, packed
   convolutions; verified, the same function up to float rounding) unless ``exact=True``;
 - refuses images, labels, targets and model outputs that cannot be right, with one clear line;
+- watches every logits batch and input gradient the attack computes for NaN / inf on the device
+  (no host sync per pass) and checks once, at the end of the call, that they and the returned
+  images were finite (``sign(NaN) = 0``: a NaN gradient would silently stall the attack):
+  otherwise :class:`~featdenoise.runtime.finite.NonFiniteError` names the model and the images,
+  never an adversarial image of NaN or a number computed from one;
 - never modifies the caller's input in place; each step works on a detached, attack-owned tensor;
 - draws targets ``(y + U{1..K-1}) mod K`` (paper Sec. 6: "the targeted class is selected uniformly
   at random" among the wrong classes) from its own seeded generator and keeps them in
@@ -31,6 +36,13 @@ from torch import nn
 
 from featdenoise import accel
 from featdenoise.attacks.threat import LinfBall
+from featdenoise.models.registry import model_label
+from featdenoise.runtime.finite import (
+    NonFiniteError,
+    bad_rows,
+    check_finite_logits,
+    list_some,
+)
 
 _RANGE_TOLERANCE = 1e-6  # images may exceed [0, 1] by this much (float rounding of x / 255)
 
@@ -102,12 +114,22 @@ class Attack:
     dtype of the model's parameters (no silent conversion: pass ``x.float()`` for a float32
     model; ``bf16=True`` is the way to compute in bfloat16); ``y`` integer labels ``[N]`` in
     ``[0, K)``; ``target`` likewise, never equal to the label; the model must return one logits
-    tensor ``[N, K]`` (not a tuple or dict).
+    tensor ``[N, K]`` (not a tuple or dict). Float options are refused when they are not finite
+    numbers (:func:`~featdenoise.runtime.finite.finite_float`).
+
+    Every forward pass goes through :meth:`_forward` and every input gradient through
+    :meth:`_input_grad`, which note on the device whether they are finite; after the update rule
+    one host sync checks those notes and the returned images, and a NaN or inf is a
+    :class:`~featdenoise.runtime.finite.NonFiniteError` naming the model and the images (the clean
+    logits' rows, or the images whose attack went non-finite).
+    Set ``check_finite = False`` on an attack whose caller has its own guard for non-finite
+    numbers (adversarial training: its guard stops every process at the same step).
 
     Call ``attack(x, y, target=None)`` (or the object itself) to get ``x_adv``.
     """
 
     name = "attack"
+    check_finite = True
 
     def __init__(self, model: nn.Module, eps: float = 16 / 255, targeted: bool = True,
                  seed: int | None = None, num_classes: int | None = None, bf16: bool = False,
@@ -123,6 +145,8 @@ class Attack:
         self.exact = bool(exact)
         self.last_target: torch.Tensor | None = None
         self._generators: dict[torch.device, torch.Generator] = {}
+        self._finite: torch.Tensor | None = None  # 0-d bool on the device: all logits finite
+        self._finite_grad: torch.Tensor | None = None  # ... and all input gradients
 
     @property
     def eps(self) -> float:
@@ -148,6 +172,7 @@ class Attack:
             targets used are in :attr:`last_target` (None when untargeted).
         """
         self._check_inputs(x, y, target)
+        self._finite = self._finite_grad = None
         y = y.to(device=x.device, dtype=torch.long)
         if target is not None:
             target = target.to(device=x.device, dtype=torch.long)
@@ -168,6 +193,7 @@ class Attack:
             self.last_target = target if self.targeted else None
             lo, hi = self.threat.bounds(x)
             x_adv = self._perturb(x, labels, lo, hi).detach()
+            self._check_finite_run(x, x_adv)
         return x_adv.contiguous() if caller_contiguous else x_adv
 
     __call__ = attack
@@ -196,8 +222,7 @@ class Attack:
         loss = F.cross_entropy(logits.float(), labels, reduction="sum")
         if self.targeted:
             loss = -loss
-        (grad,) = torch.autograd.grad(loss, x_adv)
-        return grad
+        return self._input_grad(loss, x_adv)
 
     @torch.no_grad()
     def _score(self, x_adv: torch.Tensor,
@@ -228,6 +253,12 @@ class Attack:
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         """``model(x)`` (under the bf16 autocast if asked), checked to be logits ``[N, K]``."""
+        return self._forward(x)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The one way an attack runs the model: ``model(x)`` under the bf16 autocast if asked,
+        checked to be logits ``[N, K]``, their finiteness noted on the device (no host sync;
+        read once by :meth:`_check_finite_run`). Gradients flow as usual."""
         with self._autocast(x):
             logits = self.model(x)
         if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or len(logits) != len(x):
@@ -236,7 +267,45 @@ class Attack:
             raise ValueError(
                 f"{type(self.model).__name__} returned {got} for images {tuple(x.shape)}; "
                 "attacks need one logits tensor [N, K] (wrap the model to return the logits)")
+        if self.check_finite and logits.numel():
+            finite = torch.isfinite(logits.detach()).all()
+            self._finite = finite if self._finite is None else self._finite & finite
         return logits
+
+    def _input_grad(self, loss: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``d loss / d x`` (:func:`torch.autograd.grad`, the parameters untouched), its
+        finiteness noted on the device like the logits' (:meth:`_forward`)."""
+        (grad,) = torch.autograd.grad(loss, x)
+        if self.check_finite and grad.numel():
+            finite = torch.isfinite(grad).all()
+            self._finite_grad = finite if self._finite_grad is None else self._finite_grad & finite
+        return grad
+
+    def _check_finite_run(self, x: torch.Tensor, x_adv: torch.Tensor) -> None:
+        """One host sync: every logits batch of this call and ``x_adv`` were finite; otherwise
+        a :class:`NonFiniteError` naming the model and the images (row indices of the batch)."""
+        if not self.check_finite or not x_adv.numel():
+            return
+        ok = torch.isfinite(x_adv).all()
+        for note in (self._finite, self._finite_grad):
+            if note is not None:
+                ok = ok & note
+        if bool(ok):
+            return
+        who = f"{type(self).__name__}: {model_label(self.model)}"
+        with torch.no_grad(), self._autocast(x):
+            check_finite_logits(self.model(x), who)  # the clean images' logits already
+        rows = bad_rows(x_adv)
+        if rows:
+            where = f"images {list_some(rows)} of {len(x)} became NaN or inf"
+        elif self._finite_grad is not None and not bool(self._finite_grad):
+            where = "the input gradient of the attack loss was NaN or inf"
+        else:
+            where = f"the logits of a perturbed point of these {len(x)} images were NaN or inf"
+        raise NonFiniteError(
+            f"{who}: the clean logits are finite but during the attack {where}: the model's "
+            "logits or input gradients overflow or are undefined there (reduced precision? a "
+            "non-differentiable operation such as sqrt at 0?); no attack result can be computed")
 
     # -------------------------------------------------------------------------- internals
     def _autocast(self, x: torch.Tensor):

@@ -30,6 +30,7 @@ from torch import nn
 
 from featdenoise.attacks.base import count_arg
 from featdenoise.attacks.outcome import OutcomeAttack
+from featdenoise.runtime.finite import finite_float
 
 
 def project_linf(points: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -96,6 +97,8 @@ class FAB(OutcomeAttack):
         self.steps = count_arg("steps", steps)
         self.n_target_classes = count_arg("n_target_classes", n_target_classes)
         self.restarts = count_arg("restarts", restarts)
+        alpha_max, eta, beta = (finite_float(k, v, " (the paper: 0.1, 1.05, 0.9)") for k, v in
+                                (("alpha_max", alpha_max), ("eta", eta), ("beta", beta)))
         if not 0.0 <= alpha_max <= 1.0 or not eta > 0 or not 0.0 < beta <= 1.0:
             raise ValueError(f"alpha_max={alpha_max}, eta={eta}, beta={beta}: need alpha_max in "
                              "[0, 1], eta > 0, beta in (0, 1] (the paper: 0.1, 1.05, 0.9)")
@@ -130,11 +133,10 @@ class FAB(OutcomeAttack):
     def _diff_grad(self, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor):
         """``(logits [n, K], g = f_t - f_y [n], grad g [n, C, H, W])`` at ``x``."""
         xr = x.detach().requires_grad_(True)
-        with self._autocast(xr):
-            logits = self.model(xr).float()
+        logits = self._forward(xr).float()
         rows = torch.arange(len(y), device=x.device)
         diff = logits[rows, t] - logits[rows, y]
-        (grad,) = torch.autograd.grad(diff.sum(), xr)
+        grad = self._input_grad(diff.sum(), xr)
         return logits.detach(), diff.detach(), grad
 
     def _run(self, x0: torch.Tensor, y: torch.Tensor, t: torch.Tensor, random_start: bool):

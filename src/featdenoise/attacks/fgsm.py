@@ -13,6 +13,7 @@ from torch import nn
 
 from featdenoise.attacks.base import Attack
 from featdenoise.attacks.pgd import PGD
+from featdenoise.runtime.finite import finite_float
 
 
 class FGSM(Attack):
@@ -77,6 +78,7 @@ class MIFGSM(IFGSM):
         super().__init__(model, eps=eps, step_size=step_size, steps=steps, targeted=targeted,
                          step_rule=step_rule, seed=seed, num_classes=num_classes, bf16=bf16,
                          channels_last=channels_last, exact=exact)
+        decay = finite_float("decay", decay, " (Dong et al. use 1.0)")
         if decay < 0:
             raise ValueError(f"decay={decay} must be >= 0 (Dong et al. use 1.0)")
         self.decay = float(decay)

@@ -64,9 +64,8 @@ class OutcomeAttack(Attack):
     # ------------------------------------------------------------------------- helpers
     @torch.no_grad()
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits ``[N, K]`` float32 of ``x`` without a graph."""
-        with self._autocast(x):
-            return self.model(x).float()
+        """Logits ``[N, K]`` float32 of ``x`` without a graph (checked as every pass is)."""
+        return self._forward(x).float()
 
     def _clean_outcome(self, x: torch.Tensor, y: torch.Tensor):
         """Where every run starts: ``(clean logits [N, K], broken [N] bool, iteration [N] int64,

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from featdenoise.attacks.base import Attack, count_arg
+from featdenoise.runtime.finite import finite_float
 
 STEP_RULES = ("paper", "fixed")
 
@@ -58,6 +59,8 @@ class PGD(Attack):
         super().__init__(model, eps=eps, targeted=targeted, seed=seed, num_classes=num_classes,
                          bf16=bf16, channels_last=channels_last, exact=exact)
         count_arg("steps", steps, minimum=0)
+        step_size = finite_float("step_size", step_size, " (on the [0, 1] scale: 1/255)")
+        clean_start_prob = finite_float("clean_start_prob", clean_start_prob, " (in [0, 1])")
         if not step_size > 0:
             raise ValueError(f"step_size={step_size} must be > 0 (on the [0, 1] scale: 1/255)")
         if step_rule not in STEP_RULES:

@@ -27,6 +27,7 @@ from torch import nn
 
 from featdenoise.attacks.base import count_arg
 from featdenoise.attacks.outcome import OutcomeAttack, margins
+from featdenoise.runtime.finite import finite_float
 
 P_SCHEDULE = ((10, 1), (50, 2), (200, 4), (500, 8), (1000, 16), (2000, 32), (4000, 64),
               (6000, 128), (8000, 256))
@@ -69,6 +70,7 @@ class Square(OutcomeAttack):
         super().__init__(model, eps=eps, seed=seed, num_classes=num_classes, **kwargs)
         self.n_queries = count_arg("n_queries", n_queries, minimum=0, hint=" (5000)")
         self.restarts = count_arg("restarts", restarts)
+        p_init = finite_float("p_init", p_init, " (the paper uses 0.8)")
         if not 0.0 < p_init <= 1.0:
             raise ValueError(f"p_init={p_init} must be in (0, 1] (the paper uses 0.8)")
         self.p_init = float(p_init)

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import torch
 
+from featdenoise.runtime.finite import finite_float
+
 
 class LinfBall:
     """The eps-box around ``x`` intersected with ``[0, 1]`` (paper Sec. 5 and 6).
@@ -23,7 +25,7 @@ class LinfBall:
     """
 
     def __init__(self, eps: float):
-        eps = float(eps)
+        eps = finite_float("eps", eps, " (on the [0, 1] scale: 16/255 is the paper's 16)")
         if not 0.0 <= eps <= 1.0:
             raise ValueError(
                 f"eps={eps} is outside [0, 1]; pixels are on the [0, 1] scale, so pass e.g. 16/255"

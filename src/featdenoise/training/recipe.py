@@ -191,6 +191,10 @@ class TrainAttack:
                           exact=exact)
             self.random_start = PGD(model, random_start=True, **common)
             self.clean_start = PGD(model, random_start=False, **common)
+            # Training's own guard (zero_nonfinite_grads, then NonFiniteLossError at a check
+            # step) stops every process at the same step; an attack raising on one process
+            # would leave the others waiting in the gradient all-reduce.
+            self.random_start.check_finite = self.clean_start.check_finite = False
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor):
         if self.steps == 0:
