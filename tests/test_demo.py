@@ -70,6 +70,11 @@ def test_quick_demo_writes_report_with_all_networks(fmnist_subset, tmp_path, cap
     # The denoising net's pictures include the maps right before/after each denoising op.
     assert "stage2_denoise.after" in res["feature_noise"]["adv-denoise"]
     assert "report:" in capsys.readouterr().out
+    # a rerun deletes every folder the demo wrote, each first recognised as the demo's own
+    from featdenoise.runtime import outdir
+
+    planned = outdir.plan_removal(str(out), demo._stale(str(out)))
+    assert len(planned) == 3 + 3 * 3 + 2  # runs, evaluations (2 PGD + AutoAttack), pictures
 
 
 def test_results_table_layout():

@@ -388,6 +388,37 @@ def test_plan_removal_refuses_before_removing(tmp_path):
     assert [p.name for p in folder.iterdir()] == ["b.txt"]
 
 
+def test_demo_deletes_only_its_own_earlier_results(tmp_path, capsys):
+    """The demo rewrote runs/, eval/ and feature_noise/ of --out wholesale: a user's folder or
+    file there was deleted without a word. Now each of its own folders is checked first."""
+    data = write_idx_folder(tmp_path / "fmnist", n=4)
+    out = tmp_path / "report"
+    (out / "runs" / "mine").mkdir(parents=True)
+    (out / "runs" / "mine" / "keep.txt").write_text("mine")
+    (out / "runs" / "clean").mkdir()
+    (out / "runs" / "clean" / "notes.txt").write_text("also mine")
+    before = _snapshot(out)
+    line = _one_error(capsys, "demo", "--data-root", data, "--out", out, "--quick")
+    assert f"demo: refusing to remove {out / 'runs' / 'clean'}: it was not written" in line
+    assert "nothing was deleted" in line and _snapshot(out) == before
+
+
+def test_finished_run_and_evaluation_folders_are_recognised_as_ours(train_config, two_models,
+                                                                   tmp_path, capsys):
+    from featdenoise.evaluation.records import is_own_evaluation
+    from featdenoise.training.rundir import is_own_run_dir
+
+    run, cfg = train_config
+    assert _cli(capsys, "train", "--config", cfg)[0] == 0
+    folder, labels, net_a, _ = two_models
+    assert main(_eval_args(folder, labels, net_a, out=tmp_path / "ev")) == 0
+    capsys.readouterr()
+    assert is_own_run_dir(str(run)) and is_own_evaluation(str(tmp_path / "ev"))
+    (run / "notes.txt").write_text("mine")
+    (tmp_path / "ev" / "parts" / "notes.txt").write_text("mine")
+    assert not is_own_run_dir(str(run)) and not is_own_evaluation(str(tmp_path / "ev"))
+
+
 # =========================================================================== 4. labels with a BOM
 @pytest.mark.parametrize("text", ["\ufeffimg0.png,2\nimg1.png,0\n",
                                   "\ufefffilename,label\nimg0.png,2\nimg1.png,0\n"])

@@ -13,7 +13,7 @@ import os
 from collections.abc import Sequence
 
 from featdenoise.runtime.atomic import atomic_write, own_json, own_png, own_text
-from featdenoise.runtime.outdir import own_folder
+from featdenoise.runtime.outdir import LOCK_FILE, own_folder
 
 SETTINGS_FILE = "settings.json"
 OUTCOMES_FILE = "outcomes.jsonl"
@@ -109,3 +109,15 @@ def write_outcomes(out_dir: str, records: Sequence[dict]) -> None:
         f.write("".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
 
 
+def is_own_evaluation(path: str) -> bool:
+    """A folder holding nothing but an evaluation's own files (:data:`OWN_FILES`, each
+    recognised by its content, and lock files): one that may be deleted as a whole."""
+    if not os.path.isdir(path):
+        return False
+    for name in os.listdir(path):
+        entry = os.path.join(path, name)
+        ours = OWN_FILES.get(name)
+        if not (ours(entry) if ours is not None else
+                name.startswith(LOCK_FILE) and os.path.isfile(entry)):
+            return False
+    return True

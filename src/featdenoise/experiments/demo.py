@@ -31,13 +31,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 import time
 from dataclasses import dataclass
 
 import torch
 
-from featdenoise.runtime.atomic import atomic_write, own_json, own_text
+from featdenoise.runtime import outdir
+from featdenoise.runtime.atomic import atomic_write, own_json, own_png, own_text
 
 FMNIST_ROOT = "/usr/share/datasets/fashion-mnist"
 EPS = 0.1  # L-inf budget on the [0, 1] pixel scale (25.5 on 0..255)
@@ -184,14 +184,47 @@ def run_demo(out_dir: str = "reports/demo", quick: bool = False, data_root: str 
     """Train, evaluate, draw and report (see the module docstring); returns ``report.md``'s path.
 
     Args:
-        out_dir: report folder; its ``runs/``, ``eval/`` and ``feature_noise/`` sub-folders are
-            rewritten on every call (nothing else in it is touched).
+        out_dir: report folder, held by this call alone (a lock file); the demo's own run,
+            evaluation and picture folders in its ``runs/``, ``eval/`` and ``feature_noise/``
+            are rewritten on every call, each checked first to hold only what the demo wrote
+            (otherwise nothing is deleted and the call is refused); nothing else in it is
+            touched.
         quick: the tiny :data:`QUICK` budget (seconds; numbers meaningless) instead of :data:`FULL`.
         data_root: Fashion-MNIST IDX folder (default: the Debian package's folder).
         threads: torch CPU threads (default: :func:`default_threads`).
         seed: seeds training, the image subsets, attack targets and random starts.
         budget: overrides the budget entirely (tests).
     """
+    with outdir.FolderLock(out_dir, "demo folder"):
+        return _run_demo(out_dir, quick, data_root, threads, seed, progress, budget)
+
+
+def _stale(out_dir: str) -> dict:
+    """The demo's own sub-folders of ``out_dir``, each with how it is recognised as the demo's."""
+    from featdenoise.evaluation.records import is_own_evaluation
+    from featdenoise.training.rundir import is_own_run_dir
+
+    owned = {}
+    for name, *_ in MODELS:
+        owned[os.path.join("runs", name)] = is_own_run_dir
+        for mode in ("targeted", "untargeted", "autoattack"):
+            owned[os.path.join("eval", f"{name}-{mode}")] = is_own_evaluation
+        owned[os.path.join("feature_noise", name)] = outdir.own_folder(_own_picture)
+    return owned
+
+
+def _own_picture(path: str) -> bool:
+    """A file :func:`featdenoise.viz.visualize` writes: a PNG it drew or its distances."""
+    name = os.path.basename(path)
+    if name == "distances.json":
+        return own_json("distances", "channels")(path)
+    if name == "distances.md":  # the table, or its bold title line above it
+        return own_text("|")(path) or own_text("**")(path)
+    return name.endswith(".png") and own_png(path)
+
+
+def _run_demo(out_dir: str, quick: bool, data_root: str | None, threads: int | None, seed: int,
+              progress: bool, budget: Budget | None) -> str:
     from featdenoise.data.datasets import build_dataset
     from featdenoise.evaluation import report
     from featdenoise.training import load_model, train
@@ -204,9 +237,8 @@ def run_demo(out_dir: str = "reports/demo", quick: bool = False, data_root: str 
         raise FileNotFoundError(f"Fashion-MNIST not found in {root}; install the Debian package "
                                 "dataset-fashion-mnist (`make data`) or pass --data-root DIR")
     torch.set_num_threads(threads or default_threads())
-    os.makedirs(out_dir, exist_ok=True)
-    for sub in ("runs", "eval", "feature_noise"):  # stale results of an earlier demo
-        shutil.rmtree(os.path.join(out_dir, sub), ignore_errors=True)
+    # Stale results of an earlier demo: every folder checked first, then deleted.
+    outdir.remove_planned(outdir.plan_removal(out_dir, _stale(out_dir), "demo"))
 
     test_set = build_dataset("fashion_mnist", root, "val", augment=False)
     timings: dict[str, tuple[float, float]] = {}

@@ -65,6 +65,24 @@ _OWNED = {CONFIG: is_own_config, METRICS: is_own_metrics, ckpt.CHECKPOINT: ckpt.
           ckpt.WEIGHTS: ckpt.is_own_weights}
 
 
+def is_own_run_dir(path: str) -> bool:
+    """A folder holding nothing but what a training run writes there (the five names, each
+    recognised by its content, and lock files): one that may be deleted as a whole."""
+    if not os.path.isdir(path):
+        return False
+    for root, _, names in os.walk(path):
+        for n in names:
+            rel = os.path.relpath(os.path.join(root, n), path)
+            ours = _OWNED.get(rel)
+            if ours is not None:
+                if not ours(os.path.join(root, n)):
+                    return False
+            elif not (n.startswith(outdir.LOCK_FILE) or (
+                    os.path.dirname(rel) == TENSORBOARD and _is_event_file(n))):
+                return False
+    return True
+
+
 def _event_files(run_dir: str) -> list[str]:
     folder = os.path.join(run_dir, TENSORBOARD)
     if not os.path.isdir(folder):
