@@ -78,8 +78,9 @@ def _column(chain, k: int) -> engine.Column:
         if idx:
             sel = torch.tensor(idx, device=batch.x.device)
             x_adv, out = chain.run_attack(name, batch.x[sel], batch.y[sel], seed=batch.seed)
-            with torch.no_grad():
-                p = model(x_adv).argmax(1).tolist()  # [m]: the defender's view of the images
+            ids = [batch.ids[i] for i in idx]
+            logits = engine.checked_logits(model, x_adv, ids, f"{name} images")  # [m, K]
+            p = logits.argmax(1).tolist()  # [m]: the defender's view of the images
             for j, i in enumerate(idx):
                 pred[i], ran[i] = p[j], True
                 iters[i], targets[i] = out[j]["iteration"], out[j]["target"]

@@ -143,7 +143,7 @@ def _folder_column(a: FolderAttacker, eps: float, clip_eps: bool) -> engine.Colu
         linf = (x_adv - x).abs().flatten(1).amax(1) * 255  # [n], 0..255 scale
         if clip_eps:
             x_adv = torch.minimum(torch.maximum(x_adv, x - eps), x + eps).clamp(0, 1)
-        out = engine.predict_fields(model, a.name, x_adv, batch.y)
+        out = engine.predict_fields(model, a.name, x_adv, batch.y, batch.ids)
         out[f"linf_{a.name}"] = [round(float(v), 4) for v in linf]
         out[f"missing_{a.name}"] = missing
         return out
@@ -172,7 +172,7 @@ def _transfer_column(a: TransferAttacker, eps: float, save_adv: str | None, exac
         sub = outdir.child(save_adv, adv_folder_name(a.name), "--save-adv folder")
         for m, image_id in enumerate(batch.ids):
             save_image(x_adv[m], os.path.join(sub, f"{image_id}.png"))
-        return engine.predict_fields(model, a.name, x_adv, batch.y)
+        return engine.predict_fields(model, a.name, x_adv, batch.y, batch.ids)
 
     return engine.Column(a.name, run, seed_tag="transfer")
 

@@ -11,7 +11,9 @@ list of :class:`Column`; the engine owns the rest, once:
 - randomness of a column on a batch: seeded by ``(seed, tag, batch index, column name)``, so a
   result never depends on sharding, resumption or the order the columns ran in;
 - running: clean logits once per batch, then each column; a column sees the records of earlier
-  columns (an AutoAttack stage runs only on images every earlier stage failed on);
+  columns (an AutoAttack stage runs only on images every earlier stage failed on); every logits
+  batch is checked: NaN or inf stops the run with one line naming the model and the images
+  (:func:`checked_logits`), so no accuracy is ever computed from them;
 - per-image records: appended to ``parts/outcomes-rank<R>.jsonl`` and fsynced after every column of
   every batch, so a kill loses at most the column that was running; a rerun resumes there;
 - sharding: under torchrun each rank takes every ``world_size``-th unfinished batch; one process
@@ -57,9 +59,11 @@ from featdenoise.evaluation.records import (  # noqa: F401  (part of the engine'
     write_json,
     write_outcomes,
 )
+from featdenoise.models.registry import model_label
 from featdenoise.runtime import distributed as dist
 from featdenoise.runtime import outdir
 from featdenoise.runtime.distributed import rank_world  # noqa: F401  (part of the API)
+from featdenoise.runtime.finite import check_finite_logits
 from featdenoise.runtime.seeds import derive_seed, generator
 
 
@@ -135,10 +139,22 @@ class Column:
         self.done_key = self.done_key or f"pred_{self.name}"
 
 
-def predict_fields(model: nn.Module, name: str, x_adv: torch.Tensor, y: torch.Tensor) -> dict:
-    """``pred_<name>`` and ``top5_<name>`` of ``model`` on ``x_adv [n, C, H, W]``."""
+def checked_logits(model: nn.Module, x: torch.Tensor, ids: Sequence[str] | None = None,
+                   what: str = "images") -> torch.Tensor:
+    """``model(x)`` without a graph, ``[n, K]``; NaN or inf logits are a
+    :class:`~featdenoise.runtime.finite.NonFiniteError` naming the model and the images
+    (``ids``), never a prediction."""
     with torch.no_grad():
-        logits = model(x_adv)  # [n, K]
+        logits = model(x)  # [n, K]
+    check_finite_logits(logits, model_label(model), ids, what)
+    return logits
+
+
+def predict_fields(model: nn.Module, name: str, x_adv: torch.Tensor, y: torch.Tensor,
+                   ids: Sequence[str] | None = None) -> dict:
+    """``pred_<name>`` and ``top5_<name>`` of ``model`` on ``x_adv [n, C, H, W]`` (``ids``: the
+    images' ids, named if the logits are not finite)."""
+    logits = checked_logits(model, x_adv, ids, f"{name} images")
     return {f"pred_{name}": logits.argmax(1).tolist(),
             f"top5_{name}": topk_correct(logits, y, 5).tolist()}
 
@@ -177,8 +193,7 @@ def process_batch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, indices: S
     rk = [recs[j] for j in kept]
     batch_ids = [r["id"] for r in rk]
     if not all("pred_clean" in r for r in rk):
-        with torch.no_grad():
-            logits = model(x)  # [n, K]
+        logits = checked_logits(model, x, batch_ids)  # [n, K]
         target = image_targets(batch_ids, y, num_classes, seed) if targeted else None
         fields = {"pred_clean": logits.argmax(1).tolist(),
                   "top5_clean": topk_correct(logits, y, 5).tolist(),

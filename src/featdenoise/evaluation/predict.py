@@ -22,7 +22,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from featdenoise.data.files import ImageFiles, list_images, write_labels_csv
-from featdenoise.models import model_in_channels
+from featdenoise.models import model_in_channels, model_label
+from featdenoise.runtime.finite import check_finite_logits
 
 
 def predict_folder(model: nn.Module, folder: str, *, size: int | None = 224,
@@ -44,6 +45,9 @@ def predict_folder(model: nn.Module, folder: str, *, size: int | None = 224,
 
     Returns:
         ``(file names, predicted class indices)``.
+    Raises:
+        NonFiniteError: a batch's logits hold NaN or inf (one line naming the model and the
+            files); no label is written for them.
     """
     from tqdm.auto import tqdm
 
@@ -72,7 +76,9 @@ def predict_folder(model: nn.Module, folder: str, *, size: int | None = 224,
         with torch.no_grad():
             for x, _ in tqdm(loader, desc="predict", unit="batch", disable=not progress,
                              dynamic_ncols=True):
-                preds += model(x.to(device)).argmax(1).tolist()  # [N, K] -> [N]
+                logits = model(x.to(device))  # [N, K]
+                check_finite_logits(logits, model_label(model), names[len(preds):])
+                preds += logits.argmax(1).tolist()  # [N]
     finally:
         model.train(was_training)
     return names, preds

@@ -34,6 +34,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from featdenoise.attacks import draw_targets
+from featdenoise.models.registry import model_label
+from featdenoise.runtime.finite import NonFiniteError, check_finite_logits, finite_float
 from featdenoise.runtime.seeds import derive_seed, generator
 
 
@@ -74,7 +76,11 @@ def format_report(results: Iterable[CheckResult]) -> str:
     return "\n".join(lines)
 
 
-def _validate(eps: float, steps: int, restarts: int, max_images: int | None) -> None:
+def _validate(eps: float, steps: int, restarts: int, max_images: int | None,
+              floats: dict | None = None) -> None:
+    for name, value in (floats or {}).items():
+        if value is not None:
+            finite_float(f"sanity: {name}", value)
     if not (isinstance(eps, (int, float)) and math.isfinite(eps) and 0 < eps <= 1):
         raise ValueError(
             f"sanity: eps={eps!r} is outside (0, 1]; give it on the [0, 1] pixel scale "
@@ -139,6 +145,7 @@ class _Runner:
         correct, hit, loss = [], [], 0.0
         for (_, y), t, xa in zip(self.batches, self.targets, per_batch_x, strict=True):
             logits = self.model(xa)
+            check_finite_logits(logits, model_label(self.model))  # no accuracy made of NaN
             out = metrics.outcomes(logits, y, t)
             correct.append(out["correct"].cpu())
             hit.append(out["target_hit"].cpu())
@@ -311,7 +318,10 @@ def run_sanity(
         One :class:`CheckResult` per check, in the order listed in the module docstring;
         print them with :func:`format_report`.
     """
-    _validate(eps, steps, restarts, max_images)
+    _validate(eps, steps, restarts, max_images, dict(
+        step_size=step_size, tolerance=tolerance, min_grad_fraction=min_grad_fraction,
+        unbounded_max_accuracy=unbounded_max_accuracy,
+        unbounded_min_success=unbounded_min_success))
     device = torch.device(device)
     batches = _collect(loader, max_images, device)
     n = sum(len(x) for x, _ in batches)
@@ -382,6 +392,27 @@ def _checks(
         )
     )
 
+    try:
+        _attack_checks(run, results, n, eps, steps, base_step, restarts, unbounded_steps,
+                       tolerance, slack, clean_acc, clean_loss, unbounded_max_accuracy,
+                       unbounded_min_success)
+    except NonFiniteError as err:
+        # The attack met NaN / inf (e.g. the NaN input gradients the first check counts): the
+        # checks it could not run fail, saying why, instead of reporting numbers made of NaN.
+        done = {r.name for r in results}
+        results += [CheckResult(name, False, {"images": n}, f"not run: {err}")
+                    for name in ATTACK_CHECKS if name not in done]
+    return results
+
+
+ATTACK_CHECKS = ("more_iterations", "larger_eps", "unbounded", "pgd_vs_noise", "restarts")
+"""The checks that run PGD (after ``gradient``), in order."""
+
+
+def _attack_checks(run: _Runner, results: list[CheckResult], n, eps, steps, base_step, restarts,
+                   unbounded_steps, tolerance, slack, clean_acc, clean_loss,
+                   unbounded_max_accuracy, unbounded_min_success) -> None:
+    """Append the results of :data:`ATTACK_CHECKS` to ``results``, one by one."""
     # 2. More iterations with the same step size never help the defender.
     iters = sorted({max(1, steps // 4), max(1, steps // 2), steps})
     by_iters = {k: run.pgd(eps, k, base_step) for k in iters}
@@ -470,4 +501,3 @@ def _checks(
     # 6. Random restarts: if R independent random starts lower accuracy by more than sampling
     # noise explains, one start overestimates robustness (a start-dependent model).
     results.append(_restarts_check(run, eps, steps, base_step, restarts, tolerance))
-    return results

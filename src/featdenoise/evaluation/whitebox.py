@@ -71,7 +71,7 @@ def attack_column(name: str, attack: str, *, source: nn.Module | None = None,
                           **attack_kwargs)
         target = batch.target if attack_kwargs.get("targeted", True) else None
         x_adv = atk.attack(batch.x, batch.y, target=target)
-        return engine.predict_fields(model, name, x_adv, batch.y)
+        return engine.predict_fields(model, name, x_adv, batch.y, batch.ids)
 
     return engine.Column(name, run, seed_tag=seed_tag)
 
