@@ -33,10 +33,39 @@ ATTACK_MODES = ("pgd", "free", "fast")
 SCHEDULES = ("step", "cyclic")
 
 
+class DuplicateKeyError(ValueError):
+    """A YAML mapping names the same key twice (PyYAML would keep the last silently)."""
+
+
 class _Loader(yaml.SafeLoader):
     """``yaml.SafeLoader`` reading floats as YAML 1.2 does: ``1e-4``, ``1E3`` and ``1.0e12`` are
     numbers (YAML 1.1, PyYAML's default, needs a dot and a signed exponent and reads ``1e-4``
-    as the *string* "1e-4")."""
+    as the *string* "1e-4"), and refusing a key given twice in one mapping, at any depth
+    (:class:`DuplicateKeyError` naming the key and both lines; ``<<`` merges may override)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict = {}  # key -> line of its first occurrence
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    hash(key)
+                except TypeError:
+                    continue  # an unhashable key: the constructor below says so
+                line = key_node.start_mark.line + 1
+                if key in seen:
+                    raise DuplicateKeyError(_duplicate(key_node.start_mark.name, key, seen[key],
+                                                       line))
+                seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def _duplicate(stream: str, key, first: int, line: int) -> str:
+    where = f"at lines {first} and {line}" if first != line else f"at line {line} (twice)"
+    prefix = f"{stream}: " if stream and not stream.startswith("<") else ""
+    return f"{prefix}duplicate key {key!r} {where}; keep one (YAML would silently use the last)"
 
 
 _Loader.yaml_implicit_resolvers = {
@@ -55,8 +84,10 @@ _Loader.add_implicit_resolver(
 
 
 def yaml_load(stream) -> Any:
-    """``yaml.safe_load`` with YAML 1.2 floats (:class:`_Loader`); used for config files and
-    ``key=value`` overrides alike, so ``optim.weight_decay: 1e-4`` means the number everywhere."""
+    """``yaml.safe_load`` with YAML 1.2 floats and no duplicate keys (:class:`_Loader`): the one
+    YAML reader of featdenoise, for config files and ``key=value`` overrides alike, so
+    ``optim.weight_decay: 1e-4`` means the number everywhere and a second ``optim:`` block is
+    refused (:class:`DuplicateKeyError`, one line naming the file, key and lines)."""
     loader = _Loader(stream)  # a SafeLoader: plain data only, never Python objects
     try:
         return loader.get_single_data()
@@ -318,6 +349,21 @@ def _coerce(key: str, value: Any, default: Any, annotation: str) -> Any:
     return value
 
 
+def _refuse_nonfinite(key: str, value: Any) -> None:
+    """Refuse NaN / inf anywhere inside a list or a free-form mapping (``model.kwargs.width``,
+    ``optim.milestones[1]``), naming the nested key: a builder would fail later with an unrelated
+    message, or not at all."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"config key '{key}' = {value!r} is not a finite number; give a finite "
+                         "value")
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _refuse_nonfinite(f"{key}.{k}", v)
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _refuse_nonfinite(f"{key}[{i}]", v)
+
+
 def _set_dotted(tree: dict, key: str, value: Any) -> None:
     """Set ``tree[a][b][c] = value`` for ``key = 'a.b.c'``, checking the key against the schema."""
     parts = key.split(".")
@@ -348,6 +394,8 @@ def parse_overrides(overrides: list[str]) -> dict:
             value = yaml_load(raw) if raw.strip() else ""
         except yaml.YAMLError as err:
             raise ValueError(f"override '{item}': value is not valid YAML ({err})") from None
+        except DuplicateKeyError as err:
+            raise ValueError(f"override '{item}': {err}") from None
         _set_dotted(tree, key.strip(), value)
     return tree
 
@@ -380,6 +428,7 @@ def from_dict(tree: dict) -> Config:
             if name not in fields:
                 raise _unknown(key)
             value = _coerce(key, value, getattr(default, name), str(fields[name].type))
+            _refuse_nonfinite(key, value)
             check = _CHECKS.get(key)
             if check is not None and value is not None and not check[0](value):
                 raise ValueError(f"config key '{key}' = {value!r} is out of range: expected "
@@ -461,8 +510,8 @@ def is_own_config(path: str | os.PathLike) -> bool:
     """True if ``path`` is a YAML mapping of config sections (what :func:`save_config` writes)."""
     try:
         with open(path) as f:
-            tree = yaml.safe_load(f)
-    except (OSError, yaml.YAMLError, UnicodeDecodeError):
+            tree = yaml_load(f)
+    except (OSError, yaml.YAMLError, UnicodeDecodeError, DuplicateKeyError):
         return False
     return isinstance(tree, dict) and bool(tree) and set(tree) <= set(_SECTION_CLASSES)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from featdenoise.commands.common import int_list, output_folder, str_list
+from featdenoise.commands.common import FiniteFloat, int_list, output_folder, str_list
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -48,9 +48,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="training/evaluation seeds (default 0)")
     p.add_argument("--steps", type=int_list, default=[10, 100], metavar="N,M",
                    help="PGD iterations of the evaluation (default 10,100)")
-    p.add_argument("--eps", type=float, default=None,
+    p.add_argument("--eps", action=FiniteFloat, default=None,
                    help="evaluation eps, 0..255 scale (default: the config's training eps)")
-    p.add_argument("--step-size", type=float, default=1.0,
+    p.add_argument("--step-size", action=FiniteFloat, default=1.0,
                    help="evaluation PGD step, 0..255 scale (rule max(step, eps/steps); default 1)")
     p.add_argument("--untargeted", action="store_true", help="untargeted evaluation attack")
     p.add_argument("--limit", type=int, default=1000,

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from featdenoise.commands.common import str_list
+from featdenoise.commands.common import FiniteFloat, str_list
 from featdenoise.commands.evaluate import (
     add_data_args,
     add_exact_arg,
@@ -109,12 +109,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     a.add_argument("--source-attacks", type=str_list, default=["pgd", "fgsm", "ifgsm", "mifgsm"],
                    metavar="A[,A...]", help="attacks run on each source (default all four)")
     a.add_argument("--source-steps", type=int, default=10, help="iterations (default 10)")
-    a.add_argument("--source-step-size", type=float, default=1.0,
+    a.add_argument("--source-step-size", action=FiniteFloat, default=1.0,
                    help="step on the 0..255 scale; max(step, eps/steps) is used (default 1)")
     a.add_argument("--targeted", action="store_true",
                    help="targeted transfer attacks (default untargeted, the CAAD 2017 "
                         "non-targeted track the paper's attackers come from)")
-    a.add_argument("--eps", type=float, default=32.0,
+    a.add_argument("--eps", action=FiniteFloat, default=32.0,
                    help="L-inf radius on the 0..255 scale (default 32, CAAD black-box setting)")
     a.add_argument("--adv-dirs", nargs="+", default=[], metavar="DIR",
                    help="folders of adversarial images named like the clean images")

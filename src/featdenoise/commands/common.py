@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 
 
 def str_list(text: str) -> list[str]:
@@ -21,6 +22,23 @@ def int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(
             f"expected comma-separated integers like 0,1,2, got {text!r}")
     return values
+
+
+class FiniteFloat(argparse.Action):
+    """``action=FiniteFloat``: a float flag that refuses what is not a finite number.
+
+    Every float option of the CLI uses it, so ``--step-size inf`` or ``--eps nan`` stops at once
+    with one line naming the flag as typed (``--step-size nan: not a finite number``, exit 2)
+    instead of running to the end or speaking of the library's [0, 1] scale."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        try:
+            number = float(values)
+        except ValueError:
+            parser.error(f"{option_string} {values}: not a number")
+        if not math.isfinite(number):
+            parser.error(f"{option_string} {values}: not a finite number")
+        setattr(namespace, self.dest, number)
 
 
 def output_folder(path: str, flag: str = "--out") -> str:

@@ -15,7 +15,7 @@ import sys
 import torch
 from torch import nn
 
-from featdenoise.commands.common import int_list, str_list
+from featdenoise.commands.common import FiniteFloat, int_list, str_list
 from featdenoise.runtime import outdir
 
 
@@ -280,9 +280,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--steps", type=int_list, default=[10, 100, 1000], metavar="N,N,...",
                    help="attack iterations (default 10,100,1000)")
     g.add_argument("--restarts", type=int, default=1, help="random restarts per attack (PGD)")
-    g.add_argument("--eps", type=float, default=16.0,
+    g.add_argument("--eps", action=FiniteFloat, default=16.0,
                    help="L-inf radius on the 0..255 scale (default 16, the paper's)")
-    g.add_argument("--step-size", type=float, default=1.0,
+    g.add_argument("--step-size", action=FiniteFloat, default=1.0,
                    help="step on the 0..255 scale (default 1; see --step-rule)")
     g.add_argument("--step-rule", default="paper", choices=["paper", "fixed"],
                    help="paper: step = max(step, eps/steps), i.e. 1.6 for 10 steps (Sec. 6.1)")

@@ -239,14 +239,23 @@ def metadata_json(path: str | os.PathLike, meta: dict[str, str], key: str, defau
     """``json.loads(meta[key])`` (``default`` when absent), checked to be a ``kind``.
 
     For the JSON entries of safetensors metadata (``model_kwargs``): a file whose entry is not
-    valid JSON, or JSON of another type (a list where an object belongs), is refused with one line
-    naming the file and the key instead of failing later inside the model builder.
+    valid JSON (a key given twice in one object included: JSON would keep the last), or JSON of
+    another type (a list where an object belongs), is refused with one line naming the file and
+    the key instead of failing later inside the model builder.
     """
     if key not in meta:
         return default
     text = meta[key]
+
+    def unique(pairs: list) -> dict:
+        keys = [k for k, _ in pairs]
+        twice = next((k for k in keys if keys.count(k) > 1), None)
+        if twice is not None:
+            raise ValueError(f"duplicate key {twice!r}")
+        return dict(pairs)
+
     try:
-        value = json.loads(text)
+        value = json.loads(text, object_pairs_hook=unique)
     except (ValueError, TypeError) as err:
         raise ValueError(f"{os.fspath(path)}: metadata {key!r} is not valid JSON "
                          f"({_first_line(err)}); the file is damaged or was not written by "
