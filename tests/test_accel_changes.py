@@ -1,7 +1,8 @@
 """featdenoise.accel.inference_grad sees every change PyTorch's own path would: BatchNorm
 statistics updated by a train-mode forward, ``eps`` and removed tensors inside the block; an
 empty batch; hooks (module and global, added before or inside the block) see PyTorch's own
-tensors, once per call."""
+tensors, once per call; subclasses with their own forward, parametrized weights, other padding
+modes, SyncBatchNorm and a BatchNorm applied twice."""
 
 from __future__ import annotations
 
@@ -146,3 +147,136 @@ def test_a_hooked_conv_given_as_the_model_is_not_packed():
     ref = F.conv2d(x, conv.weight, conv.bias, padding=1)
     assert out.equal(ref) and out.is_contiguous()  # a pack would give NHWC
     assert len(seen) == 1 and seen[0] is out
+
+
+class OwnConvForward(nn.Conv2d):
+    """A subclass with its own ``_conv_forward`` (as a custom padding would have)."""
+
+    def _conv_forward(self, x, weight, bias):
+        return super()._conv_forward(x, weight, bias) + 1.0
+
+
+class GatedConv(nn.Conv2d):
+    """``forward`` overridden: the conv's own output passed on as it is, or clamped once gated."""
+
+    gated = False
+
+    def forward(self, x):
+        out = super().forward(x)
+        return out.clamp(min=0) if self.gated else out
+
+
+class ShiftedBN(nn.BatchNorm2d):
+    """``forward`` overridden: BatchNorm, then a shift (0 at the first call's checks)."""
+
+    shift = 0.0
+
+    def forward(self, x):
+        return super().forward(x) + self.shift
+
+
+def _swapped(model, name: str, cls):
+    old = getattr(model, name)
+    new = cls(3) if issubclass(cls, nn.modules.batchnorm._BatchNorm) else cls(3, 3, 3, padding=1)
+    new.load_state_dict(old.state_dict())
+    setattr(model, name, new)
+    return new
+
+
+SUBCLASSES = {
+    "own_conv_forward": ("conv", OwnConvForward, lambda m: None),
+    "gated_conv": ("conv", GatedConv, lambda m: setattr(m, "gated", True)),
+    "shifted_bn": ("bn", ShiftedBN, lambda m: setattr(m, "shift", 1.0)),
+}
+
+
+@pytest.mark.parametrize("case", SUBCLASSES)
+def test_a_subclass_with_its_own_forward_is_neither_bypassed_nor_folded(case):
+    """Folding assumes Conv2d's and BatchNorm2d's own forward: a subclass that overrides it may
+    pass the first call's checks and then compute something else."""
+    name, cls, change = SUBCLASSES[case]
+    model = ConvBNNet()
+    module = _swapped(model, name, cls)
+    model.eval()
+    x = images()
+    with inference_grad(model), torch.no_grad():
+        model(x)
+        change(module)
+        out = model(x)
+    with torch.no_grad():
+        assert_same(out, model(x))  # outside any block: routing would bypass its own method
+    assert list(caches(model).verified.values()) == [{0}]  # the head's pair is still folded
+
+
+class Scale(nn.Module):
+    """A parametrization: the weight times ``s``."""
+
+    s = 1.0
+
+    def forward(self, weight):
+        return weight * self.s
+
+
+@pytest.mark.parametrize("when", ["before", "inside"])
+@pytest.mark.parametrize("case", ["conv", "bn", "weight_norm"])
+def test_a_parametrized_module_runs_the_normal_path_checked_once(case, when, monkeypatch):
+    """A parametrized weight is a new tensor at every access: nothing derived from it can be
+    kept, so its module runs the normal path instead of refolding and re-checking each call."""
+    from featdenoise.accel import layer
+
+    checks = []
+    real = layer._verify_fold
+    monkeypatch.setattr(layer, "_verify_fold", lambda *a: checks.append(1) or real(*a))
+    model = ConvBNNet().eval()
+    x = images()
+
+    def parametrize_it():
+        if case == "weight_norm":
+            torch.nn.utils.parametrizations.weight_norm(model.conv)
+            change = lambda: model.conv.parametrizations.weight.original0.mul_(2.0)  # noqa: E731
+        else:
+            scale = Scale()
+            torch.nn.utils.parametrize.register_parametrization(getattr(model, case), "weight",
+                                                                scale)
+            change = lambda: setattr(scale, "s", 2.0)  # noqa: E731
+        model.eval()  # the parametrization's modules too
+        return change
+
+    change = parametrize_it() if when == "before" else None
+    with inference_grad(model), torch.no_grad():
+        if when == "inside":
+            fast_and_exact(model, x)
+            change = parametrize_it()
+        for _ in range(3):
+            assert_same(*fast_and_exact(model, x))
+        change()
+        out, ref = fast_and_exact(model, x)
+        assert_same(out, ref)
+    assert len(checks) == (1 if when == "before" else 2)
+    assert list(caches(model).verified.values()) == [{1}]
+
+
+def _reflect(model):
+    model.conv.padding_mode = "reflect"
+
+
+def _sync_bn(model):
+    _swapped(model, "bn", nn.SyncBatchNorm)
+
+
+class BNTwice(ConvBNNet):
+    def forward(self, x):
+        return self.head(torch.relu(self.bn(self.bn(self.conv(x)))))
+
+
+@pytest.mark.parametrize("case", ["reflect", "sync_bn", "bn_twice"])
+def test_other_padding_sync_batchnorm_and_a_batchnorm_applied_twice_are_exact(case):
+    model = BNTwice() if case == "bn_twice" else ConvBNNet()
+    {"reflect": _reflect, "sync_bn": _sync_bn, "bn_twice": lambda m: None}[case](model)
+    model.eval()
+    x = images()
+    with inference_grad(model), torch.no_grad():
+        out, ref = fast_and_exact(model, x)
+    assert_same(out, ref)
+    folded = {"reflect": {0, 1}, "sync_bn": {0}, "bn_twice": {1}}[case]  # sync_bn: no pair 0
+    assert list(caches(model).verified.values()) == [folded]

@@ -20,14 +20,23 @@ from torch import nn
 from featdenoise.accel.unchanged import Unchanged
 
 
+def plain_conv(module: nn.Module) -> bool:
+    """A ``Conv2d`` computing PyTorch's own convolution: its class keeps ``Conv2d``'s
+    ``forward`` and ``_conv_forward`` (a subclass that overrides either may compute anything)."""
+    return (isinstance(module, nn.Conv2d) and type(module).forward is nn.Conv2d.forward
+            and type(module)._conv_forward is nn.Conv2d._conv_forward)
+
+
 def foldable_pairs(model: nn.Module) -> list[tuple[nn.Conv2d, nn.BatchNorm2d]]:
-    """``(conv, bn)`` for every Conv2d child followed by a foldable BatchNorm2d child (running
-    statistics tracked, channels matching), each module in at most one pair."""
+    """``(conv, bn)`` for every plain Conv2d child followed by a foldable BatchNorm2d child
+    (``BatchNorm2d``'s own ``forward``, running statistics tracked, channels matching), each
+    module in at most one pair."""
     pairs = []
     for parent in model.modules():
         children = list(parent.children())
         for conv, bn in zip(children, children[1:], strict=False):
-            if (isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d)
+            if (plain_conv(conv) and isinstance(bn, nn.BatchNorm2d)
+                    and type(bn).forward is nn.BatchNorm2d.forward
                     and bn.running_mean is not None and bn.running_var is not None
                     and bn.num_features == conv.out_channels):
                 pairs.append((conv, bn))

@@ -20,6 +20,9 @@ tensors: a conv or BatchNorm with a hook of its own (forward, forward pre-, back
 pre-hook, also added inside the block) runs the normal path (neither folded nor packed), a global
 module hook (``torch.nn.modules.module.register_module_*``) makes every call normal, and the fold
 check of a new input kind, which runs the model twice more, waits while a module inside has one.
+So does a parametrized conv or BatchNorm (``torch.nn.utils.parametrize``, ``weight_norm``: its
+weight is recomputed at every access); a subclass that overrides ``forward`` is never folded,
+and a conv's own ``_conv_forward`` is never routed.
 
 The caches (folded weights, packs, verifications) belong to the model and outlive the block, so
 an evaluation that builds a new attack per batch folds and packs once; they are refreshed when
@@ -43,6 +46,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 from torch.nn.modules import module as torch_module
+from torch.nn.utils import parametrize
 from torch.utils.hooks import RemovableHandle
 
 from featdenoise.accel import onednn
@@ -101,7 +105,9 @@ class _Block:
         self.pack = False
         self.last_out: dict[int, torch.Tensor] = {}  # pair -> its conv's latest output
         self.counts: dict[str, list[int]] = {}
-        self.convs = [m for m in self.modules if isinstance(m, nn.Conv2d)]
+        # A subclass's own _conv_forward is left alone (routing would bypass it).
+        self.convs = [m for m in self.modules if isinstance(m, nn.Conv2d)
+                      and type(m)._conv_forward is nn.Conv2d._conv_forward]
         # Modules with hooks (as of hook registration serial number ``hook_serial``), and the
         # convs and BatchNorms that therefore run the normal path (ids; pairs by index).
         self.hook_serial: int | None = None
@@ -144,10 +150,11 @@ def _hooks_changed(block: _Block) -> bool:
 
 def _refresh(block: _Block) -> None:
     """Which convs and BatchNorms take the fast path (a hook must see PyTorch's own tensors:
-    a hooked conv is neither folded nor packed, a hooked BatchNorm not folded into its conv),
-    and the tensors those derive from; the plans are made again."""
-    excluded = frozenset(id(m) for m in block.convs if id(m) in block.hooked)
-    excluded |= frozenset(id(bn) for _, bn in block.pairs if id(bn) in block.hooked)
+    a hooked conv is neither folded nor packed, a hooked BatchNorm not folded into its conv;
+    a parametrized module's weights are recomputed at every access, so nothing derived from
+    them could be kept), and the tensors those derive from; the plans are made again."""
+    excluded = frozenset(id(m) for m in (*block.convs, *(bn for _, bn in block.pairs))
+                         if id(m) in block.hooked or parametrize.is_parametrized(m))
     block.excluded = excluded
     block.excluded_pairs = frozenset(i for i, (conv, bn) in enumerate(block.pairs)
                                      if id(conv) in excluded or id(bn) in excluded)
@@ -249,7 +256,10 @@ def _model_forward(block: _Block, forward, *args, **kwargs):
     tensors, marks = _marks(block)
     if marks != block.planned_marks or any(
             a is not b for a, b in zip(tensors, block.planned_from, strict=True)):
-        block.plans.clear()  # a tensor was replaced, written in place or unfrozen
+        # A tensor was replaced (also by a parametrization), written in place or unfrozen.
+        _refresh(block)
+        tensors, marks = _marks(block)
+        block.plans.clear()
         block.planned_from, block.planned_marks = tensors, marks
         # The fold checks outlive the block: they hold while the same tensors are unchanged
         # and the same modules take the fast path.
@@ -318,7 +328,7 @@ def _verify_fold(block: _Block, forward, x: torch.Tensor, rtol: float = 1e-4) ->
         counts = block.counts
         wired = frozenset(i for i in range(n)
                           if counts["conv"][i] > 0 and counts["conv"][i] == counts["bn"][i]
-                          == counts["fed"][i])
+                          == counts["fed"][i]) - block.excluded_pairs
         if wired and isinstance(ref, torch.Tensor):
             out = _run(block, forward, x, "fast", wired, False)
     if not isinstance(out, torch.Tensor) or out.shape != ref.shape:
@@ -334,17 +344,17 @@ def _verify_fold(block: _Block, forward, x: torch.Tensor, rtol: float = 1e-4) ->
 
 
 def _install(block: _Block, installed: list) -> None:
-    """Route the model's forward, every conv and every paired BatchNorm through ``block``."""
+    """Route the model's forward, every conv (but one with its own ``_conv_forward``) and every
+    paired BatchNorm through ``block``."""
 
     def put(module: nn.Module, name: str, fn) -> None:
         installed.append((module, name, module.__dict__.get(name, _MISSING)))
         module.__dict__[name] = fn
 
     pair_of_conv = {id(conv): i for i, (conv, _) in enumerate(block.pairs)}
-    for module in block.modules:
-        if isinstance(module, nn.Conv2d):
-            put(module, "_conv_forward",
-                functools.partial(_conv_forward, block, pair_of_conv.get(id(module)), module))
+    for module in block.convs:
+        put(module, "_conv_forward",
+            functools.partial(_conv_forward, block, pair_of_conv.get(id(module)), module))
     for i, (_, bn) in enumerate(block.pairs):
         put(bn, "forward", functools.partial(_bn_forward, block, i, bn, bn.forward))
     model = block.model
