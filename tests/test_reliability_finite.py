@@ -357,6 +357,16 @@ def test_pgd_with_an_infinite_fixed_step_is_refused_before_it_returns_nan_images
         PGD(_tiny(), step_size=INF, step_rule="fixed")
 
 
+def test_evaluate_whitebox_refuses_a_bad_step_before_writing_anything(tmp_path):
+    from featdenoise.evaluation.whitebox import evaluate_whitebox
+
+    out = tmp_path / "ev"
+    with pytest.raises(ValueError, match=r"^step_size=inf is not a finite number"):
+        evaluate_whitebox(_tiny(), _list_dataset(2), str(out), steps=[2], eps=8 / 255,
+                          step_size=INF, step_rule="fixed")
+    assert not out.exists()
+
+
 def test_sanity_float_options_are_finite():
     from featdenoise.evaluation.sanity import run_sanity
 

@@ -163,6 +163,9 @@ def evaluate_whitebox(
     kw = dict(attack=attack, eps=eps, step_size=step_size, restarts=restarts,
               targeted=targeted, step_rule=step_rule, exact=exact)
     columns = [attack_column(n, steps=k, **kw) for n, k in zip(names, steps, strict=True)]
+    if attack is not None:  # a bad option (step_size=inf...) is refused now, not at batch 1
+        make_attack(attack, model, steps=steps[0], **{k: v for k, v in kw.items()
+                                                      if k != "attack"})
     if autoattack:
         from featdenoise.evaluation.autoattack import autoattack_columns
 
