@@ -116,7 +116,7 @@ class _Block:
         self.excluded_pairs: frozenset[int] = frozenset()
         # Every tensor the fast path derives from, and what each conv call resolved to while
         # they are unchanged (a forward then costs a lookup per conv, not the checks).
-        self.slots: list[tuple[nn.Module, str]] = []
+        self.slots: list[tuple[dict, str]] = []  # (the dict that holds it, name)
         self.plans: dict[tuple, tuple] = {}
         self.planned_from: list = []  # the slot tensors the plans were made from (held)
         self.planned_marks: tuple | None = None
@@ -158,20 +158,23 @@ def _refresh(block: _Block) -> None:
     block.excluded = excluded
     block.excluded_pairs = frozenset(i for i, (conv, bn) in enumerate(block.pairs)
                                      if id(conv) in excluded or id(bn) in excluded)
-    block.slots = [(m, name) for m in block.convs if id(m) not in excluded
-                   for name in ("weight", "bias")]
-    block.slots += [(bn, name) for i, (_, bn) in enumerate(block.pairs)
-                    if i not in block.excluded_pairs
-                    for name in ("weight", "bias", "running_mean", "running_var",
-                                 "num_batches_tracked")]
+    slots = [(m, name) for m in block.convs if id(m) not in excluded
+             for name in ("weight", "bias")]
+    slots += [(bn, name) for i, (_, bn) in enumerate(block.pairs)
+              if i not in block.excluded_pairs
+              for name in ("weight", "bias", "running_mean", "running_var",
+                           "num_batches_tracked")]
+    block.slots = [(_table(m, name), name) for m, name in slots]
     block.planned_marks = None
 
 
-def _slot_tensor(module: nn.Module, name: str):
-    for table in (module._parameters, module._buffers):
+def _table(module: nn.Module, name: str) -> dict:
+    """The dict that holds ``module``'s tensor ``name``: read at every call, a tensor moved to
+    another dict reads None there, which is a change (and the slots are made again)."""
+    for table in (module._parameters, module._buffers, module.__dict__):
         if name in table:
-            return table[name]
-    return getattr(module, name, None)
+            return table
+    return {}
 
 
 def _compiling() -> bool:
@@ -282,7 +285,7 @@ def _model_forward(block: _Block, forward, *args, **kwargs):
 def _marks(block: _Block) -> tuple[list, tuple]:
     """The slot tensors and their versions, ``requires_grad`` flags and the BatchNorms' eps (a
     train-mode BatchNorm forward bumps ``num_batches_tracked``, a slot)."""
-    tensors = [_slot_tensor(m, name) for m, name in block.slots]
+    tensors = [table.get(name) for table, name in block.slots]
     marks = tuple(None if t is None else (t._version, t.requires_grad) for t in tensors)
     return tensors, marks + tuple(bn.eps for _, bn in block.pairs)
 
