@@ -55,6 +55,19 @@ def test_check_finite_tensors_counts_and_names_the_first_bad_tensor():
         check_finite_tensors(arrays, "x.npz")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_all_finite_sees_one_nan_or_inf_anywhere(dtype):
+    from featdenoise.runtime.finite import all_finite
+
+    t = torch.rand(3, 2, 5, 5).to(dtype)
+    assert bool(all_finite(t)) and all_finite(t).dim() == 0
+    for i in (0, 17, t.numel() - 1):
+        for bad in (NAN, INF, -INF):
+            u = t.clone()
+            u.view(-1)[i] = bad
+            assert not bool(all_finite(u)), (i, bad)
+
+
 @pytest.mark.parametrize("key, value, count, words", [
     ("linear.weight", NAN, 12, "linear.weight holds 12 NaN values"),
     ("stem.bn.running_var", INF, 3, "stem.bn.running_var holds 3 inf values"),  # a buffer

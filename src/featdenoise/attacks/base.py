@@ -39,6 +39,7 @@ from featdenoise.attacks.threat import LinfBall
 from featdenoise.models.registry import model_label
 from featdenoise.runtime.finite import (
     NonFiniteError,
+    all_finite,
     bad_rows,
     check_finite_logits,
     list_some,
@@ -268,7 +269,7 @@ class Attack:
                 f"{type(self.model).__name__} returned {got} for images {tuple(x.shape)}; "
                 "attacks need one logits tensor [N, K] (wrap the model to return the logits)")
         if self.check_finite and logits.numel():
-            finite = torch.isfinite(logits.detach()).all()
+            finite = all_finite(logits)
             self._finite = finite if self._finite is None else self._finite & finite
         return logits
 
@@ -277,7 +278,7 @@ class Attack:
         finiteness noted on the device like the logits' (:meth:`_forward`)."""
         (grad,) = torch.autograd.grad(loss, x)
         if self.check_finite and grad.numel():
-            finite = torch.isfinite(grad).all()
+            finite = all_finite(grad)
             self._finite_grad = finite if self._finite_grad is None else self._finite_grad & finite
         return grad
 
@@ -286,7 +287,7 @@ class Attack:
         a :class:`NonFiniteError` naming the model and the images (row indices of the batch)."""
         if not self.check_finite or not x_adv.numel():
             return
-        ok = torch.isfinite(x_adv).all()
+        ok = all_finite(x_adv)
         for note in (self._finite, self._finite_grad):
             if note is not None:
                 ok = ok & note
