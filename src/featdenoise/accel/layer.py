@@ -30,9 +30,9 @@ any weight or BatchNorm statistic changes (identity, version and ``requires_grad
 values once per block; a train-mode forward through ``num_batches_tracked``, since the kernel
 leaves the statistics' versions alone) or a BatchNorm's ``eps``. While none changes, each conv
 call reuses what it resolved to at its first call in the block, and passes that need no graph
-call oneDNN directly. (The fixed cost per call, measured
-on the small 28-px net with one 4x4 image, one thread: 1.1 ms per forward with the checks at
-every call, 0.57 ms with the lookups; PyTorch's own path 0.36 ms.)
+call oneDNN directly. (The fixed cost per call, measured on the small 28-px net with one 4x4
+image, one thread: 1.1 ms per forward with the checks at every call, 0.57 ms with the lookups;
+PyTorch's own path 0.36 ms.)
 """
 
 from __future__ import annotations
