@@ -285,6 +285,12 @@ def test_the_engine_refuses_nan_clean_logits_naming_the_image_ids(tmp_path):
     with pytest.raises(NonFiniteError) as err:
         engine.run(_NaNRows(level=0.9), p, None, progress=False)
     assert "model _NaNRows returned NaN or inf logits for 1 of 3 images (4)" in _one_line(err.value)
+    # An attack that goes non-finite on perturbed images: its batch's image ids are named.
+    data = _list_dataset(3)
+    p = engine.plan(_NaNGrad(), data, cols, batch_size=3)
+    with pytest.raises(NonFiniteError) as err:
+        engine.run(_NaNGrad(), p, None, progress=False)
+    assert _one_line(err.value).startswith("pgd2 on batch 0 (images 0, 1, 2): PGD: model _NaNGrad")
     # Adversarial images the evaluated model cannot classify (a transfer attack's) are named too.
     with pytest.raises(NonFiniteError, match=r"for 3 of 3 pgd2 images \(a, b, c\)"):
         engine.predict_fields(_NaNRows(), "pgd2", data[0][0][None].repeat(3, 1, 1, 1),

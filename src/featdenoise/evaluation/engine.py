@@ -63,7 +63,7 @@ from featdenoise.models.registry import model_label
 from featdenoise.runtime import distributed as dist
 from featdenoise.runtime import outdir
 from featdenoise.runtime.distributed import rank_world  # noqa: F401  (part of the API)
-from featdenoise.runtime.finite import check_finite_logits
+from featdenoise.runtime.finite import NonFiniteError, check_finite_logits, list_some
 from featdenoise.runtime.seeds import derive_seed, generator
 
 
@@ -206,7 +206,11 @@ def process_batch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, indices: S
             continue
         batch = Batch(x, y, target, batch_ids, rk, batch_index,
                       derive_seed(seed, col.seed_tag, batch_index, col.name))
-        fields = seeded(batch.seed, device, lambda c=col, b=batch: c.run(model, b))
+        try:
+            fields = seeded(batch.seed, device, lambda c=col, b=batch: c.run(model, b))
+        except NonFiniteError as err:  # an attack names rows of its batch: say which images
+            raise NonFiniteError(f"{col.name} on batch {batch_index} (images "
+                                 f"{list_some(batch_ids)}): {err}") from None
         _add(rk, fields)
         emit([{"index": r["index"], **{k: r[k] for k in fields}} for r in rk])
 
