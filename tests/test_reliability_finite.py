@@ -386,6 +386,17 @@ def test_evaluate_whitebox_refuses_a_bad_step_before_writing_anything(tmp_path):
     assert not out.exists()
 
 
+def test_evaluate_blackbox_refuses_a_bad_source_step_before_writing_anything(tmp_path):
+    from featdenoise.evaluation.blackbox import evaluate_blackbox, transfer_attackers
+
+    out = tmp_path / "bb"
+    attackers = transfer_attackers([("src", _tiny(1))], ["pgd", "ifgsm"], steps=2,
+                                   step_size=NAN)
+    with pytest.raises(ValueError, match=r"^step_size=nan is not a finite number"):
+        evaluate_blackbox(_tiny(), _list_dataset(2), str(out), attackers, eps=8 / 255)
+    assert not out.exists()
+
+
 def test_sanity_float_options_are_finite():
     from featdenoise.evaluation.sanity import run_sanity
 

@@ -40,7 +40,7 @@ from torch.utils.data import Dataset
 
 from featdenoise.evaluation import engine
 from featdenoise.evaluation.metrics import all_or_nothing, kept
-from featdenoise.evaluation.whitebox import attack_column
+from featdenoise.evaluation.whitebox import attack_column, make_attack
 from featdenoise.runtime import outdir
 
 TRANSFER_ATTACKS = ("pgd", "fgsm", "ifgsm", "mifgsm")
@@ -164,8 +164,6 @@ def _transfer_column(a: TransferAttacker, eps: float, save_adv: str | None, exac
 
     def run(model: nn.Module, batch: engine.Batch) -> dict:
         from featdenoise.data.files import save_image
-        from featdenoise.evaluation.whitebox import make_attack
-
         atk = make_attack(a.attack, a.source, eps=eps, targeted=targeted, seed=batch.seed,
                           exact=exact, **kw)
         x_adv = atk.attack(batch.x, batch.y, target=batch.target if targeted else None)
@@ -234,6 +232,8 @@ def evaluate_blackbox(
     for a in attackers:
         if isinstance(a, TransferAttacker):
             a.kwargs.setdefault("targeted", targeted)
+            # A bad option (step_size=inf...) is refused now, before the folder is written.
+            make_attack(a.attack, a.source, eps=eps, exact=exact, **a.kwargs)
             c = getattr(a.source, "in_channels", None)
             if c is not None and channels is not None and int(c) != channels:
                 raise ValueError(f"source model of {a.name} takes {c}-channel images but the "
