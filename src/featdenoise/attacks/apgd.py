@@ -197,7 +197,7 @@ class APGD(OutcomeAttack):
         x_prev = x_k.clone()
         x_best, grad_best, loss_best = x_k.clone(), grad.clone(), loss.clone()
         x_ret = x_k.clone()
-        broken = logits.argmax(1) != y
+        broken = self._settle(x_k, logits, y).argmax(1) != y
         iteration = torch.where(broken, 0, -1).long()
         history = torch.zeros(steps + 1, n, device=x.device)  # loss of x_0 .. x_steps
         history[0] = loss
@@ -226,7 +226,7 @@ class APGD(OutcomeAttack):
                 grad[idx] = g
             history[i + 1, idx] = loss
             # First misclassified iterate: the image is broken.
-            newly = (logits.argmax(1) != y[idx]) & ~broken[idx]
+            newly = (self._settle(x_new, logits, y[idx]).argmax(1) != y[idx]) & ~broken[idx]
             if newly.any():
                 x_ret[idx[newly]] = x_new[newly]
                 broken[idx[newly]] = True

@@ -152,7 +152,7 @@ class FAB(OutcomeAttack):
             x1 = (x0 + 0.5 * self.eps * u / scale).clamp(0, 1)
         _, f, g = self._diff_grad(x1, y, t)
         adv = x0.clone()
-        best = torch.full((n,), float("inf"), device=x0.device)
+        best = torch.full((n,), float("inf"), device=x0.device, dtype=x0.dtype)
         found = torch.zeros(n, dtype=torch.bool, device=x0.device)
         iteration = torch.full((n,), -1, dtype=torch.long, device=x0.device)
         idx = torch.arange(n, device=x0.device)
@@ -182,6 +182,7 @@ class FAB(OutcomeAttack):
             else:
                 logits = self._logits(x_new)
             x1[idx] = x_new
+            logits = self._settle(x_new, logits, y[idx])
             is_adv = logits.argmax(1) != y[idx]
             dist = (x_new - x0[idx]).reshape(m, -1).abs().amax(1)
             closer = is_adv & (dist < best[idx])

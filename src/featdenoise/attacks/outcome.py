@@ -22,7 +22,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from featdenoise import accel
+from featdenoise.accel.layer import fold_tolerance
 from featdenoise.attacks.base import Attack
+from featdenoise.runtime.backends import tf32_enabled
 
 
 def margins(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -67,10 +70,38 @@ class OutcomeAttack(Attack):
         """Logits ``[N, K]`` float32 of ``x`` without a graph (checked as every pass is)."""
         return self._forward(x).float()
 
+    def _settle(self, x: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """``logits [n, K]`` of ``x``, with the rows the speed layer's rounding could decide
+        recomputed by PyTorch's own forward.
+
+        FAB lands on the decision boundary by construction (and APGD and Square can stop just
+        past it), so the first point an attack sees as misclassified may be so only by float
+        rounding: were that rounding the speed layer's, an evaluator's own forward would see the
+        same point correctly classified, and the attack would be weaker than with
+        ``exact=True``. Rows whose margin is within the folding check's bound
+        (``1e-4`` of the largest logit, :func:`featdenoise.accel.layer.fold_tolerance`) are
+        therefore decided by the exact forward; with ``exact=True`` nothing changes.
+        """
+        if self.exact or len(logits) == 0:
+            return logits
+        tf32 = x.device.type == "cuda" and any(tf32_enabled().values())
+        tol = fold_tolerance(x.device.type, tf32) * float(logits.abs().amax()) + 1e-6
+        near = (margins(logits, y).abs() <= tol).nonzero()[:, 0]
+        if len(near) == 0:
+            return logits
+        logits = logits.clone()
+        with accel.inference_grad(self.model, enabled=False):
+            logits[near] = self._logits(x[near].detach())
+        return logits
+
+    def _margins(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """:func:`margins` ``[n]`` of ``x`` (no graph), near-boundary rows settled exactly."""
+        return margins(self._settle(x, self._logits(x), y), y)
+
     def _clean_outcome(self, x: torch.Tensor, y: torch.Tensor):
         """Where every run starts: ``(clean logits [N, K], broken [N] bool, iteration [N] int64,
         target_class [N] int64)``; an image misclassified clean is broken at iteration 0."""
-        clean = self._logits(x)
+        clean = self._settle(x, self._logits(x), y)
         broken = clean.argmax(1) != y
         return clean, broken, torch.where(broken, 0, -1).long(), torch.full_like(y, -1)
 
@@ -78,7 +109,8 @@ class OutcomeAttack(Attack):
                 target_class: torch.Tensor) -> torch.Tensor:
         """Record the per-image results on the returned images (one forward pass) and return
         them. ``iteration`` / ``target_class`` ``[N]`` int64 are kept only where broken."""
-        logits = self._logits(x_adv) if len(x_adv) else torch.zeros(0, 2, device=x_adv.device)
+        logits = (self._settle(x_adv, self._logits(x_adv), y) if len(x_adv)
+                  else torch.zeros(0, 2, device=x_adv.device))
         margin = margins(logits, y)
         broken = logits.argmax(1) != y
         self.last_broken = broken

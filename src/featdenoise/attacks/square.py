@@ -107,7 +107,7 @@ class Square(OutcomeAttack):
         # Vertical stripes: one random sign per image, channel and column.
         stripes = torch.randint(0, 2, (n, c, 1, w), generator=gen, device=x.device).bool()
         x_best = torch.where(stripes, hi, lo)
-        margin = margins(self._logits(x_best), y)
+        margin = self._margins(x_best, y)
         queries = torch.ones(n, dtype=torch.long, device=x.device)
         rows = torch.arange(h, device=x.device)
         cols = torch.arange(w, device=x.device)
@@ -132,10 +132,10 @@ class Square(OutcomeAttack):
             moved = (x_new != current).flatten(1).any(1)
             new_margin = margin[idx]  # a copy (indexing)
             if bool(moved.all()) or not self._skip_unchanged:
-                new_margin = margins(self._logits(x_new), y[idx])
+                new_margin = self._margins(x_new, y[idx])
             elif bool(moved.any()):
                 sub = moved.nonzero()[:, 0]
-                new_margin[sub] = margins(self._logits(x_new[sub]), y[idx[sub]])
+                new_margin[sub] = self._margins(x_new[sub], y[idx[sub]])
             queries[idx] += 1
             better = new_margin < margin[idx]
             x_best[idx[better]] = x_new[better]
