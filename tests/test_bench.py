@@ -46,10 +46,13 @@ def test_bench_attacks_quick_agrees_with_torchattacks(capsys):
     assert len(re.findall(r"ratio +[\d.]+x", pgd)) == 4  # 2 cases x (wall, cpu)
     assert len(re.findall(r"inside accel.inference_grad .* speed-up +[\d.]+x", out)) == 2
     assert re.search(r"speed-up over torchattacks \(CPU-time\): min [\d.]+x", out)
-    # the AutoAttack rows: ours vs torchattacks.AutoAttack, both robust accuracies
-    aa = re.findall(r"ratio +[\d.]+x .*robust acc: ours ([\d.]+)%, torchattacks ([\d.]+)%",
-                    aa_part)
-    assert len(aa) == 1 and "speed-up over torchattacks (process CPU time)" in out
+    # the AutoAttack rows: ours vs the authors' AutoAttack, both robust accuracies and the
+    # images only one side leaves robust
+    aa = re.findall(r"ratio +[\d.]+x .*robust acc: ours ([\d.]+)%, original ([\d.]+)%; robust "
+                    r"only against ours / only against the original: (\d+) / (\d+)", aa_part)
+    assert len(aa) == 1 and "speed-up over the original (process CPU time)" in out
+    acc_ours, acc_original, only_ours, only_original = aa[0]
+    assert 0 <= float(acc_ours) <= 100 and 0 <= float(acc_original) <= 100
 
 
 def test_bench_train_quick_reports_both_ratios_and_the_flop_bound(capsys):
