@@ -9,10 +9,13 @@ FMNIST := /usr/share/datasets/fashion-mnist
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+# The ranges of pyproject.toml, at the exact versions of constraints.txt. torchattacks goes in by
+# itself, without its declared dependencies (see pyproject.toml's dev extra).
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev,docs]'
+	$(BIN)/pip install --quiet --no-deps -c constraints.txt torchattacks==3.5.1
 	touch $(STAMP)
 
 # Fashion-MNIST ships as a Debian package; install it when it is missing.
@@ -25,10 +28,11 @@ data:
 demo: install data
 	$(BIN)/featdenoise demo
 
-# The whole suite, then the numerics tests again under another CPU's kernels.
+# The whole suite, the numerics tests again under another CPU's kernels, the docs built strictly.
 test: install data
 	$(BIN)/python -m pytest -q
 	PY=$(BIN)/python scripts/test_other_kernels.sh
+	$(MAKE) --no-print-directory docs
 
 lint: install
 	$(BIN)/ruff check src tests
@@ -39,14 +43,8 @@ bench: install
 	$(BIN)/featdenoise bench train
 
 # The documentation site (docs/, mkdocs.yml) into build/site; any warning fails the build.
-# The docs extra is installed by itself: mkdocs-material needs a newer requests than torchattacks
-# 3.5.1 declares (torchattacks never imports it), so pip cannot resolve '.[dev,docs]' at once.
-docs: install $(VENV)/.docs-installed
-	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir build/site
-
-$(VENV)/.docs-installed: pyproject.toml
-	$(BIN)/pip install --quiet -e '.[docs]'
-	touch $@
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet --site-dir build/site
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

@@ -60,3 +60,31 @@ def test_installed_wheel_finds_config_by_name_from_another_folder(wheel, tmp_pat
     assert len(outputs) == 2
     for out in outputs:
         assert "name: fashion_mnist" in out and "out_dir: runs/fashion_mnist_quick" in out
+
+
+def _requirements() -> list[str]:
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+    return project["dependencies"] + extras["dev"] + extras["docs"]
+
+
+def test_dependencies_are_ranges_and_constraints_pin_each_within_its_range():
+    """pyproject.toml states ranges (the library installs next to other packages); the tested
+    versions are pinned in constraints.txt, each inside its range."""
+    from packaging.requirements import Requirement
+
+    pins = {}
+    for line in (ROOT / "constraints.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, version = line.split("==")
+            pins[name.lower().replace("_", "-")] = version
+    runtime = [Requirement(r) for r in _requirements()]
+    assert runtime
+    for req in runtime:
+        assert not any(s.operator == "==" for s in req.specifier), f"{req} is pinned exactly"
+        name = req.name.lower().replace("_", "-")
+        assert name in pins, f"{req.name} has no exact version in constraints.txt"
+        assert req.specifier.contains(pins[name], prereleases=True), (req, pins[name])
+    assert pins["torchattacks"] == "3.5.1"  # installed by make without its dependencies
