@@ -28,38 +28,19 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
 from torch import nn
 
 from featdenoise import accel
 from featdenoise.attacks import PGD
+from featdenoise.benchmarks import autoattack
+from featdenoise.benchmarks.common import prepare, timed_both
 from featdenoise.models import create_model
 
 EPS = 16 / 255
 STEPS = 10
 QUICK_STEPS = 3  # a smoke run
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _timed(fn, device: torch.device) -> float:
-    """Wall-clock seconds of ``fn()``."""
-    return _timed_both(fn, device)[0]
-
-
-def _timed_both(fn, device: torch.device) -> tuple[float, float]:
-    """(wall-clock, process CPU) seconds of ``fn()``. CPU time is the steadier measure on a
-    shared machine when torch runs one thread (other processes' load does not count)."""
-    _sync(device)
-    wall, cpu = time.perf_counter(), time.process_time()
-    fn()
-    _sync(device)
-    return time.perf_counter() - wall, time.process_time() - cpu
 
 
 def matmul_gflops(device: torch.device, n: int, repeats: int = 5) -> float:
@@ -69,7 +50,7 @@ def matmul_gflops(device: torch.device, n: int, repeats: int = 5) -> float:
     b = torch.randn(n, n, device=device)
     torch.mm(a, b)  # warm-up
     clock = 1 if device.type == "cpu" else 0
-    best = min(_timed_both(lambda: torch.mm(a, b), device)[clock] for _ in range(repeats))
+    best = min(timed_both(lambda: torch.mm(a, b), device)[clock] for _ in range(repeats))
     if device.type == "cpu":
         best /= torch.get_num_threads()
     return 2 * n**3 / best / 1e9
@@ -150,7 +131,7 @@ def bench_case(name: str, model: nn.Module, shape: tuple[int, ...], num_classes:
     times: dict[str, list[tuple[float, float]]] = {k: [] for k in runs}
     for _ in range(repeats):  # alternate, so machine load hits all alike
         for k, fn in runs.items():
-            times[k].append(_timed_both(fn, device))
+            times[k].append(timed_both(fn, device))
     n = shape[0]
     total = 2 * forward_flops(model, x) * steps  # forward + input-gradient backward
     med = {}
@@ -177,19 +158,6 @@ def bench_case(name: str, model: nn.Module, shape: tuple[int, ...], num_classes:
     return m["theirs"] / m["ours"], m["theirs"] / m["theirs_accel"], agree
 
 
-def prepare(args: argparse.Namespace, what: str) -> torch.device:
-    """Check torchattacks is installed (one line naming ``what`` if not), set ``args.threads``
-    torch threads, and return ``args.device``: the start of every bench against torchattacks."""
-    try:
-        import torchattacks  # noqa: F401
-    except ImportError:
-        raise ValueError(f"{what} compares against torchattacks; install it with "
-                         "`pip install torchattacks==3.5.1` (a dev dependency)") from None
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    return torch.device(args.device)
-
-
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``featdenoise bench attacks`` (args: quick, repeats, threads, device)."""
     device = prepare(args, "bench attacks")
@@ -210,8 +178,6 @@ def run(args: argparse.Namespace) -> int:
     print(f"torchattacks inside accel.inference_grad ({clock}): min "
           f"{min(r[1] for r in results):.2f}x faster than plain")
     if getattr(args, "autoattack", True):
-        from featdenoise.benchmarks import autoattack
-
         print()
         autoattack.run(argparse.Namespace(full=getattr(args, "full", False), images=8,
                                           threads=args.threads, device=args.device,

@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from featdenoise.attacks import AutoAttack
+from featdenoise.benchmarks.common import prepare
 from featdenoise.evaluation.paired import discordant
 from featdenoise.models import create_model
 
@@ -143,8 +144,6 @@ def bench_case(name: str, model: nn.Module, shape: tuple[int, ...], n_classes: i
 
 def run(args: argparse.Namespace) -> int:
     """Entry point (args: full, images, threads, device); prints one block per case."""
-    from featdenoise.benchmarks.attacks import prepare
-
     device = prepare(args, "the AutoAttack bench")
     quick = bool(getattr(args, "quick", False))
     budget = QUICK if quick else FULL if args.full else REDUCED
