@@ -13,11 +13,17 @@ model, images and seed in two kernel sets differs only in float rounding (other 
 orders and vector widths), so the images on which those runs disagree are the ones that rounding
 decides. The column "rounding flips" is their mean count per pair of kernel sets.
 
+Beside it, per model and kernel set, how close the default's logits and input gradients are to
+``exact=True``'s and to a float64 run of the same model (the logits agree to float rounding; an
+input gradient can differ by far more on the few images where a ReLU input or a max-pool window
+is within rounding of a tie, since the speed layer's rounding may decide it the other way).
+
 Kernel sets are emulated per worker process through PyTorch's and oneDNN's dispatch variables
 (``ATEN_CPU_CAPABILITY``, ``ONEDNN_MAX_CPU_ISA``): ``native``, ``avx2`` (AVX2 kernels, as on a CPU
 without AVX-512) and ``default`` (no vector extension beyond SSE4.1). A set the CPU cannot run,
-or that resolves to one already measured, is skipped. The models (a max-pool CNN, a CNN with
-strided convolutions, the small ResNet with its non-local denoising blocks; BatchNorm in each)
+or that resolves to one already measured, is skipped. The models (a max-pool CNN with one conv
+that has no BatchNorm, a CNN with strided convolutions, the small ResNet with its non-local
+denoising blocks)
 are trained in a few seconds on a synthetic 10-class task (1x16x16 images: class templates plus
 noise) with each seed, once, in the parent process, so every kernel set attacks the same
 weights. Budgets are reduced (``--full``: AutoAttack's standard iterations and queries).
@@ -26,6 +32,7 @@ weights. Budgets are reduced (``--full``: AutoAttack's standard iterations and q
 from __future__ import annotations
 
 import argparse
+import copy
 import itertools
 import json
 import os
@@ -38,6 +45,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from featdenoise import accel
 from featdenoise.attacks import AutoAttack, build_attack
 from featdenoise.evaluation.paired import discordant, mean_interval
 from featdenoise.models import create_model
@@ -73,7 +81,7 @@ def build(name: str) -> nn.Module:
     if name == "maxpool_cnn":
         return nn.Sequential(
             nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
             nn.Flatten(), nn.Linear(16 * 4 * 4, CLASSES))
     if name == "strided_cnn":
         return nn.Sequential(
@@ -87,8 +95,9 @@ def build(name: str) -> nn.Module:
     raise ValueError(f"unknown model {name!r}; choose one of {MODELS}")
 
 
-def train(name: str, seed: int, epochs: int = 4) -> nn.Module:
-    """:func:`build` ``(name)`` trained with Adam on 1024 synthetic images (seed ``seed``)."""
+def train(name: str, seed: int, epochs: int = 6) -> nn.Module:
+    """:func:`build` ``(name)`` trained with Adam on 1024 synthetic images (seed ``seed``), each
+    batch with uniform noise of +-0.05 (a little robustness, so that some images survive)."""
     torch.manual_seed(seed)
     model = build(name)
     x, y = synthetic_task(1024, seed=seed)
@@ -98,7 +107,8 @@ def train(name: str, seed: int, epochs: int = 4) -> nn.Module:
         perm = torch.randperm(len(x), generator=g)
         for i in range(0, len(x), 64):
             b = perm[i:i + 64]
-            loss = nn.functional.cross_entropy(model(x[b]), y[b])
+            noisy = (x[b] + (torch.rand(x[b].shape, generator=g) * 2 - 1) * 0.05).clamp(0, 1)
+            loss = nn.functional.cross_entropy(model(noisy), y[b])
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -136,25 +146,67 @@ def robust_flags(model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor) -> list
     return (model(x_adv).argmax(1) == y).tolist()
 
 
-def worker(folder: Path, images: int, full: bool, attacks: list[str]) -> dict:
+def input_grad(model: nn.Module, x: torch.Tensor, y: torch.Tensor, fast: bool):
+    """``(logits [N, K], d CE / d x [N, C, H, W])``, through the speed layer if ``fast``."""
+    xr = x.clone().requires_grad_(True)
+    with accel.inference_grad(model, enabled=fast):
+        logits = model(xr)
+        (grad,) = torch.autograd.grad(
+            nn.functional.cross_entropy(logits.float(), y, reduction="sum"), xr)
+    return logits.detach().double(), grad.double()
+
+
+def closeness(a_logits, a_grad, b_logits, b_grad) -> dict:
+    """How far ``a`` is from ``b``: logits ``max |a - b| / max |b|``; input gradients per image
+    ``max |a - b| / max |b|``, their median and largest, and the images off by more than 1e-3
+    (where a ReLU or max-pool near-tie was decided the other way)."""
+    per_image = ((a_grad - b_grad).flatten(1).abs().amax(1)
+                 / b_grad.flatten(1).abs().amax(1).clamp_min(1e-30))
+    return {"logits": float((a_logits - b_logits).abs().max() / b_logits.abs().max()),
+            "grad_median": float(per_image.median()), "grad_max": float(per_image.max()),
+            "grad_off": int((per_image > 1e-3).sum()), "images": len(per_image)}
+
+
+def agreement_numbers(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict:
+    """Default (speed layer) against ``exact=True``, and each against float64, on ``x``."""
+    fast, exact = input_grad(model, x, y, True), input_grad(model, x, y, False)
+    wide = input_grad(copy.deepcopy(model).double(), x.double(), y, False)
+    return {"default_vs_exact": closeness(*fast, *exact),
+            "default_vs_float64": closeness(*fast, *wide),
+            "exact_vs_float64": closeness(*exact, *wide)}
+
+
+def worker(folder: Path, images: int, full: bool, attacks: list[str],
+           resnet50: bool = True) -> dict:
     """Attack every model saved in ``folder`` both ways; ``{"capability", "runs"}``, ``runs``
     keyed ``"model/seed/attack/default|exact"`` with per-image robust flags."""
     torch.set_num_threads(1)
     spec = json.loads((folder / "models.json").read_text())
     b = budget(full)
-    runs = {}
+    runs: dict = {}
+    numbers: dict = {}
     for entry in spec:
         model = build(entry["model"])
         model.load_state_dict(torch.load(folder / entry["file"], weights_only=True))
         model.eval()
         seed = entry["seed"]
         x, y = synthetic_task(images, seed=1000 + seed)
+        if seed == 0:
+            numbers[entry["model"]] = agreement_numbers(model, x, y)
         for name in attacks:
             for mode in ("default", "exact"):
                 attack = make_attack(name, model, seed, mode == "exact", b)
                 x_adv = attack(x, y)
                 runs[f"{entry['model']}/{seed}/{name}/{mode}"] = robust_flags(model, x_adv, y)
-    return {"capability": torch.backends.cpu.get_cpu_capability(), "runs": runs}
+    if resnet50:  # the bench attacks' large model: agreement numbers only
+        torch.manual_seed(0)
+        net = create_model("resnet50", num_classes=1000).eval()
+        x = torch.rand(8, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            y = net(x).argmax(1)
+        numbers["resnet50 (random init, 64 px)"] = agreement_numbers(net, x, y)
+    return {"capability": torch.backends.cpu.get_cpu_capability(), "runs": runs,
+            "numbers": numbers}
 
 
 def summarise(results: dict[str, dict], attacks: list[str]) -> list[dict]:
@@ -204,6 +256,20 @@ def table(rows: list[dict], images: int) -> str:
     return "\n".join(out)
 
 
+def numbers_table(results: dict[str, dict]) -> str:
+    """Logit and input-gradient agreement per model and kernel set, as a Markdown table."""
+    out = ["| model | kernel set | logits: default vs exact | input gradient per image: default "
+           "vs exact, median / max | images off > 1e-3 | exact vs float64: logits / gradient "
+           "max | default vs float64: gradient max |", "|---|---|---|---|---|---|---|"]
+    for kernel, r in results.items():
+        for model, n in r.get("numbers", {}).items():
+            d, e, f = n["default_vs_exact"], n["exact_vs_float64"], n["default_vs_float64"]
+            out.append(f"| {model} | {kernel} | {d['logits']:.1e} | {d['grad_median']:.1e} / "
+                       f"{d['grad_max']:.1e} | {d['grad_off']} of {d['images']} | "
+                       f"{e['logits']:.1e} / {e['grad_max']:.1e} | {f['grad_max']:.1e} |")
+    return "\n".join(out)
+
+
 def _spawn(kernel: str, folder: Path, args: argparse.Namespace, attacks: list[str]):
     env = {**os.environ, **KERNEL_SETS[kernel], "OMP_NUM_THREADS": "1"}
     out = folder / f"result_{kernel}.json"
@@ -211,6 +277,8 @@ def _spawn(kernel: str, folder: Path, args: argparse.Namespace, attacks: list[st
            "--images", str(args.images), "--attacks", ",".join(attacks), "--out", str(out)]
     if args.full:
         cmd.append("--full")
+    if args.models:  # a chosen subset: no ResNet-50 row
+        cmd.append("--no-resnet50")
     return subprocess.Popen(cmd, env=env), out
 
 
@@ -261,6 +329,10 @@ def run(args: argparse.Namespace) -> int:
             print(f"kernel set {kernel}: CPU capability {result['capability']}")
     if not results:
         raise SystemExit("bench agreement: no kernel set ran")
+    print("Logits and input gradients (cross-entropy), seed 0 of each model, on the bench's "
+          "images:")
+    print(numbers_table(results))
+    print()
     rows = summarise(results, attacks)
     print(table(rows, args.images))
     weaker = [r["attack"] for r in rows if r["weaker"]]
@@ -277,7 +349,8 @@ def add_arguments(p: argparse._ArgumentGroup) -> None:
     p.add_argument("--seeds", type=int, default=3, help="training and attack seeds per model")
     p.add_argument("--images", type=int, default=200, help="test images per combination")
     p.add_argument("--models", default="",
-                   help=f"comma-separated subset of {','.join(MODELS)} (default: all)")
+                   help=f"comma-separated subset of {','.join(MODELS)} (default: all, and "
+                        "ResNet-50's logit and gradient agreement)")
     p.add_argument("--attacks", default="",
                    help=f"comma-separated subset of {','.join(ATTACKS)} (default: all)")
 
@@ -289,8 +362,9 @@ def _worker_main(argv: list[str]) -> None:
     p.add_argument("--attacks", required=True)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--full", action="store_true")
+    p.add_argument("--no-resnet50", dest="resnet50", action="store_false")
     a = p.parse_args(argv)
-    result = worker(a.worker, a.images, a.full, a.attacks.split(","))
+    result = worker(a.worker, a.images, a.full, a.attacks.split(","), a.resnet50)
     a.out.write_text(json.dumps(result))
 
 
