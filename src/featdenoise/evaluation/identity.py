@@ -116,7 +116,7 @@ def prepare(out_dir: str, identity: dict, *, restart: bool = False, rank: int | 
         with _released_on_error(lock.acquire()):
             check_identity(out_dir, identity, restart=restart)
         return lock
-    error, lock = None, outdir.FolderLock(out_dir)
+    error, lock = None, outdir._NoLock()  # ranks other than 0 hold nothing
     if rank == 0:
         try:
             with _released_on_error(folder_lock(out_dir, None, restart).acquire()) as lock:
