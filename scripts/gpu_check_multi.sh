@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Multi-GPU checks (NCCL) on one node with 2+ GPUs: parameter and BatchNorm-buffer checksums equal
 # on every rank after DDP training, every evaluation image counted once, one writer, then resume
-# from that run's checkpoint with another number of processes. One PASS/FAIL/SKIP line per check.
+# from that run's checkpoint with another number of processes. One PASS/FAIL/SKIP line per check
+# (tests/gpu/multi_gpu.py; `pytest -m needs_cuda tests/gpu` runs this script on 2+ GPUs).
 #
 #   scripts/gpu_check_multi.sh            # all GPUs of this node (nvidia-smi -L)
 #   scripts/gpu_check_multi.sh 4          # 4 processes, then resume with 3
@@ -37,7 +38,7 @@ trap 'rm -rf "$OUT"' EXIT
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 status=0
 "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node="$NPROC" \
-  -m featdenoise.benchmarks.gpu_check --multi --stage train --out "$OUT" $DRY || status=1
+  tests/gpu/multi_gpu.py --stage train --out "$OUT" $DRY || status=1
 "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node="$RESUME" \
-  -m featdenoise.benchmarks.gpu_check --multi --stage resume --out "$OUT" $DRY || status=1
+  tests/gpu/multi_gpu.py --stage resume --out "$OUT" $DRY || status=1
 exit $status
