@@ -4,6 +4,15 @@ import pytest
 import torch
 
 
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    """A test that runs the CLI in-process (``--threads 1``) must not leave the next test on
+    one thread: the thread count changes which kernels run and so the float rounding."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture()
 def one_thread():
     """Tiny models: one intra-op thread is faster than two on a shared 2-core machine (use with

@@ -326,14 +326,46 @@ def plain_pgd(model, x, target, eps, step, steps):
     return x_adv
 
 
-def test_exact_is_plain_autograd_bit_for_bit():
-    """``exact=True`` is PyTorch's normal path: bitwise the attack written out by hand."""
+@pytest.mark.parametrize("threads", [1, 2])
+def test_exact_is_plain_autograd_bit_for_bit(threads):
+    """``exact=True`` is PyTorch's normal path: bitwise the attack written out by hand, also on
+    one thread, where the default attack switches to channels-last images."""
+    torch.set_num_threads(threads)  # restored by conftest
     model = ConvBNNet().eval()
     x, y = batch()
     target = (y + 2) % K
-    attack = PGD(model, steps=4, random_start=False, exact=True, channels_last=False)
+    attack = PGD(model, steps=4, random_start=False, exact=True)
     ours = attack(x, y, target)
     assert torch.equal(ours, plain_pgd(model, x, target, EPS, attack.step, 4))
+
+
+class LayoutSpy(nn.Module):
+    """ConvBNNet that notes whether each batch it sees is channels-last."""
+
+    num_classes = K
+
+    def __init__(self):
+        super().__init__()
+        self.net = ConvBNNet()
+        self.seen: list[bool] = []
+
+    def forward(self, x):
+        self.seen.append(x.is_contiguous(memory_format=torch.channels_last)
+                         and not x.is_contiguous())
+        return self.net(x)
+
+
+def test_exact_keeps_the_callers_layout_on_one_thread():
+    """On one CPU thread the default attack computes on a channels-last copy (faster there, other
+    summation order); ``exact=True`` must not: NCHW in, NCHW to the model."""
+    torch.set_num_threads(1)  # restored by conftest
+    x, y = batch()
+    spy = LayoutSpy().eval()
+    PGD(spy, steps=2, random_start=False, exact=True)(x, y, (y + 1) % K)
+    assert spy.seen and not any(spy.seen)
+    spy.seen.clear()
+    PGD(spy, steps=2, random_start=False)(x, y, (y + 1) % K)
+    assert all(spy.seen[1:])  # the first forward is the class check on one image
 
 
 @pytest.mark.parametrize("name", list(ATTACKS))

@@ -99,7 +99,8 @@ class Attack:
             values; the result is returned in the caller's layout). None (default) decides per
             call where it was measured to pay: on a CPU running one thread with batches < 16,
             where PyTorch computes 1x1 convolutions as GEMMs, much faster on NHWC data (ResNet-50:
-            ~1.5x); elsewhere it measured equal or slower, so images stay as given.
+            ~1.5x); elsewhere it measured equal or slower, so images stay as given. With
+            ``exact=True`` None means never (NHWC kernels sum in another order).
         exact: False (default): the attack's forward and input-gradient passes run inside
             :func:`featdenoise.accel.inference_grad` (BatchNorm folded into the convolutions,
             CPU convolutions on packed weights; each verified once per model and input kind,
@@ -335,6 +336,8 @@ class Attack:
     def _use_channels_last(self, x: torch.Tensor) -> bool:
         if self.channels_last is not None:
             return bool(self.channels_last)
+        if self.exact:  # PyTorch's normal path: the caller's layout, the caller's arithmetic
+            return False
         return x.device.type == "cpu" and torch.get_num_threads() == 1 and x.shape[0] < 16
 
     def _num_classes(self, x: torch.Tensor) -> int:
