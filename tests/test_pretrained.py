@@ -127,8 +127,8 @@ def test_wrong_arch_or_depth_fails_clearly(resnet_vars):
         load_tensorpack(path, "ResNeXtDenoiseAll", blocks=[1, 1, 1, 1])
     with pytest.raises(ValueError, match=r"does not match .* blocks \[1, 2, 1, 1\]"):
         load_tensorpack(path, "ResNet", blocks=[1, 2, 1, 1])
-    assert _resolve_blocks(path, {}, 152, None) == [3, 8, 36, 3]  # official -d 152
-    assert _resolve_blocks(path, {}, 101, None) == [3, 4, 23, 3]
+    assert _resolve_blocks(path, "ResNet", {}, 152, None) == [3, 8, 36, 3]  # official -d 152
+    assert _resolve_blocks(path, "ResNet", {}, 101, None) == [3, 4, 23, 3]
     with pytest.raises(ValueError, match="unknown official arch"):
         load_tensorpack(path, "ResNet152")
     with pytest.raises(ValueError, match="depth 50 means blocks"):

@@ -303,6 +303,61 @@ def test_an_evaluation_folder_held_by_another_run_is_refused(two_models, tmp_pat
     capsys.readouterr()
 
 
+def _lock_worker(rank, world, port, folders, held):
+    from gloo import as_rank
+
+    from featdenoise.runtime import distributed as dist
+
+    as_rank(rank, world, port)
+    os.chdir(folders[rank])  # each "node" its own disk: the same relative run folder
+    dist.init("cpu")
+    try:
+        with outdir.lock_on_main("run", "run.out_dir"):
+            seen = os.path.exists(os.path.join("run", outdir.LOCK_FILE))
+        Path("seen.txt").write_text(str(seen))
+        with held(), outdir.lock_on_main("run", "run.out_dir"):
+            pass
+    except ValueError as err:
+        Path("error.txt").write_text(str(err))
+    finally:
+        dist.shutdown()
+
+
+class _HeldBy:
+    """Writes a live holder's lock into rank 0's run folder when called (a picklable stand-in for
+    another run starting there)."""
+
+    def __init__(self, folder: str, pid: int):
+        self.folder, self.pid = folder, pid
+
+    def __call__(self):
+        import contextlib
+
+        if os.getcwd() == self.folder:
+            _hold(Path(self.folder) / "run", self.pid)
+        return contextlib.nullcontext()
+
+
+def test_under_torchrun_only_rank_0_takes_the_lock_and_every_rank_hears_a_refusal(tmp_path):
+    import torch.multiprocessing as mp
+    from gloo import free_port
+
+    folders = [str(tmp_path / "node0"), str(tmp_path / "node1")]
+    for f in folders:
+        os.makedirs(f)
+    cwd = os.getcwd()
+    try:
+        mp.start_processes(_lock_worker, args=(2, free_port(), folders,
+                                               _HeldBy(folders[0], os.getpid())),
+                           nprocs=2, join=True, start_method="fork")
+    finally:
+        os.chdir(cwd)
+    assert [Path(f, "seen.txt").read_text() for f in folders] == ["True", "False"]
+    assert not os.path.exists(os.path.join(folders[1], "run", outdir.LOCK_FILE))
+    errors = [Path(f, "error.txt").read_text() for f in folders]
+    assert errors[0] == errors[1] and f"pid {os.getpid()}" in errors[0]
+
+
 # =========================================================================== 3. restart
 @pytest.fixture
 def finished_eval(two_models, tmp_path, capsys) -> tuple[list[str], Path]:

@@ -38,7 +38,13 @@ from featdenoise.models.registry import create_model, model_metadata
 from featdenoise.models.resnet import NUM_BLOCKS, ConvBN
 from featdenoise.runtime.atomic import atomic_write, check_output
 from featdenoise.runtime.finite import check_finite_tensors
-from featdenoise.runtime.safeio import metadata_json, read_safetensors, read_safetensors_metadata
+from featdenoise.runtime.meta import build_on_meta, check_fits
+from featdenoise.runtime.safeio import (
+    metadata_json,
+    read_safetensors,
+    read_safetensors_header,
+    read_safetensors_metadata,
+)
 from featdenoise.runtime.safeio import read_npz as safe_read_npz
 
 ARCHS = {
@@ -137,14 +143,19 @@ def read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
     return out
 
 
-def guess_arch(names: Sequence[str]) -> tuple[str, list[int] | None]:
-    """Guess the official arch and the blocks per group from the variable names of a dump."""
-    counts = [0, 0, 0, 0]
+def _named_blocks(names: Sequence[str]) -> list[set[int]]:
+    """The block indices each group ``group{g}/block{b}/`` of a dump has variables for."""
+    named: list[set[int]] = [set(), set(), set(), set()]
     for name in names:
         m = re.match(r"group([0-3])/block(\d+)/", name)
         if m:
-            g, b = int(m.group(1)), int(m.group(2))
-            counts[g] = max(counts[g], b + 1)
+            named[int(m.group(1))].add(int(m.group(2)))
+    return named
+
+
+def guess_arch(names: Sequence[str]) -> tuple[str, list[int] | None]:
+    """Guess the official arch and the blocks per group from the variable names of a dump."""
+    counts = [max(named, default=-1) + 1 for named in _named_blocks(names)]
     blocks = counts if min(counts) > 0 else None
     if any("/non_local/" in n for n in names):
         return "ResNeXtDenoiseAll", blocks
@@ -153,7 +164,7 @@ def guess_arch(names: Sequence[str]) -> tuple[str, list[int] | None]:
     return "ResNet", blocks
 
 
-def _resolve_blocks(path: Path, variables: dict, depth: int | None,
+def _resolve_blocks(path: Path, arch: str, variables: dict, depth: int | None,
                     blocks: Sequence[int] | None) -> list[int]:
     if blocks is not None:
         blocks = [int(b) for b in blocks]
@@ -172,6 +183,14 @@ def _resolve_blocks(path: Path, variables: dict, depth: int | None,
     if found is None:
         raise ValueError(f"{path}: cannot infer the blocks per group from the variable names; "
                          "pass depth or blocks")
+    # Every block up to the highest index must have variables: a few names such as
+    # group0/block999999/ would otherwise ask for a network of millions of blocks.
+    for g, (count, named) in enumerate(zip(found, _named_blocks(list(variables)), strict=True)):
+        if len(named) != count:
+            raise ValueError(
+                f"{path} does not match the official {arch} network with blocks {found}: group{g} "
+                f"names block{count - 1} but has variables for {len(named)} of its {count} "
+                "blocks; pass depth or blocks, or re-create the file")
     return found
 
 
@@ -213,12 +232,14 @@ def load_tensorpack(path: str | os.PathLike, arch: str, depth: int | None = None
     path = Path(path)
     _check_arch(arch)
     variables = read_npz(path)
-    blocks = _resolve_blocks(path, variables, depth, blocks)
+    blocks = _resolve_blocks(path, arch, variables, depth, blocks)
     name = _model_name(arch, blocks)
     num_classes = 1000
     if "linear/b" in variables and variables["linear/b"].ndim == 1:
         num_classes = int(variables["linear/b"].shape[0])
-    model = create_model(name, blocks=blocks, num_classes=num_classes)
+    # On the meta device first: the network the names ask for (any block counts) costs nothing
+    # until every variable is found with its shape; then it is built for real.
+    model = build_on_meta(lambda: create_model(name, blocks=blocks, num_classes=num_classes))
     names = _tensorpack_names(model)
     state = model.state_dict()
 
@@ -240,6 +261,7 @@ def load_tensorpack(path: str | os.PathLike, arch: str, depth: int | None = None
 
     converted = {key: _from_tf(variables[tf_name], kind)
                  for tf_name, (key, kind) in names.items()}
+    model = create_model(name, blocks=blocks, num_classes=num_classes)
     model.load_state_dict(converted, strict=False)  # num_batches_tracked keeps its default
     model.source_file = str(path)
     return model.eval()
@@ -286,25 +308,29 @@ def load_converted(path: str | os.PathLike) -> nn.Module:
 
     Raises:
         FileNotFoundError: no such file.
-        ValueError: one line naming the file when it is truncated, lacks the metadata, or its
-            ``model_kwargs`` is not a JSON object the model accepts.
+        ValueError: one line naming the file when it is truncated, lacks the metadata, its
+            ``model_kwargs`` is not a JSON object the model accepts, or the tensors it stores do
+            not fit (keys, shapes, dtypes) the model it names: checked on the meta device, before
+            the model or the tensors take memory.
     """
     path = Path(path)
-    state, meta = read_safetensors(path)
-    check_finite_tensors(state, str(path))
+    stored, meta = read_safetensors_header(path)  # shapes only: checked before any allocation
     if "model" not in meta:
         raise ValueError(f"{path} has no 'model' metadata; it was not written by featdenoise")
     kwargs = metadata_json(path, meta, "model_kwargs", {}, dict)
-    try:
-        model = create_model(meta["model"], **kwargs)
-    except (ValueError, TypeError) as err:
-        raise ValueError(f"{path}: the model it names cannot be built "
-                         f"({str(err).splitlines()[0] if str(err) else type(err).__name__})") \
-            from None
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as err:
-        raise ValueError(f"{path}: its weights do not fit the model it names "
-                         f"({meta['model']!r}): {str(err).splitlines()[0]}") from None
+
+    def build() -> nn.Module:
+        try:
+            return create_model(meta["model"], **kwargs)
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"{path}: the model it names cannot be built "
+                             f"({str(err).splitlines()[0] if str(err) else type(err).__name__})"
+                             ) from None
+
+    check_fits(build_on_meta(build), stored, str(path), meta["model"])
+    state, _ = read_safetensors(path)
+    check_finite_tensors(state, str(path))
+    model = build()
+    model.load_state_dict(state, strict=True)
     model.source_file = str(path)
     return model.eval()

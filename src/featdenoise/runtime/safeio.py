@@ -26,6 +26,7 @@ import pickle
 import struct
 import zipfile
 import zlib
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -34,11 +35,34 @@ import torch
 # What a truncated or foreign archive raises from inside numpy / zipfile.
 _BROKEN = (OSError, EOFError, zipfile.BadZipFile, zlib.error, KeyError, struct.error)
 
+# Deflate cannot shrink data by more than about 1032 to 1; a zip member that says it unpacks
+# to more is lying about its size.
+_MAX_DEFLATE_RATIO = 1100
+
 
 def _first_line(err: BaseException, limit: int = 160) -> str:
     text = str(err).strip().splitlines()
     line = text[0] if text else type(err).__name__
     return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def _check_zip_sizes(path: str) -> None:
+    """A zip (a ``torch.save`` file) none of whose members says it unpacks to more than its
+    compression allows; checked before anything is unpacked."""
+    if not zipfile.is_zipfile(path):
+        return
+    try:
+        with zipfile.ZipFile(path) as z:
+            infos = z.infolist()
+    except _BROKEN:
+        return  # the reader's own error names it
+    for info in infos:
+        ratio = 1 if info.compress_type == zipfile.ZIP_STORED else _MAX_DEFLATE_RATIO
+        if info.file_size > info.compress_size * ratio + 1024:
+            raise ValueError(
+                f"{path}: member {info.filename!r} says it unpacks to {info.file_size} bytes "
+                f"from {info.compress_size}, more than its compression allows; the file is "
+                "damaged or forged: re-create or re-download it")
 
 
 def safe_torch_load(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
@@ -56,6 +80,7 @@ def safe_torch_load(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} not found; check the path")
+    _check_zip_sizes(path)
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
@@ -71,6 +96,76 @@ def safe_torch_load(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
         ) from None
 
 
+def _npy_header(f, path: str, name: str) -> tuple[tuple[int, ...], np.dtype, int]:
+    """``(shape, dtype, header bytes)`` of the ``.npy`` stream ``f``, read without its data."""
+    from numpy.lib import format as npy
+
+    try:
+        version = npy.read_magic(f)
+        if version == (1, 0):
+            shape, _, dtype = npy.read_array_header_1_0(f)
+        else:
+            shape, _, dtype = npy.read_array_header_2_0(f)
+    except (ValueError, TypeError, SyntaxError, *_BROKEN) as err:
+        raise ValueError(f"{path}: array {name!r} has no valid npy header ({_first_line(err)}); "
+                         "re-create or re-download it") from None
+    return tuple(int(d) for d in shape), dtype, f.tell()
+
+
+def _check_declared(path: str, name: str, shape: tuple[int, ...], dtype: np.dtype,
+                    header: int, stored: int) -> None:
+    if dtype.hasobject:
+        raise ValueError(f"{path}: array {name!r} holds Python objects (pickled), which could "
+                         "run code; refused. Store plain numeric arrays only")
+    declared = int(np.prod(shape, dtype=object)) * dtype.itemsize + header
+    if declared != stored:
+        raise ValueError(f"{path}: array {name!r} declares shape {shape} {dtype} "
+                         f"({declared} bytes with its header) but the file stores {stored} bytes; "
+                         "the file is damaged or forged: re-create or re-download it")
+
+
+def check_npz_sizes(path: str | os.PathLike) -> None:
+    """Compare what every array of an ``.npz`` (or ``.npy``) file declares with what it stores,
+    before anything is allocated: a file of a few hundred bytes can declare a 200000 x 200000
+    array, which ``np.load`` would try to allocate first.
+
+    Each member's npy header (shape, dtype) must account for exactly the member's uncompressed
+    size, and that size for no more than deflate can unpack from its compressed size.
+
+    Raises:
+        ValueError: one line naming the file and the array whose sizes disagree.
+    """
+    path = os.fspath(path)
+    with open(path, "rb") as f:
+        if f.read(6) == b"\x93NUMPY":  # a bare .npy file
+            f.seek(0)
+            shape, dtype, header = _npy_header(f, path, "arr_0")
+            _check_declared(path, "arr_0", shape, dtype, header, os.path.getsize(path))
+            return
+    if not zipfile.is_zipfile(path):
+        return  # not an npz: np.load says so (or refuses its pickle)
+    try:
+        with zipfile.ZipFile(path) as z:
+            for info in z.infolist():
+                name = info.filename.removesuffix(".npy")
+                limit = info.compress_size * (
+                    1 if info.compress_type == zipfile.ZIP_STORED else _MAX_DEFLATE_RATIO) + 1024
+                if info.file_size > limit:
+                    raise ValueError(
+                        f"{path}: array {name!r} says it unpacks to {info.file_size} bytes from "
+                        f"{info.compress_size}, more than its compression allows; the file is "
+                        "damaged or forged: re-create or re-download it")
+                with z.open(info) as member:
+                    if member.read(6) != b"\x93NUMPY":
+                        continue  # np.load gives such a member as its bytes, not an array
+                    member.seek(0)
+                    shape, dtype, header = _npy_header(member, path, name)
+                _check_declared(path, name, shape, dtype, header, info.file_size)
+    except _BROKEN as err:
+        raise ValueError(f"{path}: not a readable npz file (truncated or another format: "
+                         f"{_first_line(err)}); re-create or re-download it") from None
+
+
 def read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """All arrays of an ``.npz`` (or ``.npy``) file, read with ``allow_pickle=False``.
 
@@ -79,14 +174,17 @@ def read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
     Raises:
         FileNotFoundError: the file does not exist.
-        ValueError: one line naming the file (and the array), for an object (pickled) array, or
-            for a file that is empty, truncated or not an npz at all.
+        ValueError: one line naming the file (and the array), for an object (pickled) array, an
+            array whose header declares another size than the file stores (checked before
+            anything is allocated, :func:`check_npz_sizes`), or for a file that is empty,
+            truncated or not an npz at all.
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} not found; check the path")
     if os.path.getsize(path) == 0:
         raise ValueError(f"{path}: empty file (0 bytes), not an npz; re-create or re-download it")
+    check_npz_sizes(path)
     try:
         data = np.load(path, allow_pickle=False)
     except ValueError as err:  # numpy's "pickled data" refusal of a .npy, or an unknown format
@@ -182,6 +280,25 @@ def restricted_pickle_load(
         raise ValueError(f"{name}: corrupt pickle ({_first_line(err)}); re-extract it") from None
 
 
+def _read_safetensors(path: str | os.PathLike, device: str,
+                      each: Callable[[Any, str], Any]) -> tuple[dict[str, Any], dict[str, str]]:
+    """``({key: each(file, key)}, metadata)`` of a ``.safetensors`` file; one line naming the
+    file when it is missing, truncated or not a safetensors file."""
+    from safetensors import SafetensorError, safe_open
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} not found; check the path")
+    try:
+        with safe_open(path, framework="pt", device=device) as f:
+            return {k: each(f, k) for k in f.keys()}, dict(f.metadata() or {})
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise ValueError(
+            f"{path}: not a readable safetensors file (truncated or another format: "
+            f"{_first_line(err)}); re-create or re-download it"
+        ) from None
+
+
 def read_safetensors(
     path: str | os.PathLike, device: str = "cpu"
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -191,21 +308,37 @@ def read_safetensors(
         FileNotFoundError: the file does not exist.
         ValueError: one line naming the file when it is truncated or not a safetensors file.
     """
-    from safetensors import SafetensorError, safe_open
+    return _read_safetensors(path, device, lambda f, k: f.get_tensor(k))
 
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} not found; check the path")
-    try:
-        with safe_open(path, framework="pt", device=device) as f:
-            meta = dict(f.metadata() or {})
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
-        raise ValueError(
-            f"{path}: not a readable safetensors file (truncated or another format: "
-            f"{_first_line(err)}); re-create or re-download it"
-        ) from None
-    return tensors, meta
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+}
+
+
+def _shape_and_dtype(f: Any, key: str) -> tuple[tuple[int, ...], torch.dtype | str]:
+    part = f.get_slice(key)
+    dtype = part.get_dtype()
+    return tuple(part.get_shape()), _SAFETENSORS_DTYPES.get(dtype, dtype)
+
+
+def read_safetensors_header(
+    path: str | os.PathLike,
+) -> tuple[dict[str, tuple[tuple[int, ...], torch.dtype | str]], dict[str, str]]:
+    """``({key: (shape, dtype)}, metadata)`` of a ``.safetensors`` file, from its header only.
+
+    No tensor is read: what a model built from the metadata must hold can be compared with the
+    file before anything is allocated (:func:`featdenoise.runtime.meta.check_fits`). The
+    safetensors reader has checked that the declared tensors fill the file exactly. A dtype
+    torch does not know stays its safetensors name (``"F8_E4M3"``).
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ValueError: one line naming the file when it is truncated or not a safetensors file.
+    """
+    return _read_safetensors(path, "cpu", _shape_and_dtype)
 
 
 def read_safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:

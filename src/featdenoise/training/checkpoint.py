@@ -25,6 +25,7 @@ from torch import nn
 
 from featdenoise.runtime.atomic import atomic_write
 from featdenoise.runtime.finite import check_finite_tensors
+from featdenoise.runtime.meta import build_on_meta, check_fits
 
 CHECKPOINT = "checkpoint.pt"
 WEIGHTS = "model.safetensors"
@@ -113,10 +114,24 @@ def save_weights(path: str, model: nn.Module, model_name: str, model_kwargs: dic
         f.write(save(tensors, metadata=meta))
 
 
-def _build(path: str, name, kwargs) -> nn.Module:
-    """``create_model(name, **kwargs)`` for the model a file names; one line naming the file when
-    the name or the kwargs cannot build a model."""
+def stored_shapes(state: dict, path: str) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """``{key: (shape, dtype)}`` of a state dict read from ``path``; an entry that is not a
+    tensor is one line naming it."""
+    bad = next((k for k, v in state.items() if not isinstance(v, torch.Tensor)), None)
+    if bad is not None:
+        raise ValueError(f"{path}: model entry {bad!r} is a {type(state[bad]).__name__}, not a "
+                         "tensor; the file is damaged or was not written by featdenoise")
+    return {k: (tuple(v.shape), v.dtype) for k, v in state.items()}
+
+
+def _build(path: str, name, kwargs, meta_device: bool = False) -> nn.Module:
+    """``create_model(name, **kwargs)`` for the model a file names (``meta_device``: shapes
+    only, no memory; :mod:`featdenoise.runtime.meta`); one line naming the file when the name or
+    the kwargs cannot build a model."""
     from featdenoise.models import create_model
+
+    if meta_device:
+        return build_on_meta(lambda: _build(path, name, kwargs))
 
     if not isinstance(name, str) or not isinstance(kwargs, dict):
         raise ValueError(f"{path}: its model name {name!r} / kwargs {kwargs!r} are not a name "
@@ -163,8 +178,10 @@ def load_model(path: str | os.PathLike, map_location="cpu") -> nn.Module:
         FileNotFoundError: no such file, or a run directory holding neither file.
         ValueError: one line naming the file when it is truncated, refused (a code pickle), lacks
             featdenoise metadata, its ``model_kwargs`` is not a JSON object (invalid JSON, a
-            list), it names a model that cannot be built, its weights do not fit that model, or
-            a weight or buffer holds NaN or inf (naming the tensor).
+            list), it names a model that cannot be built, its weights do not fit that model
+            (keys, shapes, dtypes: compared on the meta device, before the model takes memory,
+            so metadata naming a huge network is refused at no cost), or a weight or buffer
+            holds NaN or inf (naming the tensor).
     """
     path = os.fspath(path)
     if os.path.isdir(path):
@@ -178,34 +195,35 @@ def load_model(path: str | os.PathLike, map_location="cpu") -> nn.Module:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"model file {path} not found")
     if path.endswith(".safetensors"):
-        from featdenoise.runtime.safeio import metadata_json, read_safetensors
+        from featdenoise.runtime.safeio import (
+            metadata_json,
+            read_safetensors,
+            read_safetensors_header,
+        )
 
-        state, meta = read_safetensors(path, device=str(map_location))
-        check_finite_tensors(state, path)
+        # Shapes from the header first: the network the metadata names is checked against
+        # them on the meta device, before its weights or the file's tensors take memory.
+        stored, meta = read_safetensors_header(path)
         if "model" not in meta:
             raise ValueError(f"{path} has no 'model' metadata; it was not written by featdenoise")
         name = meta["model"]
-        model = _build(path, name, metadata_json(path, meta, "model_kwargs", {}, dict))
+        kwargs = metadata_json(path, meta, "model_kwargs", {}, dict)
+        check_fits(_build(path, name, kwargs, meta_device=True), stored, path, name)
+        state, _ = read_safetensors(path, device=str(map_location))
+        check_finite_tensors(state, path)
     else:
         ckpt = load_checkpoint(path, map_location)
         if "model_name" not in ckpt:
             raise ValueError(f"{path} is not a featdenoise training checkpoint (no model_name)")
         name = ckpt["model_name"]
-        model = _build(path, name, ckpt.get("model_kwargs", {}))
+        kwargs = ckpt.get("model_kwargs", {})
         state = ckpt.get("model")
         if not isinstance(state, dict):
             raise ValueError(f"{path}: its 'model' entry is not a state dict; the file is "
                              "damaged or was not written by featdenoise")
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    misshaped = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items()
-                 if k in own and tuple(v.shape) != tuple(own[k].shape)]
-    if missing or unexpected or misshaped:
-        raise ValueError(
-            f"{path}: its weights do not fit the model it names ({name!r}): {len(missing)} "
-            f"missing, {len(unexpected)} unexpected, {len(misshaped)} with another shape "
-            f"(file vs model), e.g. {'; '.join((missing + unexpected + misshaped)[:3])}")
+        check_fits(_build(path, name, kwargs, meta_device=True), stored_shapes(state, path),
+                   path, name)
+    model = _build(path, name, kwargs)  # for real: its tensors are the file's, already read
     model.load_state_dict(state)
     model.source_file = path  # named by messages about this model (models.model_label)
     return model.eval()
