@@ -205,7 +205,7 @@ def test_load_image_resizes_as_cv2_or_pil(tmp_path, method):
     else:
         ref = np.asarray(Image.fromarray(rgb).resize((224, 224), Image.BICUBIC))
     np.testing.assert_array_equal((x * 255).round().byte().permute(1, 2, 0).numpy(), ref)
-    assert torch.equal(x, torch.from_numpy(ref).permute(2, 0, 1).float() / 255)
+    assert torch.equal(x, torch.from_numpy(ref.copy()).permute(2, 0, 1).float() / 255)
 
 
 def test_imagenet_eval_is_the_official_shortest_edge_and_centre_crop():

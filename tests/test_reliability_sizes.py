@@ -234,3 +234,103 @@ def test_convert_cli_refuses_the_forged_npz_in_one_line(tmp_path, capsys):
     lines = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and "declares shape" in lines[0], lines
     assert not (tmp_path / "out.safetensors").exists()
+
+
+# --- images: decompression bombs, sizes and size flags -----------------------------------------
+
+
+def _model_and_folder(tmp_path):
+    from test_eval import _checkpoint, _folder_dataset
+
+    folder, labels = _folder_dataset(tmp_path, n=4)
+    return _checkpoint(tmp_path), folder, labels
+
+
+@pytest.mark.parametrize("side", [15, 30])  # above the limit; above twice it (Pillow's own error)
+def test_a_decompression_bomb_png_is_one_line_in_predict_and_the_loaders(tmp_path, capsys,
+                                                                         monkeypatch, side):
+    from PIL import Image
+
+    from featdenoise.data.datasets import load_rgb
+    from featdenoise.data.files import load_image
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # a 15x15 PNG stands in for 20000x20000
+    ck, folder, _ = _model_and_folder(tmp_path)
+    bomb = tmp_path / "bomb"
+    bomb.mkdir()
+    Image.new("RGB", (side, side)).save(bomb / "b.png")
+    for load in (load_rgb, load_image):
+        with pytest.raises(ValueError, match="above Pillow's limit of 100") as err:
+            load(str(bomb / "b.png"))
+        assert "b.png" in _one_line(err.value) and f"{side * side} pixels" in str(err.value)
+    code = main(["predict", "--checkpoint", str(ck), str(bomb), "--out", str(tmp_path / "p.csv"),
+                 "--no-progress"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "b.png" in lines[0] and "decompression" in lines[0]
+    assert not (tmp_path / "p.csv").exists()
+
+
+def test_imagenet_folder_skips_or_names_a_bomb(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from featdenoise.data.datasets import SKIPPED_LABEL, ImageFolderDataset
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    for split in ("train", "val"):
+        (tmp_path / split / "n01").mkdir(parents=True)
+        Image.new("RGB", (30, 30)).save(tmp_path / split / "n01" / "big.png")
+    with pytest.raises(ValueError, match="big.png declares 900 pixels"):
+        ImageFolderDataset(str(tmp_path), "val", lambda im: im, 8, strict=True)[0]
+    with pytest.warns(UserWarning, match="big.png"):
+        x, y = ImageFolderDataset(str(tmp_path), "val", lambda im: im, 8)[0]
+    assert y == SKIPPED_LABEL and x.shape == (3, 8, 8)
+
+
+@pytest.mark.parametrize("command", ["predict", "eval", "blackbox"])
+def test_mixed_image_sizes_are_one_line_naming_both_files(tmp_path, capsys, command):
+    from PIL import Image
+
+    ck, folder, labels = _model_and_folder(tmp_path)
+    Image.new("RGB", (20, 30)).save(folder / "im03.png")
+    argv = {
+        "predict": ["predict", "--checkpoint", ck, folder, "--out", tmp_path / "p.csv"],
+        "eval": ["eval", "--checkpoint", ck, "--data", "folder", "--data-root", folder,
+                 "--labels", labels, "--steps", "1", "--out", tmp_path / "ev", "--device", "cpu"],
+        "blackbox": ["blackbox", "--checkpoint", ck, "--clean-dir", folder, "--labels", labels,
+                     "--source-attacks", "fgsm", "--out", tmp_path / "bb", "--device", "cpu"],
+    }[command]
+    code = main([str(a) for a in argv] + ["--no-progress"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(lines) == 1, lines
+    assert "differ in size" in lines[0] and "im00.png: 8x8" in lines[0] \
+        and "im03.png: 20x30" in lines[0]
+    if command == "predict":  # the way out the message offers works
+        assert main([str(a) for a in argv] + ["--size", "8", "--no-progress"]) == 0
+
+
+@pytest.mark.parametrize("argv", [
+    ["predict", "--size", "-3"], ["predict", "--size", "x"], ["predict", "--batch-size", "0"],
+    ["predict", "--workers", "-1"], ["eval", "--batch-size", "-1"], ["eval", "--image-size", "0"],
+    ["eval", "--limit", "0"], ["eval", "--restarts", "0"], ["eval", "--aa-targets", "-2"],
+    ["blackbox", "--source-steps", "0"], ["visualize", "--steps", "-1"],
+    ["visualize", "--channel", "-1"], ["convert", "--size", "0"], ["bench", "ops", "--threads", "0"],
+    ["demo", "--threads", "-4"], ["ablate", "--limit", "0"],
+])
+def test_negative_or_zero_counts_are_refused_by_the_flag(capsys, argv):
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2
+    assert f"argument {argv[-2]}: expected " in err[-1] and repr(argv[-1]) in err[-1]
+
+
+def test_library_image_sizes_must_be_positive(tmp_path):
+    from featdenoise.data.files import ImageFiles, load_image
+
+    _, folder, _ = _model_and_folder(tmp_path)
+    for size in (0, -3, 2.5, True):
+        with pytest.raises(ValueError, match="size must be a positive number of pixels"):
+            load_image(str(folder / "im00.png"), size=size)
+        with pytest.raises(ValueError, match="size must be a positive number of pixels"):
+            ImageFiles(str(folder), size=size)
+    assert load_image(str(folder / "im00.png"), size=5).shape == (3, 5, 5)

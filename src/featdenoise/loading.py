@@ -100,18 +100,13 @@ def load_dataset(name: str, *, root: str | None = None, split: str = "val",
     folder's images are converted to (1 = gray, 3 = RGB).
     """
     if name == "folder":
-        from featdenoise.data.files import ImageFiles, read_labels_csv
+        from featdenoise.data.files import labelled_folder
 
         if not root:
             raise ValueError("--data folder needs --data-root DIR (the folder of images)")
         if not labels:
             raise ValueError("--data folder needs --labels CSV (filename,label lines)")
-        ds = ImageFiles(root, labels=read_labels_csv(labels), channels=channels)
-        missing = [n for n, y in zip(ds.names, ds.labels, strict=True) if y < 0]
-        if missing:
-            raise ValueError(f"{labels} has no label for {len(missing)} images of {root} "
-                             f"(e.g. {missing[0]}); add them")
-        return ds
+        return labelled_folder(root, labels, channels)
     from featdenoise.data.datasets import build_dataset
 
     return build_dataset(name, root, split, augment=False, image_size=image_size)

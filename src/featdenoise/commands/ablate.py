@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from featdenoise.commands.common import FiniteFloat, int_list, output_folder, str_list
+from featdenoise.commands.common import FiniteFloat, int_list, output_folder, positive_int, str_list
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -53,9 +53,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--step-size", action=FiniteFloat, default=1.0,
                    help="evaluation PGD step, 0..255 scale (rule max(step, eps/steps); default 1)")
     p.add_argument("--untargeted", action="store_true", help="untargeted evaluation attack")
-    p.add_argument("--limit", type=int, default=1000,
+    p.add_argument("--limit", type=positive_int, default=1000,
                    help="validation images per evaluation (fixed random subset; default 1000)")
-    p.add_argument("--batch-size", type=int, default=100, help="evaluation batch size")
+    p.add_argument("--batch-size", type=positive_int, default=100, help="evaluation batch size")
     p.add_argument("--out", default="reports/ablation", help="output folder")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",

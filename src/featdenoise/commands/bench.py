@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import argparse
 
+from featdenoise.commands.common import positive_int
+
 
 def _run(args: argparse.Namespace) -> int:
     # Imported lazily: each benchmark pulls in its own dependencies.
@@ -37,8 +39,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "over models, seeds and CPU kernel sets; gpu: one PGD iteration on "
                         "ResNet-152-denoise, time and peak memory)")
     p.add_argument("--quick", action="store_true", help="fewer shapes and repeats (smoke run)")
-    p.add_argument("--repeats", type=int, default=None, help="timed repetitions per case")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all)")
+    p.add_argument("--repeats", type=positive_int, default=None, help="timed repetitions per case")
+    p.add_argument("--threads", type=positive_int, default=None,
+                   help="torch CPU threads (default: all)")
     p.add_argument("--device", default=None,
                    help="cpu or cuda (default: cpu; gpu: cuda)")
     a = p.add_argument_group("attacks")

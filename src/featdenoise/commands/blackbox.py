@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from featdenoise.commands.common import FiniteFloat, str_list
+from featdenoise.commands.common import FiniteFloat, nonnegative_int, positive_int, str_list
 from featdenoise.commands.evaluate import (
     add_data_args,
     add_exact_arg,
@@ -28,7 +28,7 @@ from featdenoise.runtime import outdir
 
 
 def _run(args: argparse.Namespace) -> int:
-    from featdenoise.data.files import ImageFiles, read_labels_csv
+    from featdenoise.data.files import labelled_folder
     from featdenoise.evaluation import blackbox as bb
     from featdenoise.evaluation.engine import model_num_classes
     from featdenoise.loading import check_compatible, load_model_spec
@@ -48,12 +48,7 @@ def _run(args: argparse.Namespace) -> int:
                 raise ValueError("give the clean images as --data or as --clean-dir, not both")
             if not args.labels:
                 raise ValueError("--clean-dir needs --labels CSV (filename,label lines)")
-            dataset = ImageFiles(args.clean_dir, labels=read_labels_csv(args.labels),
-                                 channels=channels)
-            missing = [n for n, y in zip(dataset.names, dataset.labels, strict=True) if y < 0]
-            if missing:
-                raise ValueError(f"{args.labels} has no label for {len(missing)} images of "
-                                 f"{args.clean_dir} (e.g. {missing[0]}); add them")
+            dataset = labelled_folder(args.clean_dir, args.labels, channels)
         elif args.data:
             dataset = dataset_from_args(args, channels)
         else:
@@ -108,7 +103,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "FILE.npz:ARCH[:DEPTH], or registered model names")
     a.add_argument("--source-attacks", type=str_list, default=["pgd", "fgsm", "ifgsm", "mifgsm"],
                    metavar="A[,A...]", help="attacks run on each source (default all four)")
-    a.add_argument("--source-steps", type=int, default=10, help="iterations (default 10)")
+    a.add_argument("--source-steps", type=positive_int, default=10, help="iterations (default 10)")
     a.add_argument("--source-step-size", action=FiniteFloat, default=1.0,
                    help="step on the 0..255 scale; max(step, eps/steps) is used (default 1)")
     a.add_argument("--targeted", action="store_true",
@@ -130,10 +125,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--out", required=True, metavar="DIR", help="output folder (reused to resume)")
     add_restart_arg(r)
     r.add_argument("--name", help="label of the defended model")
-    r.add_argument("--batch-size", type=int, default=32)
+    r.add_argument("--batch-size", type=positive_int, default=32)
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    r.add_argument("--workers", type=int, default=0, help="data loader workers")
+    r.add_argument("--workers", type=nonnegative_int, default=0, help="data loader workers")
     r.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_run)
 

@@ -24,6 +24,26 @@ def int_list(text: str) -> list[int]:
     return values
 
 
+def _int_at_least(low: int, what: str):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < low:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+
+    parse.__name__ = what  # argparse names the type in its messages
+    return parse
+
+
+positive_int = _int_at_least(1, "a positive integer")
+"""argparse type: an integer >= 1 (sizes, counts, batch sizes); anything else is one line."""
+nonnegative_int = _int_at_least(0, "an integer >= 0")
+"""argparse type: an integer >= 0 (worker counts, ``--size 0`` = keep, channel indices)."""
+
+
 class FiniteFloat(argparse.Action):
     """``action=FiniteFloat``: a float flag that refuses what is not a finite number.
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from featdenoise.commands.common import positive_int
+
 
 def _parse_blocks(text: str) -> list[int]:
     try:
@@ -59,5 +61,6 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="blocks per group a,b,c,d instead of --depth (default: read off the file)")
     p.add_argument("--check", action="store_true",
                    help="run the converted model once and compare with the npz-loaded one")
-    p.add_argument("--size", type=int, default=224, help="image size for --check (default 224)")
+    p.add_argument("--size", type=positive_int, default=224,
+                   help="image size for --check (default 224)")
     p.set_defaults(func=_run)

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import argparse
 
+from featdenoise.commands.common import output_folder, positive_int
+
 
 def _run(args: argparse.Namespace) -> int:
-    from featdenoise.commands.common import output_folder
     from featdenoise.experiments.demo import run_demo
 
     output_folder(args.out, "--out")
@@ -29,7 +30,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="tiny budget (seconds; for tests, numbers meaningless)")
     p.add_argument("--data-root", default=None, metavar="DIR",
                    help="Fashion-MNIST IDX folder (default /usr/share/datasets/fashion-mnist)")
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--threads", type=positive_int, default=None,
                    help="torch CPU threads (default 2, or 1 when the machine is busy)")
     p.add_argument("--seed", type=int, default=0, help="seed of training, subsets and attacks")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")

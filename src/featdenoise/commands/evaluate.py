@@ -15,7 +15,13 @@ import sys
 import torch
 from torch import nn
 
-from featdenoise.commands.common import FiniteFloat, int_list, str_list
+from featdenoise.commands.common import (
+    FiniteFloat,
+    int_list,
+    nonnegative_int,
+    positive_int,
+    str_list,
+)
 from featdenoise.runtime import outdir
 
 
@@ -49,9 +55,9 @@ def add_data_args(p: argparse.ArgumentParser, required: bool = True) -> None:
                    help="dataset folder (default: the dataset's own)")
     g.add_argument("--split", default="val", help="train or val (default val)")
     g.add_argument("--labels", metavar="CSV", help="filename,label lines for --data folder")
-    g.add_argument("--image-size", type=int, default=224,
+    g.add_argument("--image-size", type=positive_int, default=224,
                    help="ImageNet crop size (default 224; resize 256 + centre crop)")
-    g.add_argument("--limit", type=int, default=None, metavar="N",
+    g.add_argument("--limit", type=positive_int, default=None, metavar="N",
                    help="evaluate a fixed random subset of N images (same subset every run)")
 
 
@@ -271,15 +277,16 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "apgd-t, fab-t, square), all on the same images, e.g. pgd,autoattack")
     g.add_argument("--version", default="standard", choices=["standard", "rand"],
                    help="AutoAttack version (rand: APGD-CE + APGD-DLR with EOT 20)")
-    g.add_argument("--aa-steps", type=int, default=None, metavar="N",
+    g.add_argument("--aa-steps", type=positive_int, default=None, metavar="N",
                    help="APGD/FAB iterations (default 100; fewer is weaker than AutoAttack)")
-    g.add_argument("--aa-targets", type=int, default=None, metavar="N",
+    g.add_argument("--aa-targets", type=positive_int, default=None, metavar="N",
                    help="APGD-T/FAB-T target classes (default 9, at most classes - 1)")
-    g.add_argument("--aa-queries", type=int, default=None, metavar="N",
+    g.add_argument("--aa-queries", type=positive_int, default=None, metavar="N",
                    help="Square queries (default 5000; fewer is weaker than AutoAttack)")
     g.add_argument("--steps", type=int_list, default=[10, 100, 1000], metavar="N,N,...",
                    help="attack iterations (default 10,100,1000)")
-    g.add_argument("--restarts", type=int, default=1, help="random restarts per attack (PGD)")
+    g.add_argument("--restarts", type=positive_int, default=1,
+                   help="random restarts per attack (PGD)")
     g.add_argument("--eps", action=FiniteFloat, default=16.0,
                    help="L-inf radius on the 0..255 scale (default 16, the paper's)")
     g.add_argument("--step-size", action=FiniteFloat, default=1.0,
@@ -293,10 +300,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--out", required=True, metavar="DIR", help="output folder (reused to resume)")
     add_restart_arg(r)
     r.add_argument("--name", help="model label in the table and plot (default: from the path)")
-    r.add_argument("--batch-size", type=int, default=32, help="images per batch (per process)")
+    r.add_argument("--batch-size", type=positive_int, default=32,
+                   help="images per batch (per process)")
     r.add_argument("--seed", type=int, default=0, help="seeds targets, random starts, --limit")
     r.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    r.add_argument("--workers", type=int, default=0, help="data loader workers")
+    r.add_argument("--workers", type=nonnegative_int, default=0, help="data loader workers")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
     r.add_argument("--plot", nargs="+", metavar="RUN",
                    help="instead of evaluating: merge finished evaluation folders into one table "
@@ -305,7 +313,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--sanity", action="store_true",
                    help="first run the gradient-masking sanity checks on a few images; a model "
                         "that fails them is not evaluated (exit status 1)")
-    r.add_argument("--sanity-images", type=int, default=64, help="images for --sanity")
-    r.add_argument("--sanity-restarts", type=int, default=5,
+    r.add_argument("--sanity-images", type=positive_int, default=64, help="images for --sanity")
+    r.add_argument("--sanity-restarts", type=positive_int, default=5,
                    help="random restarts compared with one start in --sanity (default 5)")
     p.set_defaults(func=_run)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from featdenoise.commands.common import output_file
+from featdenoise.commands.common import nonnegative_int, output_file, positive_int
 from featdenoise.commands.evaluate import add_model_args, models_from_args, resolve_device
 
 
@@ -68,7 +68,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_model_args(p)
     p.add_argument("--out", default="predictions.csv",
                    help="CSV to write (default predictions.csv)")
-    p.add_argument("--size", type=int, default=None,
+    p.add_argument("--size", type=nonnegative_int, default=None,
                    help="bicubic resize to SIZE x SIZE, no crop (default 224 with --official, "
                         "else the files' own size; 0 keeps it)")
     p.add_argument("--resize", choices=("cv2", "pil"), default="cv2",
@@ -77,8 +77,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-header", action="store_true",
                    help="no header row (the official headerless form); such a file cannot be "
                         "told from a labels file, so a later run will not replace it")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=positive_int, default=32)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--workers", type=nonnegative_int, default=0)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_run)

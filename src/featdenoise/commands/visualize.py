@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import argparse
 
-from featdenoise.commands.common import FiniteFloat, int_list, output_folder
+from featdenoise.commands.common import (
+    FiniteFloat,
+    int_list,
+    nonnegative_int,
+    output_folder,
+    positive_int,
+)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -56,11 +62,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="dataset indices of the images to show (default 0,1,2)")
     p.add_argument("--stage", default=None,
                    help="feature map to show (default res3 for ImageNet nets, stage2 for small)")
-    p.add_argument("--channel", type=int, default=None,
+    p.add_argument("--channel", type=nonnegative_int, default=None,
                    help="channel to show (default: the one the attack changes most)")
     p.add_argument("--eps", action=FiniteFloat, default=16.0,
                    help="L-inf eps, 0..255 scale (default 16)")
-    p.add_argument("--steps", type=int, default=10, help="PGD iterations (default 10)")
+    p.add_argument("--steps", type=positive_int, default=10, help="PGD iterations (default 10)")
     p.add_argument("--step-size", action=FiniteFloat, default=1.0,
                    help="PGD step, 0..255 scale (paper rule max(step, eps/steps); default 1)")
     p.add_argument("--untargeted", action="store_true",

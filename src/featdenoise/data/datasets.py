@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import re
 import warnings
 
 import numpy as np
@@ -128,10 +129,41 @@ def cifar10(root: str, split: str, augment: bool) -> ArrayDataset:
 # Image folders (ImageNet)
 
 
+def _open(path: str) -> Image.Image:
+    """``Image.open(path)`` (the header only) of an image within Pillow's pixel limit
+    (``PIL.Image.MAX_IMAGE_PIXELS``, 89.5 M by default): a small compressed file can declare a
+    huge image (a decompression bomb); it is one ``ValueError`` naming the file, never decoded."""
+    try:
+        img = Image.open(path)
+    except Image.DecompressionBombError as err:  # above twice the limit: Pillow refuses to open
+        pixels = re.search(r"\((\d+) pixels\)", str(err))
+        size = f"{pixels.group(1)} pixels" if pixels else "too many pixels"
+    else:
+        limit = Image.MAX_IMAGE_PIXELS
+        if limit is None or img.size[0] * img.size[1] <= limit:
+            return img
+        size = f"{img.size[0]}x{img.size[1]} = {img.size[0] * img.size[1]} pixels"
+        img.close()
+    raise ValueError(f"{path} declares {size}, above Pillow's limit of {Image.MAX_IMAGE_PIXELS} "
+                     "(a decompression bomb?); shrink or remove it, or raise "
+                     "PIL.Image.MAX_IMAGE_PIXELS")
+
+
+def image_size(path: str) -> tuple[int, int]:
+    """``(width, height)`` of an image file from its header (nothing decoded); ``ValueError``
+    naming the file when it is unreadable or above Pillow's pixel limit."""
+    try:
+        with _open(path) as img:
+            return img.size
+    except (OSError, UnidentifiedImageError, SyntaxError) as err:
+        raise ValueError(f"unreadable image {path} ({err}); remove or replace the file") from None
+
+
 def load_rgb(path: str) -> Image.Image:
     """Open an image file as 8-bit RGB: grayscale/palette/CMYK converted, 16-bit scaled to 8 bits,
-    alpha dropped. Raises ``OSError``/``ValueError`` for unreadable files."""
-    with Image.open(path) as img:
+    alpha dropped. Raises ``OSError``/``ValueError`` for unreadable files and for images above
+    Pillow's pixel limit (:func:`image_size`)."""
+    with _open(path) as img:
         img.load()
         if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
             arr = np.asarray(img, dtype=np.float64)

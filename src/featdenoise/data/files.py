@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from featdenoise.data.datasets import image_size, load_rgb
 from featdenoise.data.transforms import check_resize_method, resize_uint8
 from featdenoise.runtime.atomic import atomic_write
 
@@ -41,6 +42,28 @@ def list_images(folder: str) -> list[str]:
     return names
 
 
+def check_size(size: int | None, what: str = "size") -> int | None:
+    """``size`` if it is None or a positive int (pixels); else one ``ValueError`` naming it."""
+    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size <= 0):
+        raise ValueError(f"{what} must be a positive number of pixels, got {size!r}")
+    return size
+
+
+def check_image_sizes(folder: str, names: Sequence[str], same: bool = True) -> None:
+    """Read each image's header (nothing decoded): one ``ValueError`` naming the file when one is
+    unreadable or above Pillow's pixel limit (a decompression bomb), and with ``same`` naming
+    two files when the images are not all of one size (they are batched as they are)."""
+    first: tuple[str, tuple[int, int]] | None = None
+    for n in names:
+        size = image_size(os.path.join(folder, n))
+        if first is None:
+            first = (n, size)
+        elif same and size != first[1]:
+            raise ValueError(
+                f"images of {folder} differ in size ({first[0]}: {first[1][0]}x{first[1][1]}, "
+                f"{n}: {size[0]}x{size[1]}); resize them to one size (predict: --size N)")
+
+
 def load_image(path: str, size: int | None = None, channels: int = 3,
                resize_method: str = "cv2") -> torch.Tensor:
     """Read one image file as float pixels in [0, 1], shape ``[channels, H, W]``.
@@ -57,9 +80,9 @@ def load_image(path: str, size: int | None = None, channels: int = 3,
             :func:`featdenoise.data.transforms.resize_uint8`.
     """
     check_resize_method(resize_method)
+    check_size(size)
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 or 3, got {channels}")
-    from featdenoise.data.datasets import load_rgb
 
     try:
         img = load_rgb(path)  # grayscale, palette, CMYK, 16-bit, alpha -> 8-bit RGB
@@ -189,8 +212,13 @@ class ImageFiles(Dataset):
         folder: the folder.
         names: file names to use (default: every image in the folder, sorted).
         labels: optional ``{stem: label}``.
-        size: optional bicubic resize to ``size x size`` (see :func:`load_image`).
+        size: optional bicubic resize to ``size x size`` (see :func:`load_image`); without it
+            the images must all have one size.
         channels: 3 (RGB) or 1 (grey).
+
+    Every image's header is read first (:func:`check_image_sizes`): an unreadable file, one
+    above Pillow's pixel limit, or (without ``size``) images of two sizes are one ``ValueError``
+    naming the files, before any pixel is decoded.
         resize_method: ``"cv2"`` (official ``INTER_CUBIC``, default) or ``"pil"``.
     """
 
@@ -199,7 +227,8 @@ class ImageFiles(Dataset):
                  channels: int = 3, resize_method: str = "cv2") -> None:
         self.folder = folder
         self.names = list(names) if names is not None else list_images(folder)
-        self.size = size
+        self.size = check_size(size)
+        check_image_sizes(folder, self.names, same=size is None)
         self.channels = channels
         self.resize_method = check_resize_method(resize_method)
         self.labels = [int(labels.get(stem(n), -1)) if labels else -1 for n in self.names]
@@ -215,6 +244,18 @@ class ImageFiles(Dataset):
     def image_id(self, i: int) -> str:
         """The id under which image ``i`` is recorded and matched: its file stem."""
         return stem(self.names[i])
+
+
+def labelled_folder(folder: str, labels_csv: str, channels: int = 3) -> ImageFiles:
+    """The images of ``folder`` with their labels from ``labels_csv`` (``filename,label``), for
+    evaluation: every image must have a label and all must have one size (one ``ValueError``
+    naming the file and an example otherwise)."""
+    ds = ImageFiles(folder, labels=read_labels_csv(labels_csv), channels=channels)
+    missing = [n for n, y in zip(ds.names, ds.labels, strict=True) if y < 0]
+    if missing:
+        raise ValueError(f"{labels_csv} has no label for {len(missing)} images of {folder} "
+                         f"(e.g. {missing[0]}); add them")
+    return ds
 
 
 def dataset_image_ids(dataset: Dataset) -> list[str]:

@@ -15,8 +15,6 @@ the official code uses ``cv2.imread``: the same pixels for PNG/BMP; JPEG decoder
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
@@ -57,17 +55,6 @@ def predict_folder(model: nn.Module, folder: str, *, size: int | None = 224,
     names = list_images(folder)
     ds = ImageFiles(folder, names, size=size, channels=model_in_channels(model),
                     resize_method=resize_method)
-    if size is None:
-        shapes = {}
-        for n in names:
-            from PIL import Image
-
-            with Image.open(os.path.join(folder, n)) as img:
-                shapes.setdefault(img.size, n)
-            if len(shapes) > 1:
-                (a, na), (b, nb) = list(shapes.items())[:2]
-                raise ValueError(f"images differ in size ({na}: {a}, {nb}: {b}); pass --size N "
-                                 "to resize them all")
     loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     was_training = model.training
     model.eval().to(device)
