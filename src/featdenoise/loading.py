@@ -20,8 +20,15 @@ from __future__ import annotations
 
 import os
 
+import torch
 from torch import nn
 from torch.utils.data import Dataset
+
+from featdenoise.hub.specs import build_spec, is_code_spec
+from featdenoise.hub.weights import load_weights
+from featdenoise.models import create_model, list_models, model_in_channels, model_label
+from featdenoise.models.normalize import Normalized, parse_normalize
+from featdenoise.training.checkpoint import load_model
 
 OFFICIAL_ARCHS = ("ResNet", "ResNetDenoise", "ResNeXtDenoiseAll")
 
@@ -53,17 +60,30 @@ def load_official(path: str, arch: str | None, depth: int | None = None,
 
 def load_model_spec(spec: str, *, arch: str | None = None, depth: int | None = None,
                     blocks: list[int] | None = None, num_classes: int | None = None,
-                    in_channels: int | None = None) -> tuple[str, nn.Module, dict]:
-    """``(name, model, source facts)`` from a model spec (see the module docstring).
+                    in_channels: int | None = None, kwargs: dict | None = None,
+                    weights: str | None = None, normalize: str | None = None,
+                    model_dir: str | None = None) -> tuple[str, nn.Module, dict]:
+    """``(name, model, source facts)`` from a model spec (see the module docstring and
+    :mod:`featdenoise.hub.specs`).
 
     ``arch``/``depth``/``blocks`` are the official checkpoint's ``--arch``/``-d`` (or block
     counts) when ``spec`` is a bare ``FILE.npz``; ``num_classes``/``in_channels`` size a
-    registered model built from its name (a warning is printed: its weights are random).
+    registered model built from its name when ``kwargs`` does not (a warning is printed unless
+    ``weights`` is given: its weights are random). ``kwargs``, ``weights``, ``normalize`` and
+    ``model_dir`` are for library, user-code and registry specs; a featdenoise or official file
+    carries its own and refuses them.
     """
-    from featdenoise.training.checkpoint import load_model
-
+    if is_code_spec(spec):
+        model, facts = build_spec(spec, kwargs, weights, normalize, model_dir)
+        return spec.rpartition(":")[2] or spec, model, facts
     cut = spec.find(".npz:") + 4 if ".npz:" in spec else len(spec)
     path, rest = spec[:cut], spec[cut + 1:]
+    if path.endswith(".npz") or os.path.exists(spec):
+        given = [flag for flag, v in (("--model-kwargs", kwargs), ("--weights", weights),
+                                      ("--normalize", normalize)) if v]
+        if given:
+            raise ValueError(f"{spec} is a model file with its own architecture, weights and "
+                             f"input convention; drop {', '.join(given)}")
     if path.endswith(".npz"):
         if rest:
             arch, _, d = rest.partition(":")
@@ -74,21 +94,39 @@ def load_model_spec(spec: str, *, arch: str | None = None, depth: int | None = N
     if os.path.exists(spec):
         return model_name_from_path(spec), load_model(spec).eval(), \
             {"checkpoint": os.path.abspath(spec)}
-    from featdenoise.models import create_model, list_models
+    return spec, *_registry_model(spec, num_classes, in_channels, kwargs, weights, normalize)
 
+
+def _registry_model(spec: str, num_classes: int | None, in_channels: int | None,
+                    kwargs: dict | None, weights: str | None,
+                    normalize: str | None) -> tuple[nn.Module, dict]:
     if spec not in list_models():
-        raise ValueError(f"model {spec!r} is neither an existing checkpoint nor a registered "
-                         f"model ({', '.join(list_models())})")
-    print(f"featdenoise: warning: {spec} is a registered model with random weights "
-          "(no checkpoint)")
-    kw = {k: v for k, v in (("num_classes", num_classes), ("in_channels", in_channels))
-          if v is not None}
+        raise ValueError(f"model {spec!r} is neither an existing file, a library spec "
+                         "(torchvision:NAME, timm:NAME, PATH.py:FUNCTION, module:FUNCTION) nor a "
+                         f"registered model ({', '.join(list_models())})")
+    if weights is None:
+        print(f"featdenoise: warning: {spec} is a registered model with random weights "
+              "(no checkpoint)")
+    kw = dict(kwargs) if kwargs is not None else {
+        k: v for k, v in (("num_classes", num_classes), ("in_channels", in_channels))
+        if v is not None}
     try:
         model = create_model(spec, **kw)
     except TypeError:
+        if kwargs is not None:
+            raise
         kw.pop("in_channels", None)
         model = create_model(spec, **kw)
-    return spec, model.eval(), {"registry": spec}
+    if weights:
+        load_weights(model, weights, spec)
+        model.source_file = os.path.abspath(weights)
+    stats = parse_normalize(normalize) if normalize else None
+    if stats is not None:
+        model = Normalized(model, *stats)
+        model.model_name, model.model_kwargs = spec, kw
+    facts = {"registry": spec, "kwargs": kw,
+             "weights": os.path.abspath(weights) if weights else None}
+    return model.eval(), facts
 
 
 def load_dataset(name: str, *, root: str | None = None, split: str = "val",
@@ -112,18 +150,38 @@ def load_dataset(name: str, *, root: str | None = None, split: str = "val",
     return build_dataset(name, root, split, augment=False, image_size=image_size)
 
 
+def probe_num_classes(model: nn.Module, x: torch.Tensor) -> int:
+    """K of a model that does not say it (a user's or library model): the logits of one image
+    ``x`` ``[C, H, W]``; one line when the model does not return logits ``[1, K]``."""
+    param = next(model.parameters(), None)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(x[None].to(param.device if param is not None else x.device))
+    finally:
+        model.train(was_training)
+    if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != 1:
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(f"{model_label(model)} returns {shape} for one image of "
+                         f"{tuple(x.shape)}, not logits [1, K]; wrap it to return logits")
+    return int(out.shape[1])
+
+
 def check_compatible(model: nn.Module, dataset: Dataset, what: str) -> None:
     """One clear error when the data's channels or labels cannot fit the model."""
     from featdenoise.evaluation.engine import model_num_classes
-    from featdenoise.models import model_in_channels
 
     if len(dataset) == 0:
         raise ValueError(f"{what} holds no images")
     x, y = dataset[0]
-    c, k = model_in_channels(model), model_num_classes(model)
+    c = model_in_channels(model)
     if x.dim() != 3 or x.shape[0] != c:
         raise ValueError(f"the model takes {c}-channel images but {what} gives shape "
                          f"{tuple(x.shape)}; use a model trained on this data")
+    if getattr(model, "num_classes", None) is None:
+        model.num_classes = probe_num_classes(model, x)
+    k = model_num_classes(model)
     classes = getattr(dataset, "classes", None)
     top = len(classes) - 1 if classes is not None and len(classes) else int(y)
     if top >= k or int(y) >= k:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import math
 
 
@@ -42,6 +43,19 @@ positive_int = _int_at_least(1, "a positive integer")
 """argparse type: an integer >= 1 (sizes, counts, batch sizes); anything else is one line."""
 nonnegative_int = _int_at_least(0, "an integer >= 0")
 """argparse type: an integer >= 0 (worker counts, ``--size 0`` = keep, channel indices)."""
+
+
+def json_object(text: str) -> dict:
+    """argparse type: a JSON object (``'{"num_classes": 10}'``); anything else is one line."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({err.msg} at column {err.colno}): "
+                                         f"{text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object like '{{\"num_classes\": 10}}',"
+                                         f" got {text!r}")
+    return value
 
 
 class FiniteFloat(argparse.Action):

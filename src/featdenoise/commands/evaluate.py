@@ -18,24 +18,42 @@ from torch import nn
 from featdenoise.commands.common import (
     FiniteFloat,
     int_list,
+    json_object,
     nonnegative_int,
     positive_int,
     str_list,
 )
+from featdenoise.loading import load_model_spec
 from featdenoise.runtime import outdir
 
 
 # --------------------------------------------------------------------------- shared helpers
 def add_model_args(p: argparse.ArgumentParser, multiple: bool = False) -> None:
-    """``--checkpoint`` (repeatable when ``multiple``) or ``--official NPZ --arch [--depth]``."""
-    g = p.add_argument_group("model (one of --checkpoint or --official)")
-    if multiple:
-        g.add_argument("--checkpoint", action="append", default=[], metavar="PATH",
-                       help="run directory, checkpoint.pt or model.safetensors; repeat to "
-                            "evaluate several models into one table and plot")
-    else:
-        g.add_argument("--checkpoint", metavar="PATH",
-                       help="run directory, checkpoint.pt or model.safetensors")
+    """``--model SPEC`` / ``--checkpoint`` (repeatable when ``multiple``) or ``--official NPZ
+    --arch [--depth]``, and the options of library and user-code specs."""
+    g = p.add_argument_group(
+        "model (--model, --checkpoint or --official)",
+        "SPEC: a run folder, checkpoint.pt or model.safetensors; torchvision:NAME; timm:NAME; "
+        "robustbench:NAME (with --model-dir); PATH.py:FUNCTION or package.module:FUNCTION (your "
+        "code: it is imported, so it runs); or a featdenoise model name. Nothing is downloaded.")
+    action = {"action": "append", "default": []} if multiple else {}
+    again = "; repeat for several models in one table and plot" if multiple else ""
+    g.add_argument("--model", metavar="SPEC", **action, help="the model" + again)
+    g.add_argument("--checkpoint", metavar="PATH", **action,
+                   help="run directory, checkpoint.pt or model.safetensors" + again)
+    g.add_argument("--model-kwargs", type=json_object, default=None, metavar="JSON",
+                   help="keyword arguments of a library or code --model, e.g. "
+                        "'{\"num_classes\": 10}'")
+    g.add_argument("--weights", metavar="FILE",
+                   help="weights of a library or code --model: .safetensors, or a .pt/.pth state "
+                        "dict (read with weights_only=True; {'state_dict': ...} and 'module.' "
+                        "accepted)")
+    g.add_argument("--normalize", metavar="NORM",
+                   help="imagenet, cifar10, none or M1,M2,M3/S1,S2,S3: a normalisation layer in "
+                        "front of a library or code --model, which then takes [0, 1] pixels "
+                        "(default: imagenet for torchvision, the model's own for timm, else none)")
+    g.add_argument("--model-dir", metavar="DIR",
+                   help="RobustBench checkpoints (DIR/DATASET/THREAT/NAME.pt) for robustbench:NAME")
     g.add_argument("--official", metavar="NPZ",
                    help="an official tensorpack checkpoint (R152.npz, R152-Denoise.npz, ...)")
     g.add_argument("--arch", choices=["ResNet", "ResNetDenoise", "ResNeXtDenoiseAll"],
@@ -62,16 +80,27 @@ def add_data_args(p: argparse.ArgumentParser, required: bool = True) -> None:
 
 
 def models_from_args(args: argparse.Namespace) -> list[tuple[str, nn.Module, dict]]:
-    """``[(name, model, source facts)]`` from ``--checkpoint`` / ``--official``."""
-    from featdenoise.loading import load_model_spec
+    """``[(name, model, source facts)]`` from ``--model`` / ``--checkpoint`` / ``--official``."""
+    def listed(value) -> list[str]:
+        return [value] if isinstance(value, str) else list(value or [])
 
-    ckpts = args.checkpoint or []
-    if isinstance(ckpts, str):
-        ckpts = [ckpts]
-    if bool(ckpts) == bool(args.official):
-        raise ValueError("give the model as --checkpoint PATH or as --official NPZ --arch ARCH "
-                         "(exactly one of them)")
-    out = []
+    specs, ckpts = listed(getattr(args, "model", None)), listed(args.checkpoint)
+    if not (specs or ckpts or args.official):
+        raise ValueError("give the model as --model SPEC, --checkpoint PATH or --official NPZ "
+                         "--arch ARCH")
+    if len(specs) + len(ckpts) + bool(args.official) > 1 and not isinstance(args.checkpoint, list):
+        raise ValueError("give one model: --model, --checkpoint or --official")
+    options = {"kwargs": getattr(args, "model_kwargs", None),
+               "weights": getattr(args, "weights", None),
+               "normalize": getattr(args, "normalize", None),
+               "model_dir": getattr(args, "model_dir", None)}
+    if len(specs) > 1 and any(options.values()):
+        raise ValueError("--model-kwargs, --weights, --normalize and --model-dir describe one "
+                         "--model; evaluate such models one at a time")
+    if any(options.values()) and not specs:
+        raise ValueError("--model-kwargs, --weights, --normalize and --model-dir go with --model "
+                         "SPEC (a checkpoint carries its own)")
+    out = [load_model_spec(spec, **options) for spec in specs]
     for path in ckpts:
         if not os.path.exists(path):
             raise FileNotFoundError(f"--checkpoint {path} does not exist")

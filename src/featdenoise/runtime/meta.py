@@ -40,7 +40,10 @@ def _dtype_name(dtype: torch.dtype | str) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def check_fits(model: nn.Module, stored: Stored, source: str, name: str) -> None:
+def check_fits(model: nn.Module, stored: Stored, source: str, name: str,
+               subject: str = "the model it names",
+               advice: str = "the file is damaged or its metadata does not describe its tensors",
+               ) -> None:
     """Refuse a network whose state dict differs from the file's tensors in keys, shapes or dtypes.
 
     Args:
@@ -49,6 +52,7 @@ def check_fits(model: nn.Module, stored: Stored, source: str, name: str) -> None
         stored: the file's tensors, ``{key: (shape, dtype)}``.
         source: the file, named first in the message.
         name: the model name the file gives.
+        subject, advice: how the message speaks of the model and what it suggests.
 
     Raises:
         ValueError: one line: how many keys are missing, unexpected, or of another shape or dtype
@@ -67,7 +71,7 @@ def check_fits(model: nn.Module, stored: Stored, source: str, name: str) -> None
                              f"{_dtype_name(want_dtype)}")
     if missing or unexpected or misshaped:
         raise ValueError(
-            f"{source}: its weights do not fit the model it names ({name!r}): {len(missing)} "
+            f"{source}: its weights do not fit {subject} ({name!r}): {len(missing)} "
             f"missing, {len(unexpected)} unexpected, {len(misshaped)} with another shape or "
             f"dtype (file vs model), e.g. {'; '.join((missing + unexpected + misshaped)[:3])}; "
-            "the file is damaged or its metadata does not describe its tensors")
+            f"{advice}")
