@@ -30,7 +30,8 @@ NUMERICS = {
     "test_accel.py", "test_accel_pack.py", "test_accel_changes.py", "test_attacks.py",
     "test_attacks_reference.py", "test_autoattack.py", "test_eval_autoattack.py",
     "test_engine.py", "test_denoise_ops.py", "test_models.py", "test_pretrained.py",
-    "test_cheap_training.py", "test_autoattack_fashion_mnist.py",
+    "test_cheap_training.py", "test_autoattack_fashion_mnist.py", "test_surgery.py",
+    "test_hub_specs.py",
 }
 
 

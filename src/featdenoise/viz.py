@@ -5,7 +5,8 @@ maps of an undefended network (Fig. 1); a denoising block removes much of it (Fi
 shows that and measures it:
 
 * :func:`capture_features` records, with forward hooks, the output of every entry of
-  ``model.feature_modules()`` (stages and denoising blocks) and, for each
+  :func:`~featdenoise.models.surgery.feature_modules` (stages and denoising blocks: the model's
+  ``feature_modules()``, and those :func:`~featdenoise.models.add_denoising` put in) and, for each
   :class:`~featdenoise.models.denoise.DenoisingBlock`, the maps right before and right after its
   denoising operation (``<block>.before`` / ``<block>.after``: input and output of ``block.op``);
 * :func:`relative_l2` gives ``||f(x_adv) - f(x)||_2 / ||f(x)||_2`` per image;
@@ -23,6 +24,8 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
+
+from featdenoise.models.surgery import feature_modules
 
 BEFORE, AFTER = ".before", ".after"
 
@@ -48,7 +51,7 @@ def _denoise_ops(model: nn.Module) -> dict[str, nn.Module]:
     """``{feature name: block.op}`` for every denoising block among the feature modules."""
     from featdenoise.models.denoise import DenoisingBlock
 
-    return {name: m.op for name, m in model.feature_modules().items()
+    return {name: m.op for name, m in feature_modules(model).items()
             if isinstance(m, DenoisingBlock)}
 
 
@@ -56,14 +59,15 @@ def _denoise_ops(model: nn.Module) -> dict[str, nn.Module]:
 def capture_features(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
     """Run ``model(x)`` and return its recorded feature maps, in forward order.
 
-    Keys: every name of ``model.feature_modules()`` (the module's output), and for each
+    Keys: every name of ``feature_modules(model)`` (the module's output), and for each
     denoising block ``name`` also ``name + ".before"`` / ``name + ".after"`` (input and output of
     its ``.op``, the maps "right before/after the denoising operation" of Fig. 3).
     Values: ``[N, C, H, W]`` float tensors on the CPU. ``x``: ``[N, C, H, W]`` pixels in [0, 1].
     """
-    if not hasattr(model, "feature_modules"):
-        raise ValueError(f"{type(model).__name__} has no feature_modules(); use a model built by "
-                         "featdenoise.models.create_model")
+    features = feature_modules(model)
+    if not features:
+        raise ValueError(f"{type(model).__name__} has no feature_modules() and no denoising blocks;"
+                         " use a model built by featdenoise.models.create_model or add_denoising")
     records: list[tuple[str, torch.Tensor]] = []
     handles = []
 
@@ -79,7 +83,7 @@ def capture_features(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tenso
         return hook
 
     try:
-        for name, module in model.feature_modules().items():
+        for name, module in features.items():
             handles.append(module.register_forward_hook(out_hook(name)))
         for name, op in _denoise_ops(model).items():
             handles.append(op.register_forward_hook(op_hook(name)))
@@ -124,7 +128,7 @@ def pick_channel(clean: torch.Tensor, adv: torch.Tensor) -> int:
 
 def default_stage(model: nn.Module) -> str:
     """``res3`` (the paper's pictures) for ImageNet nets, else the second stage (``stage2``)."""
-    names = [n for n in model.feature_modules() if "denoise" not in n and "bottleneck" not in n]
+    names = [n for n in feature_modules(model) if "denoise" not in n and "bottleneck" not in n]
     if "res3" in names:
         return "res3"
     if not names:
@@ -241,7 +245,9 @@ def visualize(model: nn.Module, x: torch.Tensor, y: torch.Tensor, out_dir: str, 
     """Attack ``x`` with PGD and write the feature-noise pictures and numbers (Sec. 3, Figs. 1-3).
 
     Args:
-        model: a featdenoise model (has ``feature_modules()``), taking ``[N, C, H, W]`` in [0, 1].
+        model: a featdenoise model or one with :func:`~featdenoise.models.add_denoising` blocks
+            (:func:`~featdenoise.models.surgery.feature_modules`), taking ``[N, C, H, W]`` in
+            [0, 1].
         x, y: images ``[N, C, H, W]`` in [0, 1] and labels ``[N]``.
         out_dir: output folder (created).
         stage: feature map to picture (default :func:`default_stage`: ``res3`` / ``stage2``).
@@ -258,7 +264,7 @@ def visualize(model: nn.Module, x: torch.Tensor, y: torch.Tensor, out_dir: str, 
     """
     from featdenoise.attacks import PGD, draw_targets
 
-    features = model.feature_modules()
+    features = feature_modules(model)
     stage = stage or default_stage(model)
     if stage not in features:
         raise ValueError(f"unknown stage {stage!r} for this model; choose one of "

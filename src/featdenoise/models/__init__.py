@@ -13,6 +13,7 @@ from featdenoise.models.registry import (
     model_label,
     model_metadata,
 )
+from featdenoise.models.surgery import add_denoising, feature_modules
 
-__all__ = ["DenoisingBlock", "create_model", "list_models", "model_from_metadata",
-           "model_in_channels", "model_label", "model_metadata"]
+__all__ = ["DenoisingBlock", "add_denoising", "create_model", "feature_modules", "list_models",
+           "model_from_metadata", "model_in_channels", "model_label", "model_metadata"]
