@@ -264,9 +264,9 @@ def test_atomic_save_keeps_old_file_when_writing_fails(tmp_path, monkeypatch):
 
 def exploding_at_step_5(monkeypatch) -> None:
     """Training builds a small_resnet whose 6th training-mode forward (step 5) returns NaN."""
-    import featdenoise.models as models
+    import featdenoise.hub.build as build
 
-    real = models.create_model
+    real = build.create_model
 
     class Exploding(nn.Module):
         def __init__(self, **kw):
@@ -283,7 +283,7 @@ def exploding_at_step_5(monkeypatch) -> None:
                     return out * float("nan")
             return out
 
-    monkeypatch.setattr(models, "create_model", lambda name, **kw: Exploding(**kw))
+    monkeypatch.setattr(build, "create_model", lambda name, **kw: Exploding(**kw))
 
 
 def test_non_finite_loss_stops_with_step_and_keeps_last_checkpoint(tmp_path, monkeypatch):

@@ -97,10 +97,22 @@ def yaml_load(stream) -> Any:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Which network: ``featdenoise.models.create_model(name, **kwargs)``."""
+    """Which network (:func:`featdenoise.hub.build.build_model`).
+
+    ``name``: a registry name (``resnet152_denoise``) or a library / user-code spec
+    (``torchvision:resnet50``, ``timm:resnet50``, ``nets.py:build``); ``kwargs``: its builder's
+    keyword arguments; ``denoise``: denoising blocks put into the backbone (``{op:
+    nonlocal_gaussian, after: stages}``, paper Sec. 4; empty: none); ``normalize``: the
+    normalisation in front (``imagenet``, ``none``, ``M1,M2,M3/S1,S2,S3``; null: the kind's
+    default); ``init``: the backbone's pretrained weights (safetensors or a ``.pt``/``.pth``
+    state dict), loaded strictly before the blocks go in.
+    """
 
     name: str = "resnet152"
     kwargs: dict = field(default_factory=dict)
+    denoise: dict = field(default_factory=dict)
+    normalize: str | None = None
+    init: str | None = None
 
 
 @dataclass(frozen=True)
@@ -231,7 +243,7 @@ _SECTION_CLASSES = {
     "run": RunConfig,
 }
 # Sections whose values are free-form dicts (validated later by their consumer, e.g. create_model).
-_FREE_FORM = {("model", "kwargs")}
+_FREE_FORM = {("model", "kwargs"), ("model", "denoise")}
 
 
 def _all_keys() -> list[str]:
@@ -467,43 +479,36 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
 
 
 def check_model(cfg: Config) -> None:
-    """Refuse a model name or kwargs that ``train`` would refuse, without allocating weights.
+    """Refuse a model that ``train`` would refuse, without allocating weights.
 
-    Builds ``create_model(cfg.model.name, **cfg.model.kwargs)`` on the ``meta`` device (shapes
-    only, no memory, well under a second even for ResNet-152), so a misspelt name, an unknown
-    kwarg or a value the builder rejects is one ``ValueError`` naming the config key, exactly as
-    the real build in ``train`` would give it.
+    Builds the network of ``cfg.model`` (without ``init``) on the ``meta`` device (shapes only,
+    no memory, well under a second even for ResNet-152), so a misspelt name, an unknown kwarg, a
+    denoising placement that does not fit or a value the builder rejects is one ``ValueError``
+    naming the config key, exactly as the real build in ``train`` would give it.
     """
-    import torch
-    from torch.overrides import TorchFunctionMode
-
-    from featdenoise.models import create_model
-
-    class _NoDataDependentInit(TorchFunctionMode):
-        # Meta tensors hold no values; an initialiser that looks at them (``nonzero`` to redraw
-        # truncated-normal outliers) is told that nothing needs redrawing.
-        def __torch_function__(self, func, types, args=(), kwargs=None):
-            if func in (torch.Tensor.nonzero, torch.nonzero) and args and args[0].is_meta:
-                return torch.empty((0, args[0].dim()), dtype=torch.long, device="meta")
-            return func(*args, **(kwargs or {}))
+    from featdenoise.hub.build import build_model
+    from featdenoise.hub.specs import is_code_spec
+    from featdenoise.models import list_models
+    from featdenoise.runtime.meta import build_on_meta
 
     m = cfg.model
-    try:
-        with torch.device("meta"), _NoDataDependentInit():
-            create_model(m.name, **dict(m.kwargs))
-    except (ValueError, TypeError) as err:
-        text = str(err).strip().splitlines()
-        what = text[0] if text else type(err).__name__
-        key = "model.name" if m.name not in _model_names() else "model.kwargs"
-        raise ValueError(f"config key '{key}': {what}") from None
-    except (NotImplementedError, RuntimeError):
-        pass  # a builder that needs real values: the build in train checks it
-
-
-def _model_names() -> list[str]:
-    from featdenoise.models import list_models
-
-    return list_models()
+    known = m.name in list_models() or is_code_spec(m.name)
+    for key, denoise in (("model.kwargs" if known else "model.name", None),
+                         ("model.denoise", dict(m.denoise))):
+        if key == "model.denoise" and not denoise:
+            break
+        try:
+            build_on_meta(lambda d=denoise: build_model(m.name, dict(m.kwargs), denoise=d,
+                                                        normalize=m.normalize))
+        except (ValueError, TypeError) as err:
+            text = str(err).strip().splitlines()
+            what = text[0] if text else type(err).__name__
+            raise ValueError(f"config key '{key}': {what}") from None
+        except (NotImplementedError, RuntimeError):
+            break  # a builder that needs real values: the build in train checks it
+    if m.init and not os.path.isfile(m.init):
+        raise ValueError(f"config key 'model.init': {m.init} not found; give the backbone's "
+                         "weights file")
 
 
 def is_own_config(path: str | os.PathLike) -> bool:

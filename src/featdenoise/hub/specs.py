@@ -171,6 +171,25 @@ def _user_code(spec: str, kwargs: dict) -> Built:
     return Built(model)
 
 
+def construct(spec: str, kwargs: dict | None = None, model_dir: str | None = None) -> Built:
+    """The architecture a library or user-code spec names (random weights), with the kind's
+    default normalisation; :func:`build_spec` adds weights and normalisation."""
+    kwargs = dict(kwargs or {})
+    kind, _, name = spec.partition(":")
+    if kind == "torchvision":
+        return _torchvision(name, kwargs)
+    if kind == "timm":
+        return _timm(name, kwargs)
+    if kind == "robustbench":
+        return _robustbench(name, kwargs, model_dir)
+    return _user_code(spec, kwargs)
+
+
+def normalization_facts(stats) -> dict | None:
+    """How an evaluation records a normalisation: ``{"mean": [...], "std": [...]}`` or None."""
+    return None if stats is None else {"mean": list(stats[0]), "std": list(stats[1])}
+
+
 def build_spec(spec: str, kwargs: dict | None = None, weights: str | None = None,
                normalize: str | None = None, model_dir: str | None = None) -> tuple[nn.Module,
                                                                                     dict]:
@@ -196,15 +215,7 @@ def build_spec(spec: str, kwargs: dict | None = None, weights: str | None = None
             would need, weights of another architecture, a returned object that is no module.
     """
     kwargs = dict(kwargs or {})
-    kind, _, name = spec.partition(":")
-    if kind == "torchvision":
-        built = _torchvision(name, kwargs)
-    elif kind == "timm":
-        built = _timm(name, kwargs)
-    elif kind == "robustbench":
-        built = _robustbench(name, kwargs, model_dir)
-    else:
-        built = _user_code(spec, kwargs)
+    built = construct(spec, kwargs, model_dir)
     model, weights = built.model, weights or built.weights
     if weights:
         load_weights(model, weights, spec)
@@ -217,6 +228,5 @@ def build_spec(spec: str, kwargs: dict | None = None, weights: str | None = None
     facts = {"spec": spec, "kwargs": kwargs, **built.facts,
              "weights": os.path.abspath(weights) if weights else None,
              "weights_file_sha256": file_digest(weights) if weights else None,
-             "normalize": None if stats is None else {"mean": list(stats[0]),
-                                                      "std": list(stats[1])}}
+             "normalize": normalization_facts(stats)}
     return model.eval(), facts

@@ -7,6 +7,7 @@ inside the model, so the attack's budget stays on the pixel scale.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -37,7 +38,7 @@ def parse_normalize(text: str) -> tuple[tuple[float, ...], tuple[float, ...]] | 
         std = tuple(float(v) for v in std_text.split(","))
     except ValueError:
         sep = ""
-    if not sep or len(mean) != len(std) or not all(torch.isfinite(torch.tensor(mean + std))) \
+    if not sep or len(mean) != len(std) or not all(map(math.isfinite, mean + std)) \
             or min(std) <= 0:
         raise ValueError(f"--normalize {text!r}: expected imagenet, cifar10, none or "
                          "M1,M2,M3/S1,S2,S3 (means and positive stds per channel, [0, 1] scale)")
@@ -59,8 +60,11 @@ class Normalized(nn.Module):
     def __init__(self, inner: nn.Module, mean: Sequence[float], std: Sequence[float]):
         super().__init__()
         self.inner = inner
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+        param = next(inner.parameters(), None)
+        device = param.device if param is not None else None  # where the model already is
+        for name, values in (("mean", mean), ("std", std)):
+            self.register_buffer(name, torch.tensor(values, dtype=torch.float32,
+                                                    device=device).view(1, -1, 1, 1))
         for key in ("num_classes", "in_channels"):
             if getattr(inner, key, None) is not None:
                 setattr(self, key, getattr(inner, key))

@@ -65,6 +65,18 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def build_options(model: nn.Module) -> dict:
+    """What rebuilds ``model`` beyond its name and kwargs
+    (:func:`featdenoise.hub.build.build_model`): ``{"denoise": {...}, "normalize": "..."}`` where
+    set, else ``{}``."""
+    out = {}
+    if getattr(model, "model_denoise", None):
+        out["denoise"] = dict(model.model_denoise)
+    if getattr(model, "model_normalize", None) is not None:
+        out["normalize"] = model.model_normalize
+    return out
+
+
 def save_checkpoint(path: str, *, model: nn.Module, model_name: str, model_kwargs: dict,
                     optimizer: torch.optim.Optimizer, schedule_step: int, epoch: int,
                     step_in_epoch: int, step: int, config: dict, rng: dict | None = None,
@@ -74,6 +86,7 @@ def save_checkpoint(path: str, *, model: nn.Module, model_name: str, model_kwarg
         "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "model_name": model_name,
         "model_kwargs": dict(model_kwargs),
+        "model_build": build_options(model),
         "optimizer": optimizer.state_dict(),
         "schedule": {"step": int(schedule_step)},
         "epoch": int(epoch),
@@ -109,6 +122,8 @@ def save_weights(path: str, model: nn.Module, model_name: str, model_kwargs: dic
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
     meta = {"model": model_name, "model_kwargs": json.dumps(model_kwargs, sort_keys=True),
             "format": "pt"}
+    if build_options(model):
+        meta["model_build"] = json.dumps(build_options(model), sort_keys=True)
     meta.update({k: str(v) for k, v in (extra_metadata or {}).items()})
     with atomic_write(path, "wb") as f:
         f.write(save(tensors, metadata=meta))
@@ -124,20 +139,25 @@ def stored_shapes(state: dict, path: str) -> dict[str, tuple[tuple[int, ...], to
     return {k: (tuple(v.shape), v.dtype) for k, v in state.items()}
 
 
-def _build(path: str, name, kwargs, meta_device: bool = False) -> nn.Module:
-    """``create_model(name, **kwargs)`` for the model a file names (``meta_device``: shapes
-    only, no memory; :mod:`featdenoise.runtime.meta`); one line naming the file when the name or
-    the kwargs cannot build a model."""
-    from featdenoise.models import create_model
+def _build(path: str, name, kwargs, build: dict | None = None,
+           meta_device: bool = False) -> nn.Module:
+    """The model a file names (:func:`featdenoise.hub.build.build_model` of its name, kwargs and
+    build options; ``meta_device``: shapes only, no memory, :mod:`featdenoise.runtime.meta`); one
+    line naming the file when they cannot build a model."""
+    from featdenoise.hub.build import build_model
 
     if meta_device:
-        return build_on_meta(lambda: _build(path, name, kwargs))
+        return build_on_meta(lambda: _build(path, name, kwargs, build))
 
-    if not isinstance(name, str) or not isinstance(kwargs, dict):
-        raise ValueError(f"{path}: its model name {name!r} / kwargs {kwargs!r} are not a name "
-                         "and a mapping; the file is damaged or was not written by featdenoise")
+    build = {} if build is None else build
+    if not isinstance(name, str) or not isinstance(kwargs, dict) or not isinstance(build, dict) \
+            or set(build) - {"denoise", "normalize"}:
+        raise ValueError(f"{path}: its model name {name!r} / kwargs {kwargs!r} / build options "
+                         f"{build!r} are not a name and mappings; the file is damaged or was not "
+                         "written by featdenoise")
     try:
-        return create_model(name, **kwargs)
+        return build_model(name, kwargs, denoise=build.get("denoise"),
+                           normalize=build.get("normalize"))
     except (ValueError, TypeError, KeyError) as err:
         text = str(err).strip().splitlines()
         raise ValueError(f"{path}: the model it names cannot be built "
@@ -208,7 +228,8 @@ def load_model(path: str | os.PathLike, map_location="cpu") -> nn.Module:
             raise ValueError(f"{path} has no 'model' metadata; it was not written by featdenoise")
         name = meta["model"]
         kwargs = metadata_json(path, meta, "model_kwargs", {}, dict)
-        check_fits(_build(path, name, kwargs, meta_device=True), stored, path, name)
+        build = metadata_json(path, meta, "model_build", {}, dict)
+        check_fits(_build(path, name, kwargs, build, meta_device=True), stored, path, name)
         state, _ = read_safetensors(path, device=str(map_location))
         check_finite_tensors(state, path)
     else:
@@ -217,13 +238,14 @@ def load_model(path: str | os.PathLike, map_location="cpu") -> nn.Module:
             raise ValueError(f"{path} is not a featdenoise training checkpoint (no model_name)")
         name = ckpt["model_name"]
         kwargs = ckpt.get("model_kwargs", {})
+        build = ckpt.get("model_build", {})
         state = ckpt.get("model")
         if not isinstance(state, dict):
             raise ValueError(f"{path}: its 'model' entry is not a state dict; the file is "
                              "damaged or was not written by featdenoise")
-        check_fits(_build(path, name, kwargs, meta_device=True), stored_shapes(state, path),
-                   path, name)
-    model = _build(path, name, kwargs)  # for real: its tensors are the file's, already read
+        check_fits(_build(path, name, kwargs, build, meta_device=True),
+                   stored_shapes(state, path), path, name)
+    model = _build(path, name, kwargs, build)  # for real: its tensors are the file's, already read
     model.load_state_dict(state)
     model.source_file = path  # named by messages about this model (models.model_label)
     return model.eval()

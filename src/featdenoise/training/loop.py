@@ -96,12 +96,14 @@ def _loaders(cfg: Config, train_set, device):
 
 
 def _build_model(cfg: Config, device):
-    from featdenoise.models import create_model
+    from featdenoise.hub.build import build_model
 
     # CUDA numerics of the run: TF32, cuDNN autotuning or deterministic kernels (no-op on CPU).
     backends.configure(device, tf32=cfg.run.tf32, deterministic=cfg.run.deterministic)
     torch.manual_seed(cfg.run.seed)  # identical initial weights on every process
-    model = create_model(cfg.model.name, **dict(cfg.model.kwargs)).to(device)
+    m = cfg.model
+    model = build_model(m.name, dict(m.kwargs), denoise=dict(m.denoise), normalize=m.normalize,
+                        init=m.init).to(device)
     if cfg.run.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model
