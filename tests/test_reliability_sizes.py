@@ -313,8 +313,8 @@ def test_mixed_image_sizes_are_one_line_naming_both_files(tmp_path, capsys, comm
     ["predict", "--workers", "-1"], ["eval", "--batch-size", "-1"], ["eval", "--image-size", "0"],
     ["eval", "--limit", "0"], ["eval", "--restarts", "0"], ["eval", "--aa-targets", "-2"],
     ["blackbox", "--source-steps", "0"], ["visualize", "--steps", "-1"],
-    ["visualize", "--channel", "-1"], ["convert", "--size", "0"], ["bench", "ops", "--threads", "0"],
-    ["demo", "--threads", "-4"], ["ablate", "--limit", "0"],
+    ["visualize", "--channel", "-1"], ["convert", "--size", "0"],
+    ["bench", "ops", "--threads", "0"], ["demo", "--threads", "-4"], ["ablate", "--limit", "0"],
 ])
 def test_negative_or_zero_counts_are_refused_by_the_flag(capsys, argv):
     with pytest.raises(SystemExit) as stop:
