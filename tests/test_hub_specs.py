@@ -255,3 +255,20 @@ def test_flag_errors_are_argparse_lines(capsys):
     with pytest.raises(SystemExit) as stop:
         main(["eval", "--model", "x", "--model-kwargs", "[1]", "--data", "x", "--out", "o"])
     assert stop.value.code == 2 and "expected a JSON object" in capsys.readouterr().err
+
+
+def test_blackbox_source_spec_with_weights(tmp_path, capsys):
+    folder, labels = _folder_dataset(tmp_path, n=4)
+    torch.save(_tv_resnet18().state_dict(), tmp_path / "src.pt")
+    torch.save(_tv_resnet18(seed=1).state_dict(), tmp_path / "target.pt")
+    argv = ["blackbox", "--model", "torchvision:resnet18", "--model-kwargs", '{"num_classes": 4}',
+            "--weights", str(tmp_path / "target.pt"), "--clean-dir", str(folder), "--labels",
+            str(labels), "--source", f"torchvision:resnet18@{tmp_path / 'src.pt'}",
+            "--source-attacks", "fgsm", "--out", str(tmp_path / "bb"), "--device", "cpu",
+            "--no-progress"]
+    assert main(argv) == 0, capsys.readouterr().err
+    settings = json.loads((tmp_path / "bb" / "settings.json").read_text())
+    assert "resnet18" in json.dumps(settings)
+    capsys.readouterr()
+    argv[argv.index("--source") + 1] = f"torchvision:resnet34@{tmp_path / 'src.pt'}"
+    assert main(argv) == 2 and "do not fit" in capsys.readouterr().err

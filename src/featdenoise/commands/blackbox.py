@@ -56,8 +56,11 @@ def _run(args: argparse.Namespace) -> int:
         check_compatible(model, dataset, "the clean images")
         attackers = []
         k = model_num_classes(model)
-        for spec in args.source:
-            src_name, src, _ = load_model_spec(spec, num_classes=k, in_channels=channels)
+        for item in args.source:
+            spec, _, weights = item.partition("@")
+            kwargs = {"num_classes": k} if spec.split(":")[0] in ("torchvision", "timm") else None
+            src_name, src, _ = load_model_spec(spec, num_classes=k, in_channels=channels,
+                                               kwargs=kwargs, weights=weights or None)
             src_channels = model_in_channels(src)
             if src_channels != channels:
                 raise ValueError(f"--source {spec} takes {src_channels}-channel images but the "
@@ -99,8 +102,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="clean images as a flat folder (with --labels) instead of --data")
     a = p.add_argument_group("attackers")
     a.add_argument("--source", type=str_list, default=[], metavar="MODEL[,MODEL...]",
-                   help="source models for transfer attacks: checkpoints / run directories, "
-                        "FILE.npz:ARCH[:DEPTH], or registered model names")
+                   help="source models for transfer attacks: model specs as for --model "
+                        "(run folders, FILE.npz:ARCH[:DEPTH], torchvision:NAME, timm:NAME, "
+                        "PATH.py:FUNCTION, registry names), each optionally SPEC@WEIGHTS "
+                        "(torchvision and timm sources get num_classes of the target)")
     a.add_argument("--source-attacks", type=str_list, default=["pgd", "fgsm", "ifgsm", "mifgsm"],
                    metavar="A[,A...]", help="attacks run on each source (default all four)")
     a.add_argument("--source-steps", type=positive_int, default=10, help="iterations (default 10)")
