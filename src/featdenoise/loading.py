@@ -26,7 +26,13 @@ from torch.utils.data import Dataset
 
 from featdenoise.hub.specs import build_spec, is_code_spec
 from featdenoise.hub.weights import load_weights
-from featdenoise.models import create_model, list_models, model_in_channels, model_label
+from featdenoise.models import (
+    create_model,
+    list_models,
+    model_in_channels,
+    model_label,
+    model_num_classes,
+)
 from featdenoise.models.normalize import Normalized, parse_normalize
 from featdenoise.training.checkpoint import load_model
 
@@ -170,8 +176,6 @@ def probe_num_classes(model: nn.Module, x: torch.Tensor) -> int:
 
 def check_compatible(model: nn.Module, dataset: Dataset, what: str) -> None:
     """One clear error when the data's channels or labels cannot fit the model."""
-    from featdenoise.evaluation.engine import model_num_classes
-
     if len(dataset) == 0:
         raise ValueError(f"{what} holds no images")
     x, y = dataset[0]

@@ -30,9 +30,8 @@ from featdenoise.runtime import outdir
 def _run(args: argparse.Namespace) -> int:
     from featdenoise.data.files import labelled_folder
     from featdenoise.evaluation import blackbox as bb
-    from featdenoise.evaluation.engine import model_num_classes
     from featdenoise.loading import check_compatible, load_model_spec
-    from featdenoise.models import model_in_channels
+    from featdenoise.models import model_in_channels, model_num_classes
     from featdenoise.runtime import distributed
 
     check_run_args(args)

@@ -41,6 +41,7 @@ from torch.utils.data import Dataset
 from featdenoise.evaluation import engine
 from featdenoise.evaluation.metrics import all_or_nothing, kept
 from featdenoise.evaluation.whitebox import attack_column, make_attack
+from featdenoise.models import model_num_classes
 from featdenoise.runtime import outdir
 
 TRANSFER_ATTACKS = ("pgd", "fgsm", "ifgsm", "mifgsm")
@@ -239,7 +240,7 @@ def evaluate_blackbox(
                 raise ValueError(f"source model of {a.name} takes {c}-channel images but the "
                                  f"clean images have {channels}; use a source trained on "
                                  "this data")
-    k = engine.model_num_classes(model)
+    k = model_num_classes(model)
     columns = [_folder_column(a, eps, clip_eps) if isinstance(a, FolderAttacker)
                else _transfer_column(a, eps, save_adv, exact, k) for a in attackers]
     p = engine.plan(model, dataset, columns, batch_size=batch_size, limit=limit, seed=seed,

@@ -59,7 +59,7 @@ from featdenoise.evaluation.records import (  # noqa: F401  (part of the engine'
     write_json,
     write_outcomes,
 )
-from featdenoise.models.registry import model_label
+from featdenoise.models.registry import model_label, model_num_classes
 from featdenoise.runtime import distributed as dist
 from featdenoise.runtime import outdir
 from featdenoise.runtime.distributed import rank_world  # noqa: F401  (part of the API)
@@ -83,15 +83,6 @@ def image_targets(ids: Sequence[str], labels: torch.Tensor, num_classes: int,
     labels = labels.long().cpu()
     return torch.cat([draw_targets(labels[i:i + 1], num_classes, generator(seed, "target", i_d))
                       for i, i_d in enumerate(ids)]) if len(ids) else labels.clone()
-
-
-def model_num_classes(model: nn.Module) -> int:
-    """``model.num_classes`` (every model of the library has it)."""
-    k = getattr(model, "num_classes", None)
-    if k is None:
-        raise ValueError("the model has no num_classes attribute; build it with "
-                         "featdenoise.models.create_model or set model.num_classes")
-    return int(k)
 
 
 def default_device() -> torch.device:

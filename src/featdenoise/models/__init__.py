@@ -12,8 +12,10 @@ from featdenoise.models.registry import (
     model_in_channels,
     model_label,
     model_metadata,
+    model_num_classes,
 )
 from featdenoise.models.surgery import add_denoising, feature_modules
 
 __all__ = ["DenoisingBlock", "add_denoising", "create_model", "feature_modules", "list_models",
-           "model_from_metadata", "model_in_channels", "model_label", "model_metadata"]
+           "model_from_metadata", "model_in_channels", "model_label", "model_metadata",
+           "model_num_classes"]

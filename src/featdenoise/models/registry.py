@@ -137,6 +137,16 @@ def model_in_channels(model: nn.Module, default: int | None = 3) -> int | None:
     return default if conv is None else int(conv.in_channels)
 
 
+def model_num_classes(model: nn.Module) -> int:
+    """``model.num_classes`` (every model of the library has it)."""
+    k = getattr(model, "num_classes", None)
+    if k is None:
+        raise ValueError("the model has no num_classes attribute; build it with "
+                         "featdenoise.models.create_model or a model spec, or set "
+                         "model.num_classes")
+    return int(k)
+
+
 def model_label(model: nn.Module) -> str:
     """How messages name ``model``: ``model NAME`` (its registry name, else its class), followed
     by the file it was loaded from when a loader recorded it in ``model.source_file``."""
