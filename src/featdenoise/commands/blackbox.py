@@ -13,7 +13,7 @@ import argparse
 import os
 
 from featdenoise.commands.common import FiniteFloat, nonnegative_int, positive_int, str_list
-from featdenoise.commands.evaluate import (
+from featdenoise.commands.inputs import (
     add_data_args,
     add_exact_arg,
     add_model_args,

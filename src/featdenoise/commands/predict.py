@@ -15,7 +15,7 @@ import argparse
 import os
 
 from featdenoise.commands.common import nonnegative_int, output_file, positive_int
-from featdenoise.commands.evaluate import add_model_args, models_from_args, resolve_device
+from featdenoise.commands.inputs import add_model_args, models_from_args, resolve_device
 
 
 def check_paths(args: argparse.Namespace) -> None:

@@ -11,13 +11,18 @@ from featdenoise.commands.common import (
     output_folder,
     positive_int,
 )
+from featdenoise.commands.inputs import (
+    add_data_args,
+    add_model_args,
+    dataset_from_args,
+    models_from_args,
+)
 
 
 def _run(args: argparse.Namespace) -> int:
     import torch
 
     from featdenoise import viz
-    from featdenoise.commands.evaluate import dataset_from_args, models_from_args
     from featdenoise.loading import check_compatible
     from featdenoise.models import model_in_channels
 
@@ -48,8 +53,6 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from featdenoise.commands.evaluate import add_data_args, add_model_args
-
     p = sub.add_parser(
         "visualize", help="feature maps of clean vs PGD images and their relative L2 distance",
         description="For chosen images: the clean image, its PGD counterpart, one channel of a "
