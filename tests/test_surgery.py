@@ -297,3 +297,36 @@ def test_bad_requests_are_one_line_and_change_nothing(kwargs, words):
         add_denoising(model, **kwargs)
     assert words in str(err.value) and "\n" not in str(err.value), str(err.value)
     assert list(model.state_dict()) == keys and model.training
+
+
+def _ddp_worker(rank, world, port, out):
+    import torch.distributed as tdist
+    from gloo import as_rank
+    from torch.nn.parallel import DistributedDataParallel
+
+    as_rank(rank, world, port)
+    tdist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)  # the same initial weights on both ranks
+        model = add_denoising(torchvision.models.resnet18(num_classes=4), "stages", "mean")
+        ddp = DistributedDataParallel(model)
+        torch.manual_seed(10 + rank)  # different data per rank
+        x, y = torch.rand(2, 3, 32, 32), torch.randint(0, 4, (2,))
+        nn.functional.cross_entropy(ddp(x), y).backward()
+        grads = torch.cat([model.get_submodule(f"layer{i}").denoise.bn.weight.grad
+                           for i in range(1, 5)])
+        torch.save(grads, out / f"grad{rank}.pt")
+    finally:
+        tdist.destroy_process_group()
+
+
+def test_blocks_train_under_ddp(tmp_path):
+    """Two gloo ranks: the blocks' parameters are registered, so DDP all-reduces their
+    gradients (equal on both ranks, nonzero although each rank saw other images)."""
+    import torch.multiprocessing as mp
+    from gloo import free_port
+
+    mp.start_processes(_ddp_worker, args=(2, free_port(), tmp_path), nprocs=2, join=True,
+                       start_method="fork")
+    g0, g1 = torch.load(tmp_path / "grad0.pt"), torch.load(tmp_path / "grad1.pt")
+    assert torch.equal(g0, g1) and g0.abs().sum() > 0
