@@ -24,16 +24,14 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from featdenoise.hub.specs import build_spec, is_code_spec
-from featdenoise.hub.weights import load_weights
+from featdenoise.hub.build import build_model, build_spec
+from featdenoise.hub.specs import is_code_spec
 from featdenoise.models import (
-    create_model,
     list_models,
     model_in_channels,
     model_label,
     model_num_classes,
 )
-from featdenoise.models.normalize import Normalized, parse_normalize
 from featdenoise.training.checkpoint import load_model
 
 OFFICIAL_ARCHS = ("ResNet", "ResNetDenoise", "ResNeXtDenoiseAll")
@@ -117,19 +115,14 @@ def _registry_model(spec: str, num_classes: int | None, in_channels: int | None,
         k: v for k, v in (("num_classes", num_classes), ("in_channels", in_channels))
         if v is not None}
     try:
-        model = create_model(spec, **kw)
+        model = build_model(spec, kw, normalize=normalize, init=weights)
     except TypeError:
         if kwargs is not None:
             raise
         kw.pop("in_channels", None)
-        model = create_model(spec, **kw)
+        model = build_model(spec, kw, normalize=normalize, init=weights)
     if weights:
-        load_weights(model, weights, spec)
         model.source_file = os.path.abspath(weights)
-    stats = parse_normalize(normalize) if normalize else None
-    if stats is not None:
-        model = Normalized(model, *stats)
-        model.model_name, model.model_kwargs = spec, kw
     facts = {"registry": spec, "kwargs": kw,
              "weights": os.path.abspath(weights) if weights else None}
     return model.eval(), facts

@@ -18,6 +18,8 @@ in.
 
 from __future__ import annotations
 
+import os
+
 from torch import nn
 
 from featdenoise.hub.specs import construct, is_code_spec
@@ -25,6 +27,7 @@ from featdenoise.hub.weights import load_weights
 from featdenoise.models.normalize import Normalized, parse_normalize
 from featdenoise.models.registry import create_model
 from featdenoise.models.surgery import add_denoising
+from featdenoise.runtime.distributed import file_digest
 
 
 def build_model(name: str, kwargs: dict | None = None, *, denoise: dict | None = None,
@@ -53,6 +56,14 @@ def build_model(name: str, kwargs: dict | None = None, *, denoise: dict | None =
         model, default = built.model, built.normalize
     else:
         model, default = create_model(name, **kwargs), None
+    return _assemble(model, default, name, kwargs, denoise, normalize, init)[0]
+
+
+def _assemble(model: nn.Module, default, name: str, kwargs: dict, denoise: dict | None,
+              normalize: str | None, init: str | None) -> tuple[nn.Module, tuple | None]:
+    """Weights, blocks and normalisation on a built architecture, and the facts checkpoints
+    record; ``(model, the normalisation's (mean, std) or None)``."""
+    own_kwargs = getattr(model, "model_kwargs", None)  # a registry model's, lists for tuples
     if init:
         load_weights(model, init, name)
     if denoise:
@@ -64,6 +75,50 @@ def build_model(name: str, kwargs: dict | None = None, *, denoise: dict | None =
         model = Normalized(model, *stats)
     if getattr(model, "num_classes", None) is None and "num_classes" in kwargs:
         model.num_classes = int(kwargs["num_classes"])
-    model.model_name, model.model_kwargs = name, kwargs
+    model.model_name = name
+    model.model_kwargs = own_kwargs if own_kwargs is not None else kwargs
     model.model_denoise, model.model_normalize = dict(denoise or {}), normalize
-    return model
+    return model, stats
+
+
+def _normalization_facts(stats) -> dict | None:
+    """How an evaluation records a normalisation: ``{"mean": [...], "std": [...]}`` or None."""
+    return None if stats is None else {"mean": list(stats[0]), "std": list(stats[1])}
+
+
+def build_spec(spec: str, kwargs: dict | None = None, weights: str | None = None,
+               normalize: str | None = None, model_dir: str | None = None) -> tuple[nn.Module,
+                                                                                    dict]:
+    """``(model, facts)`` for a library or user-code spec (:func:`~featdenoise.hub.specs.
+    is_code_spec`), eval mode.
+
+    Args:
+        spec: ``torchvision:NAME``, ``timm:NAME``, ``robustbench:NAME``, ``PATH.py:FUNCTION`` or
+            ``package.module:FUNCTION``.
+        kwargs: keyword arguments of the builder (``{"num_classes": 10}``).
+        weights: a weights file (:func:`featdenoise.hub.weights.load_weights`, strict).
+        normalize: ``imagenet``, ``cifar10``, ``none``, ``M1,M2,M3/S1,S2,S3`` or None (the kind's
+            default, see :mod:`featdenoise.hub.specs`).
+        model_dir: RobustBench's checkpoint folder (``robustbench:`` only).
+
+    Returns:
+        The model, taking ``[N, C, H, W]`` pixels in [0, 1] and returning logits ``[N, K]``,
+        with ``model_name`` (the spec) and ``model_kwargs`` set (an evaluation's identity records
+        them with the weights digest), and the facts recorded with it: spec, kwargs, weights
+        file and SHA-256, normalisation.
+
+    Raises:
+        ValueError: one line naming the spec: unknown library model or function, a download it
+            would need, weights of another architecture, a returned object that is no module.
+    """
+    kwargs = dict(kwargs or {})
+    built = construct(spec, kwargs, model_dir)
+    weights = weights or built.weights
+    model, stats = _assemble(built.model, built.normalize, spec, kwargs, None, normalize, weights)
+    if weights:
+        model.source_file = os.path.abspath(weights)
+    facts = {"spec": spec, "kwargs": kwargs, **built.facts,
+             "weights": os.path.abspath(weights) if weights else None,
+             "weights_file_sha256": file_digest(weights) if weights else None,
+             "normalize": _normalization_facts(stats)}
+    return model.eval(), facts

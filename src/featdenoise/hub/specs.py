@@ -31,9 +31,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from featdenoise.hub.weights import load_weights
-from featdenoise.models.normalize import STATS, Normalized, parse_normalize
-from featdenoise.runtime.distributed import file_digest
+from featdenoise.models.normalize import STATS
 
 LIBRARIES = ("torchvision", "timm", "robustbench")
 _MODULE = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
@@ -173,7 +171,8 @@ def _user_code(spec: str, kwargs: dict) -> Built:
 
 def construct(spec: str, kwargs: dict | None = None, model_dir: str | None = None) -> Built:
     """The architecture a library or user-code spec names (random weights), with the kind's
-    default normalisation; :func:`build_spec` adds weights and normalisation."""
+    default normalisation; :func:`featdenoise.hub.build.build_spec` adds weights and
+    normalisation."""
     kwargs = dict(kwargs or {})
     kind, _, name = spec.partition(":")
     if kind == "torchvision":
@@ -183,50 +182,3 @@ def construct(spec: str, kwargs: dict | None = None, model_dir: str | None = Non
     if kind == "robustbench":
         return _robustbench(name, kwargs, model_dir)
     return _user_code(spec, kwargs)
-
-
-def normalization_facts(stats) -> dict | None:
-    """How an evaluation records a normalisation: ``{"mean": [...], "std": [...]}`` or None."""
-    return None if stats is None else {"mean": list(stats[0]), "std": list(stats[1])}
-
-
-def build_spec(spec: str, kwargs: dict | None = None, weights: str | None = None,
-               normalize: str | None = None, model_dir: str | None = None) -> tuple[nn.Module,
-                                                                                    dict]:
-    """``(model, facts)`` for a library or user-code spec (:func:`is_code_spec`), eval mode.
-
-    Args:
-        spec: ``torchvision:NAME``, ``timm:NAME``, ``robustbench:NAME``, ``PATH.py:FUNCTION`` or
-            ``package.module:FUNCTION``.
-        kwargs: keyword arguments of the builder (``{"num_classes": 10}``).
-        weights: a weights file (:func:`featdenoise.hub.weights.load_weights`, strict).
-        normalize: ``imagenet``, ``cifar10``, ``none``, ``M1,M2,M3/S1,S2,S3`` or None (the kind's
-            default, see the module docstring).
-        model_dir: RobustBench's checkpoint folder (``robustbench:`` only).
-
-    Returns:
-        The model, taking ``[N, C, H, W]`` pixels in [0, 1] and returning logits ``[N, K]``,
-        with ``model_name`` (the spec) and ``model_kwargs`` set (an evaluation's identity records
-        them with the weights digest), and the facts recorded with it: spec, kwargs, weights
-        file and SHA-256, normalisation.
-
-    Raises:
-        ValueError: one line naming the spec: unknown library model or function, a download it
-            would need, weights of another architecture, a returned object that is no module.
-    """
-    kwargs = dict(kwargs or {})
-    built = construct(spec, kwargs, model_dir)
-    model, weights = built.model, weights or built.weights
-    if weights:
-        load_weights(model, weights, spec)
-    stats = built.normalize if normalize is None else parse_normalize(normalize)
-    if stats is not None:
-        model = Normalized(model, *stats)
-    model.model_name, model.model_kwargs = spec, kwargs
-    if weights:
-        model.source_file = os.path.abspath(weights)
-    facts = {"spec": spec, "kwargs": kwargs, **built.facts,
-             "weights": os.path.abspath(weights) if weights else None,
-             "weights_file_sha256": file_digest(weights) if weights else None,
-             "normalize": normalization_facts(stats)}
-    return model.eval(), facts
