@@ -57,12 +57,18 @@ def _check_zip_sizes(path: str) -> None:
     except _BROKEN:
         return  # the reader's own error names it
     for info in infos:
-        ratio = 1 if info.compress_type == zipfile.ZIP_STORED else _MAX_DEFLATE_RATIO
-        if info.file_size > info.compress_size * ratio + 1024:
-            raise ValueError(
-                f"{path}: member {info.filename!r} says it unpacks to {info.file_size} bytes "
-                f"from {info.compress_size}, more than its compression allows; the file is "
-                "damaged or forged: re-create or re-download it")
+        _check_member_size(path, info, f"member {info.filename!r}")
+
+
+def _check_member_size(path: str, info: zipfile.ZipInfo, what: str) -> None:
+    """A zip member may not say it unpacks to more than its compression allows (stored: its
+    own size; deflated: about 1032 to 1); one line naming ``what`` otherwise."""
+    ratio = 1 if info.compress_type == zipfile.ZIP_STORED else _MAX_DEFLATE_RATIO
+    if info.file_size > info.compress_size * ratio + 1024:
+        raise ValueError(
+            f"{path}: {what} says it unpacks to {info.file_size} bytes from "
+            f"{info.compress_size}, more than its compression allows; the file is damaged or "
+            "forged: re-create or re-download it")
 
 
 def safe_torch_load(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
@@ -148,13 +154,7 @@ def check_npz_sizes(path: str | os.PathLike) -> None:
         with zipfile.ZipFile(path) as z:
             for info in z.infolist():
                 name = info.filename.removesuffix(".npy")
-                limit = info.compress_size * (
-                    1 if info.compress_type == zipfile.ZIP_STORED else _MAX_DEFLATE_RATIO) + 1024
-                if info.file_size > limit:
-                    raise ValueError(
-                        f"{path}: array {name!r} says it unpacks to {info.file_size} bytes from "
-                        f"{info.compress_size}, more than its compression allows; the file is "
-                        "damaged or forged: re-create or re-download it")
+                _check_member_size(path, info, f"array {name!r}")
                 with z.open(info) as member:
                     if member.read(6) != b"\x93NUMPY":
                         continue  # np.load gives such a member as its bytes, not an array
