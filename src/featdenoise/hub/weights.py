@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from featdenoise.runtime.finite import check_finite_tensors
-from featdenoise.runtime.meta import check_fits
+from featdenoise.runtime.meta import check_fits, stored_shapes
 from featdenoise.runtime.safeio import read_safetensors, safe_torch_load
 
 NESTED_KEYS = ("state_dict", "model_state_dict", "model", "net", "module", "ema")
@@ -82,7 +82,7 @@ def load_weights(model: nn.Module, path: str | os.PathLike, name: str) -> None:
             first ones (the file and the model do not describe the same network).
     """
     state = read_state_dict(path)
-    stored = {k: (tuple(v.shape), v.dtype) for k, v in state.items()}
-    check_fits(model, stored, os.fspath(path), name, subject="the model",
+    check_fits(model, stored_shapes(state, os.fspath(path)), os.fspath(path), name,
+               subject="the model",
                advice="give the weights of this architecture (and its --model-kwargs)")
     model.load_state_dict(state, strict=True)

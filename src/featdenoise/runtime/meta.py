@@ -36,6 +36,16 @@ def build_on_meta(build: Callable[[], nn.Module]) -> nn.Module:
         return build()
 
 
+def stored_shapes(state: dict, path: str) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """``{key: (shape, dtype)}`` of a state dict read from ``path``; an entry that is not a
+    tensor is one line naming it."""
+    bad = next((k for k, v in state.items() if not isinstance(v, torch.Tensor)), None)
+    if bad is not None:
+        raise ValueError(f"{path}: model entry {bad!r} is a {type(state[bad]).__name__}, not a "
+                         "tensor; the file is damaged or was not written by featdenoise")
+    return {k: (tuple(v.shape), v.dtype) for k, v in state.items()}
+
+
 def _dtype_name(dtype: torch.dtype | str) -> str:
     return str(dtype).removeprefix("torch.")
 

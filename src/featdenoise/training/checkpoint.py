@@ -25,7 +25,7 @@ from torch import nn
 
 from featdenoise.runtime.atomic import atomic_write
 from featdenoise.runtime.finite import check_finite_tensors
-from featdenoise.runtime.meta import build_on_meta, check_fits
+from featdenoise.runtime.meta import build_on_meta, check_fits, stored_shapes
 
 CHECKPOINT = "checkpoint.pt"
 WEIGHTS = "model.safetensors"
@@ -127,16 +127,6 @@ def save_weights(path: str, model: nn.Module, model_name: str, model_kwargs: dic
     meta.update({k: str(v) for k, v in (extra_metadata or {}).items()})
     with atomic_write(path, "wb") as f:
         f.write(save(tensors, metadata=meta))
-
-
-def stored_shapes(state: dict, path: str) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-    """``{key: (shape, dtype)}`` of a state dict read from ``path``; an entry that is not a
-    tensor is one line naming it."""
-    bad = next((k for k, v in state.items() if not isinstance(v, torch.Tensor)), None)
-    if bad is not None:
-        raise ValueError(f"{path}: model entry {bad!r} is a {type(state[bad]).__name__}, not a "
-                         "tensor; the file is damaged or was not written by featdenoise")
-    return {k: (tuple(v.shape), v.dtype) for k, v in state.items()}
 
 
 def _build(path: str, name, kwargs, build: dict | None = None,
