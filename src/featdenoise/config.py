@@ -492,20 +492,24 @@ def check_model(cfg: Config) -> None:
     from featdenoise.runtime.meta import build_on_meta
 
     m = cfg.model
-    known = m.name in list_models() or is_code_spec(m.name)
-    for key, denoise in (("model.kwargs" if known else "model.name", None),
-                         ("model.denoise", dict(m.denoise))):
-        if key == "model.denoise" and not denoise:
-            break
+
+    def build(key: str, denoise: dict | None) -> None:
         try:
-            build_on_meta(lambda d=denoise: build_model(m.name, dict(m.kwargs), denoise=d,
-                                                        normalize=m.normalize))
+            build_on_meta(lambda: build_model(m.name, dict(m.kwargs), denoise=denoise,
+                                              normalize=m.normalize))
         except (ValueError, TypeError) as err:
             text = str(err).strip().splitlines()
-            what = text[0] if text else type(err).__name__
-            raise ValueError(f"config key '{key}': {what}") from None
-        except (NotImplementedError, RuntimeError):
-            break  # a builder that needs real values: the build in train checks it
+            raise ValueError(f"config key '{key}': {text[0] if text else type(err).__name__}") \
+                from None
+
+    known = m.name in list_models() or is_code_spec(m.name)
+    try:
+        # The backbone first, so an error is told against the key that causes it.
+        build("model.kwargs" if known else "model.name", None)
+        if m.denoise:
+            build("model.denoise", dict(m.denoise))
+    except (NotImplementedError, RuntimeError):
+        pass  # a builder that needs real values: the build in train checks it
     if m.init and not os.path.isfile(m.init):
         raise ValueError(f"config key 'model.init': {m.init} not found; give the backbone's "
                          "weights file")
