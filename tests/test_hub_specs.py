@@ -245,6 +245,13 @@ def test_bad_specs_are_one_line_and_write_nothing(tmp_path, capsys, user_file):
          "evil.pt"),
         (["--model", "torchvision:resnet18", "--normalize", "0.5/0"], "--normalize"),
         (["--model", "robustbench:Standard"], "robustbench"),
+        (["--model", "torchvision:resnet18", "--model-kwargs", '{"bogus": 1}'],
+         "building it with --model-kwargs {\"bogus\": 1} failed"),
+        (["--model", "timm:resnet18", "--model-kwargs", '{"num_classes": "ten"}'],
+         "timm:resnet18: building it with --model-kwargs"),
+        (["--model", f"{user_file}:build", "--model-kwargs", '{"depth": 3}'],
+         "unexpected keyword argument 'depth'"),
+        (["--model", "torchvision:resnet18", "--weights", str(tmp_path)], "is a folder"),
     ]
     for i, (args, expected) in enumerate(cases):
         line = _refused(capsys, tmp_path / str(i), *args)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import importlib.util
+import json
 import os
 import re
 import sys
@@ -79,7 +80,8 @@ def _torchvision(name: str, kwargs: dict) -> Built:
     names = torchvision.models.list_models()
     if name not in names:
         raise ValueError(f"{spec}: torchvision has no model {name!r}{_close(name, names)}")
-    model = torchvision.models.get_model(name, weights=None, **kwargs)
+    model = _call_builder(spec, kwargs, lambda: torchvision.models.get_model(name, weights=None,
+                                                                            **kwargs))
     model.num_classes = int(kwargs.get("num_classes", 1000))
     return Built(model, STATS["imagenet"])
 
@@ -95,7 +97,8 @@ def _timm(name: str, kwargs: dict) -> Built:
     names = timm.list_models()
     if name not in names:
         raise ValueError(f"{spec}: timm has no model {name!r}{_close(name, names)}")
-    model = timm.create_model(name, pretrained=False, **kwargs)
+    model = _call_builder(spec, kwargs, lambda: timm.create_model(name, pretrained=False,
+                                                                 **kwargs))
     cfg = getattr(model, "pretrained_cfg", None) or {}
     norm = (tuple(cfg["mean"]), tuple(cfg["std"])) if "mean" in cfg and "std" in cfg else None
     facts = {"input_size": list(cfg["input_size"])} if "input_size" in cfg else {}
@@ -157,13 +160,20 @@ def _import_function(spec: str) -> Callable:
     return fn
 
 
+def _call_builder(spec: str, kwargs: dict, build: Callable[[], object]) -> object:
+    """``build()``; a builder that refuses its kwargs (wrong name, type or value) is one line
+    naming the spec and the kwargs."""
+    try:
+        return build()
+    except (TypeError, ValueError) as err:
+        text = str(err).strip().splitlines()
+        raise ValueError(f"{spec}: building it with --model-kwargs {json.dumps(kwargs)} failed: "
+                         f"{text[0] if text else type(err).__name__}") from None
+
+
 def _user_code(spec: str, kwargs: dict) -> Built:
     fn = _import_function(spec)
-    try:
-        model = fn(**kwargs)
-    except TypeError as err:
-        raise ValueError(f"{spec}: calling it with --model-kwargs {kwargs} failed: {err}") \
-            from None
+    model = _call_builder(spec, kwargs, lambda: fn(**kwargs))
     if not isinstance(model, nn.Module):
         raise ValueError(f"{spec} returned a {type(model).__name__}, not a torch.nn.Module")
     return Built(model)

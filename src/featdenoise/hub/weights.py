@@ -58,6 +58,8 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             of tensors inside, or a tensor holding NaN or inf.
     """
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise ValueError(f"--weights {path} is a folder; give the weights file in it")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--weights {path} not found; check the path")
     if path.endswith(".safetensors"):
