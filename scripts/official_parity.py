@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from featdenoise.attacks import PGD
-from featdenoise.pretrained import load_tensorpack
+from featdenoise.hub.tensorpack import load_tensorpack
 
 FIXTURES = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "official"
 ARCHS = {"resnet_1111": ("ResNet", [1, 1, 1, 1]),

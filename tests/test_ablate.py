@@ -1,4 +1,4 @@
-"""Ablations (paper Fig. 7, Table 1): featdenoise.experiments.ablate and `featdenoise ablate`."""
+"""Ablations (paper Fig. 7, Table 1): featdenoise.analysis.ablate and `featdenoise ablate`."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import yaml
 from idx_files import write_random_fashion_mnist
 
-from featdenoise.experiments import ablate
+from featdenoise.analysis import ablate
 
 
 @pytest.fixture()

@@ -28,7 +28,7 @@ FOLDERS = {"resnet_1111": ("ResNet", [1, 1, 1, 1]),
 @pytest.mark.parametrize("folder", sorted(FOLDERS))
 def test_pgd_matches_official_attacker(folder, exact):
     assert (FIXTURES / folder).is_dir(), f"official fixture missing: {FIXTURES / folder}"
-    from featdenoise.pretrained import load_tensorpack
+    from featdenoise.hub.tensorpack import load_tensorpack
 
     arch, blocks = FOLDERS[folder]
     model = load_tensorpack(FIXTURES / folder / "checkpoint.npz", arch, blocks=blocks)

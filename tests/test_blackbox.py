@@ -167,8 +167,8 @@ def test_transfer_attacks_from_a_source_model(tmp_path):
 
 def test_blackbox_cli_with_clean_and_adversarial_folders(tmp_path, capsys):
     from featdenoise.cli import main
+    from featdenoise.hub.checkpoints import save_weights
     from featdenoise.models import create_model
-    from featdenoise.training.checkpoint import save_weights
 
     clean, labels = _clean_folder(tmp_path, n=5)
     for i in range(5):
@@ -193,8 +193,8 @@ def test_blackbox_cli_with_clean_and_adversarial_folders(tmp_path, capsys):
 def test_a_source_model_for_other_channels_is_one_clear_error(tmp_path, capsys):
     """A 3-channel source on gray data: refused in one line before anything runs."""
     from featdenoise.cli import main
+    from featdenoise.hub.checkpoints import save_weights
     from featdenoise.models import create_model
-    from featdenoise.training.checkpoint import save_weights
 
     for name, c in (("gray", 1), ("rgb", 3)):
         kw = dict(in_channels=c, num_classes=10, width=4, blocks=[1, 1, 1])

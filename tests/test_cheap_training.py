@@ -11,10 +11,10 @@ import torch
 import torch.nn.functional as F
 from test_training import _weights, tiny_config
 
-from featdenoise.config import Config, load_config
+from featdenoise.hub import checkpoints as ckpt
 from featdenoise.models import create_model
 from featdenoise.training import cheap, loop, recipe
-from featdenoise.training import checkpoint as ckpt
+from featdenoise.training.config import Config, load_config
 from featdenoise.training.logging import read_metrics
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from idx_files import write_idx
 
-from featdenoise.experiments import demo
+from featdenoise.analysis import demo
 
 FMNIST = "/usr/share/datasets/fashion-mnist"
 

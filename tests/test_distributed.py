@@ -10,8 +10,8 @@ import pytest
 import torch
 from gloo import as_rank, free_port
 
+from featdenoise.hub import checkpoints as ckpt
 from featdenoise.runtime import distributed as dist
-from featdenoise.training import checkpoint as ckpt
 from featdenoise.training import loop
 
 # ---------------------------------------------------------------------------------------------
@@ -216,7 +216,7 @@ def _train_config(data, *extra):
 def _train_worker(rank, world, port, folders, cfg_dict):
     as_rank(rank, world, port)
     os.chdir(folders[rank])
-    from featdenoise.config import from_dict
+    from featdenoise.training.config import from_dict
 
     real_step, first = loop.train_step, []
 
@@ -274,7 +274,7 @@ def _ablate_worker(rank, world, port, config, out_dir):
     import json
 
     import featdenoise.evaluation.whitebox as wb
-    from featdenoise.experiments import ablate
+    from featdenoise.analysis import ablate
 
     real, ranks = wb.evaluate_whitebox, []
 

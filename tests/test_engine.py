@@ -58,8 +58,8 @@ def test_eval_blackbox_and_training_pick_the_same_images(tmp_path, capsys):
     from featdenoise.cli import main
     from featdenoise.data.datasets import build_dataset
     from featdenoise.data.files import dataset_image_ids
+    from featdenoise.hub.checkpoints import save_weights
     from featdenoise.models import create_model
-    from featdenoise.training.checkpoint import save_weights
 
     kw = dict(in_channels=1, width=4, blocks=[1, 1, 1])
     torch.manual_seed(0)
@@ -173,7 +173,7 @@ def test_in_memory_run_equals_the_on_disk_records(tmp_path):
 
 def test_training_evaluation_goes_through_the_engine(tmp_path):
     """Training's evaluation gives what evaluate_whitebox gives on the same images."""
-    from featdenoise.config import load_config
+    from featdenoise.training.config import load_config
     from featdenoise.training.loop import evaluate
 
     cfg = load_config(base={"attack": {"eps": 25.5, "step_size": 5.1, "targeted": True},
@@ -191,7 +191,7 @@ def test_training_evaluation_goes_through_the_engine(tmp_path):
 
 
 def test_official_evaluation_cadence():
-    from featdenoise.config import load_config
+    from featdenoise.training.config import load_config
     from featdenoise.training.loop import eval_steps_due
 
     cfg = load_config(base={"run": {"eval_every": 1, "eval_attack_steps": 10}})

@@ -226,8 +226,8 @@ def _folder_dataset(root, n=6):
 
 
 def _checkpoint(root, name="net"):
+    from featdenoise.hub.checkpoints import save_weights
     from featdenoise.models import create_model
-    from featdenoise.training.checkpoint import save_weights
 
     kw = dict(in_channels=3, num_classes=K, width=4, blocks=[1, 1, 1])
     torch.manual_seed(0)

@@ -63,8 +63,8 @@ def test_autoattack_resumes_and_shards_to_the_one_process_records(tmp_path):
 
 def test_eval_cli_runs_pgd_and_autoattack_on_the_same_images(tmp_path, capsys):
     from featdenoise.cli import main
+    from featdenoise.hub.checkpoints import save_weights
     from featdenoise.models import create_model
-    from featdenoise.training.checkpoint import save_weights
 
     folder, labels = _folder_dataset(tmp_path, n=6)
     kw = dict(in_channels=3, num_classes=K, width=4, blocks=[1, 1, 1])

@@ -25,8 +25,8 @@ def _write_images(folder, sizes):
 
 
 def _tiny_checkpoint(path):
+    from featdenoise.hub.checkpoints import save_weights
     from featdenoise.models import create_model
-    from featdenoise.training.checkpoint import save_weights
 
     kw = dict(in_channels=3, num_classes=10, width=4, blocks=[1, 1, 1])
     torch.manual_seed(1)

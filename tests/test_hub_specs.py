@@ -18,7 +18,7 @@ from test_eval import _folder_dataset
 from featdenoise.cli import main
 from featdenoise.evaluation.whitebox import evaluate_whitebox
 from featdenoise.hub import build_spec, read_state_dict
-from featdenoise.loading import load_model_spec
+from featdenoise.hub.loading import load_model_spec
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

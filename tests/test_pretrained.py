@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from featdenoise.cli import main as cli_main
-from featdenoise.pretrained import (
+from featdenoise.hub.tensorpack import (
     _resolve_blocks,
     convert_tensorpack,
     load_converted,
@@ -160,7 +160,7 @@ def test_convert_round_trip(tmp_path):
         expected = model(x)
         assert torch.equal(again(x), expected)
     assert _rel_err(expected.numpy(), ref["logits"]) <= 1e-4
-    checkpoint = pytest.importorskip("featdenoise.training.checkpoint")
+    checkpoint = pytest.importorskip("featdenoise.hub.checkpoints")
     with torch.no_grad():
         assert torch.equal(checkpoint.load_model(str(out)).eval()(x), expected)
 

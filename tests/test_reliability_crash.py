@@ -48,8 +48,8 @@ def _small_state(seed: int) -> dict:
 @pytest.mark.parametrize("bad", [float("inf")])
 def test_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(
         tmp_path, monkeypatch, bad):
+    from featdenoise.hub.checkpoints import CHECKPOINT, load_checkpoint
     from featdenoise.training import recipe, train
-    from featdenoise.training.checkpoint import CHECKPOINT, load_checkpoint
 
     real_loss_fn = recipe.loss_fn
     run = tmp_path / "run"
@@ -86,7 +86,7 @@ def test_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(
 
 # --------------------------------------------------------------------------- checkpoint writes
 def test_full_disk_during_a_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
-    from featdenoise.training import checkpoint as ckpt
+    from featdenoise.hub import checkpoints as ckpt
 
     path = tmp_path / "checkpoint.pt"
     ckpt.atomic_save(_small_state(1), str(path))
@@ -114,7 +114,7 @@ def test_full_disk_during_training_is_one_line_and_keeps_the_checkpoint(tmp_path
     import yaml
 
     from featdenoise.cli import main
-    from featdenoise.training.checkpoint import load_checkpoint
+    from featdenoise.hub.checkpoints import load_checkpoint
 
     run = tmp_path / "run"
     cfg = tmp_path / "c.yaml"
@@ -139,7 +139,7 @@ def test_full_disk_during_training_is_one_line_and_keeps_the_checkpoint(tmp_path
 
 
 def test_rename_never_reached_keeps_the_previous_one(tmp_path, monkeypatch):
-    from featdenoise.training import checkpoint as ckpt
+    from featdenoise.hub import checkpoints as ckpt
 
     path = tmp_path / "checkpoint.pt"
     ckpt.atomic_save(_small_state(1), str(path))
@@ -155,8 +155,8 @@ def test_rename_never_reached_keeps_the_previous_one(tmp_path, monkeypatch):
 
 
 def test_exported_weights_write_is_atomic_too(tmp_path, monkeypatch):
+    from featdenoise.hub import checkpoints as ckpt
     from featdenoise.models import create_model
-    from featdenoise.training import checkpoint as ckpt
 
     kwargs = dict(in_channels=1, num_classes=10, width=4, blocks=[1, 1, 1])
     model = create_model("small_resnet", **kwargs)
@@ -250,8 +250,8 @@ def test_sigkill_mid_epoch_then_resume_gives_the_uninterrupted_weights(tmp_path,
     then end with exactly the weights of a run that was never killed (same seed, data order)."""
     from safetensors.torch import load_file
 
+    from featdenoise.hub.checkpoints import CHECKPOINT, WEIGHTS, load_checkpoint
     from featdenoise.training import loop, train
-    from featdenoise.training.checkpoint import CHECKPOINT, WEIGHTS, load_checkpoint
 
     def config(out):
         cfg = _tiny_config(out, checkpoint_every=2)

@@ -13,9 +13,9 @@ import torch
 from torch import nn
 
 from featdenoise.attacks import APGD, APGDT, FAB, FGSM, IFGSM, MIFGSM, PGD, AutoAttack, Square
+from featdenoise.hub import checkpoints as ckpt
 from featdenoise.models import create_model
 from featdenoise.runtime.finite import NonFiniteError, check_finite_tensors, finite_float
-from featdenoise.training import checkpoint as ckpt
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -117,7 +117,7 @@ def test_a_finite_checkpoint_still_loads_and_names_its_file(tmp_path):
 
 
 def test_converted_safetensors_and_official_npz_with_nan_are_refused(tmp_path):
-    from featdenoise.pretrained import load_converted, load_tensorpack
+    from featdenoise.hub.tensorpack import load_converted, load_tensorpack
 
     model = _tiny()
     _poison(model, "linear.bias", NAN, 1)
@@ -298,8 +298,7 @@ def test_the_engine_refuses_nan_clean_logits_naming_the_image_ids(tmp_path):
 
 
 def test_eval_cli_on_a_model_with_nan_logits_prints_no_table(tmp_path, capsys, monkeypatch):
-    from featdenoise.cli import main
-    from featdenoise.commands import evaluate
+    from featdenoise.cli import evaluate, main
 
     imgs = _image_folder(tmp_path / "imgs", 4)
     weights = tmp_path / "model.safetensors"
@@ -421,7 +420,7 @@ def test_create_model_refuses_non_finite_sizes():
     ("attack.eps=-.inf", "attack.eps"),
 ])
 def test_config_refuses_non_finite_values_anywhere_naming_the_nested_key(override, key):
-    from featdenoise.config import load_config
+    from featdenoise.training.config import load_config
 
     with pytest.raises(ValueError) as err:
         load_config(None, [override])
@@ -472,7 +471,7 @@ def test_a_float_flag_typed_with_equals_or_as_words(capsys):
 
 def test_no_float_flag_of_the_cli_escapes_the_finite_check():
     from featdenoise.cli import build_parser
-    from featdenoise.commands.common import FiniteFloat
+    from featdenoise.cli.common import FiniteFloat
 
     def actions(parser):
         for a in parser._actions:
@@ -512,7 +511,7 @@ optim:
 
 
 def test_a_config_with_two_optim_blocks_is_refused_with_both_lines(tmp_path):
-    from featdenoise.config import load_config
+    from featdenoise.training.config import load_config
 
     path = tmp_path / "x.yaml"
     path.write_text(CONFIG)
@@ -528,7 +527,7 @@ def test_a_config_with_two_optim_blocks_is_refused_with_both_lines(tmp_path):
     ("1: a\n1.0: b\n", 1.0, (1, 2)),
 ])
 def test_duplicate_keys_are_refused_at_any_depth(tmp_path, text, key, lines):
-    from featdenoise.config import DuplicateKeyError, load_config, yaml_load
+    from featdenoise.training.config import DuplicateKeyError, load_config, yaml_load
 
     path = tmp_path / "c.yaml"
     path.write_text(text)
@@ -542,7 +541,7 @@ def test_duplicate_keys_are_refused_at_any_depth(tmp_path, text, key, lines):
 
 
 def test_yaml_merge_keys_and_distinct_keys_still_load():
-    from featdenoise.config import yaml_load
+    from featdenoise.training.config import yaml_load
 
     tree = yaml_load("base: &b {lr: 0.1, momentum: 0.9}\noptim:\n  <<: *b\n  lr: 0.2\n")
     assert tree["optim"] == {"lr": 0.2, "momentum": 0.9}
@@ -550,7 +549,7 @@ def test_yaml_merge_keys_and_distinct_keys_still_load():
 
 
 def test_duplicate_keys_in_an_override_and_in_a_saved_config(tmp_path):
-    from featdenoise.config import is_own_config, load_config
+    from featdenoise.training.config import is_own_config, load_config
 
     with pytest.raises(ValueError) as err:
         load_config(None, ["model.kwargs={width: 8, width: 16}"])

@@ -107,8 +107,8 @@ def test_corrupt_images_are_skipped_counted_and_reported_at_the_end_of_the_epoch
     """Training over a folder with a corrupt and a truncated file does not stop: both are
     skipped, counted in metrics.jsonl and reported once at the end of the epoch; with
     ``data.strict=true`` the first one stops the run with an error naming it."""
-    from featdenoise.config import load_config
     from featdenoise.training import train
+    from featdenoise.training.config import load_config
     from featdenoise.training.logging import read_metrics
 
     data = tmp_path / "data"
@@ -210,8 +210,8 @@ def test_folder_images_are_converted_like_dataset_images(tmp_path):
 
 
 def test_predict_on_a_folder_with_a_corrupt_image_names_it(tmp_path, capsys):
+    from featdenoise.hub.checkpoints import save_weights
     from featdenoise.models import create_model
-    from featdenoise.training.checkpoint import save_weights
 
     kwargs = dict(in_channels=3, num_classes=10, width=4, blocks=[1, 1, 1])
     save_weights(str(tmp_path / "model.safetensors"), create_model("small_resnet", **kwargs),
@@ -237,7 +237,7 @@ def test_predict_on_a_folder_with_a_corrupt_image_names_it(tmp_path, capsys):
 def test_checkpoint_of_another_model_is_a_clear_error(tmp_path, capsys):
     from safetensors.torch import save_file
 
-    from featdenoise.training.checkpoint import load_model
+    from featdenoise.hub.checkpoints import load_model
 
     # A plain state dict of some other network (no featdenoise metadata).
     other = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten())
@@ -258,8 +258,8 @@ def test_checkpoint_of_another_model_is_a_clear_error(tmp_path, capsys):
 
 
 def test_checkpoint_whose_weights_do_not_fit_its_model_lists_them(tmp_path):
+    from featdenoise.hub.checkpoints import load_model
     from featdenoise.models import create_model
-    from featdenoise.training.checkpoint import load_model
 
     kwargs = dict(in_channels=1, num_classes=10, width=4, blocks=[1, 1, 1])
     wide = create_model("small_resnet", **{**kwargs, "width": 8})
@@ -327,7 +327,7 @@ def test_unknown_model_and_op_names():
     ("optim.lr=fast", ["optim.lr", "fast"]),
 ])
 def test_config_errors_are_one_line(override, words):
-    from featdenoise.config import load_config
+    from featdenoise.training.config import load_config
 
     with pytest.raises(ValueError) as err:
         load_config(overrides=[override])
@@ -337,7 +337,7 @@ def test_config_errors_are_one_line(override, words):
 
 
 def test_config_file_with_an_unknown_key_or_broken_yaml(tmp_path):
-    from featdenoise.config import load_config
+    from featdenoise.training.config import load_config
 
     bad_key = tmp_path / "bad_key.yaml"
     bad_key.write_text("model:\n  name: small_resnet\n  widht: 4\n")
@@ -360,8 +360,8 @@ def test_config_file_with_an_unknown_key_or_broken_yaml(tmp_path):
     (["--steps", "-5"], ["-5"]),
 ])
 def test_cli_eval_bad_values_exit_2_with_one_line(tmp_path, capsys, argv, words):
+    from featdenoise.hub.checkpoints import save_weights
     from featdenoise.models import create_model
-    from featdenoise.training.checkpoint import save_weights
 
     kwargs = dict(in_channels=1, num_classes=10, width=4, blocks=[1, 1, 1])
     save_weights(str(tmp_path / "model.safetensors"), create_model("small_resnet", **kwargs),
@@ -377,7 +377,7 @@ def test_cli_eval_bad_values_exit_2_with_one_line(tmp_path, capsys, argv, words)
 
 
 def test_cli_train_unknown_model_or_op_exit_2(tmp_path, capsys):
-    from featdenoise.commands import COMMANDS
+    from featdenoise.cli.app import COMMANDS
 
     if not any(getattr(r, "__module__", "").endswith(".train") for r in COMMANDS):
         pytest.skip("featdenoise train is not registered in this build")

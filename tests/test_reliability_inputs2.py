@@ -127,7 +127,7 @@ def test_resume_never_deletes_the_stale_exports_of_the_finished_run(finished_run
                                                                     capsys):
     """``run.resume=never`` into a finished run: its model.safetensors is gone before the new
     run trains, so a run stopped early leaves no stale network for ``load_model(dir)``."""
-    from featdenoise.training.checkpoint import load_checkpoint, load_model
+    from featdenoise.hub.checkpoints import load_checkpoint, load_model
 
     run, cfg = _copy_run(finished_run, tmp_path)
     old = load_model(run)
@@ -215,7 +215,7 @@ def test_convert_never_writes_over_its_input(npz, capsys, monkeypatch, how):
 
 
 def test_convert_library_call_refuses_its_input_too(npz):
-    from featdenoise.pretrained import convert_tensorpack
+    from featdenoise.hub.tensorpack import convert_tensorpack
 
     before = npz.read_bytes()
     with pytest.raises(ValueError, match="input of this command"):
@@ -296,8 +296,8 @@ def _weights_with_kwargs(path: Path, kwargs_text: str) -> Path:
 ])
 def test_bad_model_kwargs_metadata_is_one_line_naming_the_file(tmp_path, capsys, kwargs_text,
                                                                words):
-    from featdenoise.pretrained import load_converted
-    from featdenoise.training.checkpoint import load_model
+    from featdenoise.hub.checkpoints import load_model
+    from featdenoise.hub.tensorpack import load_converted
 
     path = _weights_with_kwargs(tmp_path / "m.safetensors", kwargs_text)
     for loader in (load_model, load_converted):
@@ -378,7 +378,7 @@ def test_out_that_is_an_existing_file_is_one_line_everywhere(tmp_path, capsys):
 def test_os_errors_for_a_file_in_the_way_are_said_in_words():
     import errno
 
-    from featdenoise.cli import describe_os_error
+    from featdenoise.cli.app import describe_os_error
 
     err = FileExistsError(errno.EEXIST, "File exists", "reports/x")
     assert describe_os_error(err).startswith("reports/x: a file is in the way where a folder")
@@ -392,8 +392,8 @@ def _image_folder(root: Path) -> Path:
 
 
 def _tiny_checkpoint(tmp_path: Path) -> Path:
+    from featdenoise.hub.checkpoints import save_weights
     from featdenoise.models import create_model
-    from featdenoise.training.checkpoint import save_weights
 
     kwargs = dict(in_channels=3, num_classes=10, width=4, blocks=[1, 1, 1])
     path = tmp_path / "m.safetensors"
@@ -481,7 +481,7 @@ def test_ctrl_c_with_checkpoint_every_0_saves_the_position(tmp_path, capsys, mon
     exact position is saved and one line says so. Interrupted before step 3 runs, or right after
     the update of step 2 (before it is counted), the run saves step 2 with the same weights
     either way (resuming from a saved position is tested in test_training.py)."""
-    from featdenoise.training.checkpoint import load_checkpoint
+    from featdenoise.hub.checkpoints import load_checkpoint
 
     data = write_idx_folder(tmp_path / "fmnist", n=24)
     saved = []
@@ -504,7 +504,7 @@ def test_ctrl_c_with_checkpoint_every_0_saves_the_position(tmp_path, capsys, mon
 
 
 def test_ctrl_c_that_cannot_save_says_what_is_lost(tmp_path, capsys, monkeypatch):
-    from featdenoise.training import checkpoint
+    from featdenoise.hub import checkpoints as checkpoint
 
     data = write_idx_folder(tmp_path / "fmnist", n=24)
     cfg = tmp_path / "c.yaml"

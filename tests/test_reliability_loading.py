@@ -74,7 +74,7 @@ def test_safe_torch_load_reads_plain_checkpoints_and_names_missing_or_broken_fil
 
 
 def test_training_checkpoint_loaders_refuse_a_code_pickle(tmp_path):
-    from featdenoise.training.checkpoint import load_checkpoint, load_model
+    from featdenoise.hub.checkpoints import load_checkpoint, load_model
 
     marker = tmp_path / "pwned"
     path = _evil_checkpoint(tmp_path / "checkpoint.pt", marker)
@@ -101,7 +101,7 @@ def test_npz_with_object_arrays_is_refused(tmp_path):
     assert str(path) in _one_line(err.value)
     assert not marker.exists()
 
-    from featdenoise.pretrained import load_tensorpack
+    from featdenoise.hub.tensorpack import load_tensorpack
 
     with pytest.raises(ValueError, match=str(path)):
         load_tensorpack(path, "ResNet", depth=50)
@@ -228,8 +228,8 @@ def test_truncated_or_foreign_safetensors_is_one_line(tmp_path):
 
 
 def test_model_loader_names_a_truncated_safetensors_file(tmp_path):
+    from featdenoise.hub.checkpoints import load_model, save_weights
     from featdenoise.models import create_model
-    from featdenoise.training.checkpoint import load_model, save_weights
 
     kwargs = dict(in_channels=1, num_classes=10, width=4, blocks=[1, 1, 1])
     path = tmp_path / "model.safetensors"

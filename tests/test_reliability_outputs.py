@@ -63,7 +63,7 @@ def test_unique_names_sanitise_and_number_collisions():
 
 
 def test_display_name_comes_from_the_resolved_path(tmp_path, monkeypatch):
-    from featdenoise.loading import model_name_from_path
+    from featdenoise.hub.loading import model_name_from_path
 
     run = tmp_path / "runs" / "net_x"
     (run / "eval").mkdir(parents=True)

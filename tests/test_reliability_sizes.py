@@ -22,8 +22,8 @@ import torch
 from numpy.lib import format as npy
 
 from featdenoise.cli import main
+from featdenoise.hub.checkpoints import load_model, save_checkpoint, save_weights
 from featdenoise.models import create_model
-from featdenoise.training.checkpoint import load_model, save_checkpoint, save_weights
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -113,7 +113,7 @@ def test_good_files_still_load_to_the_same_weights(tmp_path):
 def test_converted_safetensors_naming_a_huge_network_is_refused(tmp_path):
     from safetensors.torch import save_file
 
-    from featdenoise.pretrained import load_converted
+    from featdenoise.hub.tensorpack import load_converted
 
     m = _tiny()
     path = tmp_path / "converted.safetensors"
@@ -126,7 +126,7 @@ def test_converted_safetensors_naming_a_huge_network_is_refused(tmp_path):
 
 
 def test_tensorpack_names_asking_for_a_million_blocks_cost_nothing(tmp_path):
-    from featdenoise.pretrained import load_tensorpack
+    from featdenoise.hub.tensorpack import load_tensorpack
 
     path = tmp_path / "names.npz"
     np.savez(path, **{f"group{g}/block999999/conv1/W": np.zeros(1, np.float32)

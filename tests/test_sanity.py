@@ -202,8 +202,8 @@ def test_eval_cli_runs_the_real_checks_end_to_end(tmp_path, capsys):
     from test_reliability_inputs import write_idx_folder
 
     from featdenoise.cli import main
+    from featdenoise.hub.checkpoints import save_weights
     from featdenoise.models import create_model
-    from featdenoise.training.checkpoint import save_weights
 
     kwargs = dict(in_channels=1, num_classes=10, width=4, blocks=[1, 1, 1])
     torch.manual_seed(0)

@@ -11,7 +11,8 @@ import torch
 import torchvision
 from torch import nn
 
-from featdenoise import accel, viz
+from featdenoise import accel
+from featdenoise.analysis import viz
 from featdenoise.models import add_denoising, create_model, feature_modules
 from featdenoise.models.denoise import OP_NAMES, DenoisingBlock
 from featdenoise.models.surgery import Denoised, load_backbone_state

@@ -14,11 +14,11 @@ from gloo import as_rank, free_port
 from idx_files import write_idx
 from torch import nn
 
-from featdenoise.config import load_config
+from featdenoise.hub import checkpoints as ckpt
 from featdenoise.models import create_model
 from featdenoise.runtime import distributed as dist
-from featdenoise.training import checkpoint as ckpt
 from featdenoise.training import loop, recipe
+from featdenoise.training.config import load_config
 from featdenoise.training.logging import read_metrics
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -341,8 +341,8 @@ def test_single_process_helpers_are_no_ops():
 
 def _worker(rank, world, port, cfg_dict, out_dir):
     as_rank(rank, world, port)
-    from featdenoise.config import from_dict
     from featdenoise.training import loop as lp
+    from featdenoise.training.config import from_dict
 
     real_eval = lp.evaluate
 
@@ -383,7 +383,7 @@ def test_cli_train_runs_and_reports_bad_keys(tmp_path, capsys):
 
     cfg = tiny_config(tmp_path)
     path = tmp_path / "c.yaml"
-    from featdenoise.config import save_config
+    from featdenoise.training.config import save_config
 
     save_config(cfg, tmp_path)
     os.replace(tmp_path / "config.yaml", path)
@@ -424,7 +424,7 @@ def test_sigkill_then_resume_gives_identical_weights(tmp_path):
     import sys
     import time
 
-    from featdenoise.config import save_config
+    from featdenoise.training.config import save_config
 
     cfg = tiny_config(tmp_path, "optim.epochs=3", "run.checkpoint_every=2")
     full = loop.train(tiny_config(tmp_path, "optim.epochs=3", "run.checkpoint_every=2",
@@ -483,7 +483,7 @@ def test_untargeted_training_runs_to_its_final_evaluation_from_the_cli(tmp_path,
 
     cfg = tiny_config(tmp_path, "optim.epochs=2", "data.train_subset=32", "data.val_subset=6",
                       "attack.targeted=false", f"run.eval_every={eval_every}")
-    from featdenoise.config import save_config
+    from featdenoise.training.config import save_config
 
     path = save_config(cfg, str(tmp_path / "cfg"))
     assert main(["train", "--config", path]) == 0

@@ -1,4 +1,4 @@
-"""Feature-noise pictures and distances (paper Sec. 3): featdenoise.viz, `featdenoise visualize`."""
+"""Feature-noise pictures and distances (paper Sec. 3): featdenoise.analysis.viz, `featdenoise visualize`."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 import torch
 from idx_files import write_random_fashion_mnist
 
-from featdenoise import viz
+from featdenoise.analysis import viz
 from featdenoise.models import create_model
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -105,7 +105,7 @@ def test_visualize_never_replaces_a_file_it_did_not_write(tmp_path, theirs):
 
 def test_visualize_command_on_a_checkpoint(tmp_path, capsys):
     from featdenoise.cli import main
-    from featdenoise.training.checkpoint import save_weights
+    from featdenoise.hub.checkpoints import save_weights
 
     model = _tiny_denoise_net()
     ckpt = tmp_path / "model.safetensors"

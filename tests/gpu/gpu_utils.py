@@ -52,8 +52,8 @@ def count_syncs(device: torch.device, fn: Callable[[], None]) -> tuple[int, str]
 
 def train_parts(model: nn.Module, device: torch.device, steps: int = 2, bf16: bool = False):
     """A training step on ``model`` with synthetic settings: ``(step(x, y), its attack)``."""
-    from featdenoise.config import load_config
     from featdenoise.training import loop, recipe
+    from featdenoise.training.config import load_config
 
     cfg = load_config(None, [f"attack.steps={steps}", "attack.step_size=4", "run.log_every=1000",
                              "run.checkpoint_every=0", f"run.bf16={str(bf16).lower()}"])
@@ -108,7 +108,7 @@ def fake_fashion_mnist(folder: str, n_train: int = 64, n_val: int = 16) -> str:
 def train_cfg(data: str, out: str, device: torch.device, *extra: str):
     """A 2-epoch Fashion-MNIST training config of a small denoising net on ``device`` (smaller
     on a CPU), evaluated each epoch, checkpointed every 3 steps; ``extra`` overrides."""
-    from featdenoise.config import load_config
+    from featdenoise.training.config import load_config
 
     cuda = device.type == "cuda"
     width = "width: 8" if cuda else "width: 4, blocks: [1, 1, 1]"
@@ -125,7 +125,7 @@ def train_cfg(data: str, out: str, device: torch.device, *extra: str):
 
 def weights(run_dir: str) -> dict:
     """The model state of ``run_dir``'s checkpoint."""
-    from featdenoise.training import checkpoint as ckpt
+    from featdenoise.hub import checkpoints as ckpt
 
     return ckpt.load_checkpoint(os.path.join(run_dir, ckpt.CHECKPOINT))["model"]
 

@@ -64,7 +64,7 @@ class Checks:
 
 def run_multi(checks: Checks, device: torch.device, work: str, stage: str) -> None:
     from featdenoise.evaluation.whitebox import evaluate_whitebox
-    from featdenoise.training import checkpoint as ckpt
+    from featdenoise.hub import checkpoints as ckpt
     from featdenoise.training import loop
 
     data = os.path.join(work, "data")

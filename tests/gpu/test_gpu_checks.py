@@ -143,7 +143,7 @@ def test_sync(setting, report):
 @pytest.mark.parametrize("setting", [CUDA, CPU], indirect=True)
 def test_attacks(setting, report, tmp_path):
     """Seeded PGD twice (same pixels), the eps-box and [0, 1], ``visualize`` on the device."""
-    from featdenoise import viz
+    from featdenoise.analysis import viz
     from featdenoise.attacks import PGD
 
     device, px, batch = setting.device, setting.size(32, 16), setting.size(64, 2)

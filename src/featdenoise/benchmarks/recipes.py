@@ -49,8 +49,8 @@ def _runs(p: dict) -> list[tuple[str, str, list[str]]]:
 
 
 def _train(config: str, overrides: list[str], out: str, p: dict) -> tuple[str, float]:
-    from featdenoise.config import load_config
     from featdenoise.training import train
+    from featdenoise.training.config import load_config
 
     cfg = load_config(config, [
         *overrides, f"data.train_subset={p['train']}", f"data.batch_size={p['batch']}",

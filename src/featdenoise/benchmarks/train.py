@@ -29,9 +29,9 @@ def _sync(device: torch.device) -> None:
 
 def _setup(name: str, kwargs: dict, steps: int, batch: int, size: int, channels: int,
            device: torch.device):
-    from featdenoise.config import load_config
     from featdenoise.models import create_model
     from featdenoise.training import loop, recipe
+    from featdenoise.training.config import load_config
 
     torch.manual_seed(0)
     model = create_model(name, **kwargs).to(device).train()

@@ -1,6 +1,6 @@
 """Shipped training configs: YAML files installed with the package, found by name.
 
-Every ``<name>.yaml`` in this folder is a training config (:mod:`featdenoise.config`): the paper's
+Every ``<name>.yaml`` in this folder is a training config (:mod:`featdenoise.training.config`): the paper's
 ImageNet runs, the ablations, and small Fashion-MNIST / CIFAR-10 runs. A source checkout also
 shows them as ``configs/`` at the top of the repository (a link to this folder, one copy).
 

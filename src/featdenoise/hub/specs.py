@@ -1,7 +1,7 @@
 """Model specs: one string names any model, from any library or the user's own code.
 
 - ``runs/x``, ``checkpoint.pt``, ``model.safetensors``: a featdenoise run folder or file;
-- ``R152.npz:ResNet[:152]``: an official tensorpack checkpoint (:mod:`featdenoise.pretrained`);
+- ``R152.npz:ResNet[:152]``: an official tensorpack checkpoint (:mod:`featdenoise.hub.tensorpack`);
 - ``torchvision:NAME``: ``torchvision.models.get_model(NAME, weights=None)``;
 - ``timm:NAME``: ``timm.create_model(NAME, pretrained=False)`` (the ``timm`` extra);
 - ``robustbench:NAME``: the architecture of RobustBench's model zoo (installed by the user, not

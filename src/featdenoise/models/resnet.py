@@ -2,7 +2,7 @@
 
 This is a layer-for-layer port of the authors' ``resnet_model.py`` + ``nets.py``
 (facebookresearch/ImageNet-Adversarial-Training), so the released TensorFlow checkpoints load by
-a pure name translation (:mod:`featdenoise.pretrained`). Details that matter for parity:
+a pure name translation (:mod:`featdenoise.hub.tensorpack`). Details that matter for parity:
 
 * input: float RGB in [0, 1], ``[N, 3, H, W]``; :class:`OfficialNormalize` turns it into the
   official input (BGR, ``x * 2 - 1`` in [-1, 1]);

@@ -206,7 +206,7 @@ def _insert(model: nn.Module, name: str, channels: int, op: str, block_kwargs: d
 
 
 def feature_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """Feature maps of ``model`` for :mod:`featdenoise.viz`: its own ``feature_modules()`` if it
+    """Feature maps of ``model`` for :mod:`featdenoise.analysis.viz`: its own ``feature_modules()`` if it
     has one (featdenoise networks), then for each :class:`Denoised` at path ``P`` the module
     before the block as ``P`` and the block as ``P_denoise`` (a block's ``.op`` input and output
     are the maps right before and after denoising, paper Figs. 2, 3). Each module outputs

@@ -1,6 +1,6 @@
 """The adversarial training loop (paper Sec. 5), as small functions with one comment per step.
 
-:func:`train` runs a whole job from a :class:`featdenoise.config.Config`: it joins the process
+:func:`train` runs a whole job from a :class:`featdenoise.training.config.Config`: it joins the process
 group (torchrun) if there is one, builds data, model, optimizer and attack, resumes from the run
 directory's checkpoint when asked, trains with per-step learning rates, evaluates clean and PGD
 accuracy every ``run.eval_every`` epochs and with ``run.final_eval_steps`` at the end, and writes
@@ -22,14 +22,14 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from featdenoise.config import Config, check_model, load_config
 from featdenoise.data.datasets import SeededDataset, build_dataset, drop_skipped
+from featdenoise.hub import checkpoints as ckpt
 from featdenoise.models import model_in_channels
 from featdenoise.runtime import backends
 from featdenoise.runtime import distributed as dist
 from featdenoise.runtime.seeds import derive_seed
 from featdenoise.training import cheap, recipe, rundir
-from featdenoise.training import checkpoint as ckpt
+from featdenoise.training.config import Config, check_model, load_config
 from featdenoise.training.logging import MetricsLogger
 
 
@@ -665,7 +665,7 @@ def _fmt(metrics: dict) -> str:
 def train(config) -> str:
     """Run a training job and return its run directory.
 
-    ``config``: a :class:`featdenoise.config.Config`, a nested dict of overrides of the defaults,
+    ``config``: a :class:`featdenoise.training.config.Config`, a nested dict of overrides of the defaults,
     or a YAML path. Works as a single process or under ``torchrun`` (one process per GPU or CPU
     worker); the process group is joined here and left at the end if this call created it.
     """

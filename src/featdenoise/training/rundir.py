@@ -25,10 +25,10 @@ from __future__ import annotations
 import json
 import os
 
-from featdenoise.config import Config, config_text, is_own_config, save_config
+from featdenoise.hub import checkpoints as ckpt
 from featdenoise.runtime import outdir
 from featdenoise.runtime.atomic import check_output, ensure_dir, file_in_the_way, remove_own
-from featdenoise.training import checkpoint as ckpt
+from featdenoise.training.config import Config, config_text, is_own_config, save_config
 
 CONFIG = "config.yaml"
 METRICS = "metrics.jsonl"

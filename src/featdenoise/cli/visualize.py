@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import argparse
 
-from featdenoise.commands.common import (
+from featdenoise.cli.common import (
     FiniteFloat,
     int_list,
     nonnegative_int,
     output_folder,
     positive_int,
 )
-from featdenoise.commands.inputs import (
+from featdenoise.cli.inputs import (
     add_data_args,
     add_model_args,
     dataset_from_args,
@@ -22,8 +22,8 @@ from featdenoise.commands.inputs import (
 def _run(args: argparse.Namespace) -> int:
     import torch
 
-    from featdenoise import viz
-    from featdenoise.loading import check_compatible
+    from featdenoise.analysis import viz
+    from featdenoise.hub.loading import check_compatible
     from featdenoise.models import model_in_channels
 
     if not 0 < args.eps <= 255:

@@ -271,7 +271,7 @@ def convert_tensorpack(in_npz: str | os.PathLike, out_safetensors: str | os.Path
                        arch: str, depth: int | None = None,
                        blocks: Sequence[int] | None = None) -> nn.Module:
     """Convert an official ``.npz`` into a ``.safetensors`` file that :func:`load_converted`
-    (and ``featdenoise.training.checkpoint.load_model``) rebuild without TensorFlow names.
+    (and ``featdenoise.hub.checkpoints.load_model``) rebuild without TensorFlow names.
 
     The metadata holds ``model`` (registry name), ``model_kwargs`` (JSON) and ``source``.
     The file is written atomically (temporary file, then rename). Returns the loaded model.

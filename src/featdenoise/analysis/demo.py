@@ -10,7 +10,7 @@ It trains three networks of the same size with :func:`featdenoise.training.train
 then evaluates each of them with :func:`featdenoise.evaluation.whitebox.evaluate_whitebox` on the
 same fixed test images: clean accuracy, and PGD-10 / PGD-100 at eps 0.1 (on the [0, 1] pixel scale,
 25.5 on the 0..255 scale) both targeted (the paper's setting: a random wrong target per image) and
-untargeted; draws the feature-noise picture of Sec. 3 (:mod:`featdenoise.viz`) for the denoising
+untargeted; draws the feature-noise picture of Sec. 3 (:mod:`featdenoise.analysis.viz`) for the denoising
 network; and writes ``report.md`` (table, accuracy-vs-iterations plot, pictures) into the output
 folder, whose path it prints.
 
@@ -85,7 +85,7 @@ MODELS = (
 
 def _train_config(name: str, arch: str, kwargs: dict, adversarial: bool, budget: Budget,
                   out_dir: str, data_root: str | None, seed: int, progress: bool) -> dict:
-    """The :mod:`featdenoise.config` overrides of one demo network."""
+    """The :mod:`featdenoise.training.config` overrides of one demo network."""
     kwargs = {k: (budget.denoise if v is None else v) for k, v in kwargs.items()}
     return {
         "model": {"name": arch, "kwargs": {"in_channels": 1, "num_classes": 10,
@@ -214,7 +214,7 @@ def _stale(out_dir: str) -> dict:
 
 
 def _own_picture(path: str) -> bool:
-    """A file :func:`featdenoise.viz.visualize` writes: a PNG it drew or its distances."""
+    """A file :func:`featdenoise.analysis.viz.visualize` writes: a PNG it drew or its distances."""
     name = os.path.basename(path)
     if name == "distances.json":
         return own_json("distances", "channels")(path)
@@ -269,7 +269,7 @@ def _run_demo(out_dir: str, quick: bool, data_root: str | None, threads: int | N
         title=f"Fashion-MNIST, PGD white-box, eps = {EPS} ({EPS * 255:g}/255)")
 
     # Feature noise (Sec. 3, Figs. 1-3) of the adversarially trained networks.
-    from featdenoise import viz
+    from featdenoise.analysis import viz
 
     print("[demo] drawing the feature-noise pictures", flush=True)
     t, c = time.perf_counter(), time.process_time()

@@ -1,16 +1,16 @@
 """``featdenoise demo``: train, attack, picture and report on Fashion-MNIST.
 
-The work is done by :mod:`featdenoise.experiments.demo`."""
+The work is done by :mod:`featdenoise.analysis.demo`."""
 
 from __future__ import annotations
 
 import argparse
 
-from featdenoise.commands.common import output_folder, positive_int
+from featdenoise.cli.common import output_folder, positive_int
 
 
 def _run(args: argparse.Namespace) -> int:
-    from featdenoise.experiments.demo import run_demo
+    from featdenoise.analysis.demo import run_demo
 
     output_folder(args.out, "--out")
     run_demo(out_dir=args.out, quick=args.quick, data_root=args.data_root, threads=args.threads,

@@ -2,7 +2,7 @@
 
 - :func:`load_model_spec`: a run directory, ``checkpoint.pt`` or ``model.safetensors`` (trained by
   :mod:`featdenoise.training`), an official tensorpack ``.npz`` (``FILE.npz`` with ``arch``, or
-  ``FILE.npz:ARCH[:DEPTH]``, see :mod:`featdenoise.pretrained`), or a registered model name
+  ``FILE.npz:ARCH[:DEPTH]``, see :mod:`featdenoise.hub.tensorpack`), or a registered model name
   (untrained weights);
 - :func:`load_dataset`: ``fashion_mnist``, ``cifar10``, ``imagenet`` (standard on-disk formats)
   or ``folder`` (a flat folder of images with a ``filename,label`` CSV);
@@ -11,7 +11,7 @@
 Every model comes back in eval mode, takes ``[N, C, H, W]`` pixels in [0, 1] and returns logits
 ``[N, K]``; every data set yields ``(image [C, H, W] float in [0, 1], label)``.
 
-    from featdenoise.loading import load_model_spec, load_dataset
+    from featdenoise.hub.loading import load_model_spec, load_dataset
     name, model, source = load_model_spec("runs/fmnist_adv")
     data = load_dataset("fashion_mnist", split="val")
 """
@@ -25,6 +25,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from featdenoise.hub.build import build_model, build_spec
+from featdenoise.hub.checkpoints import load_model
 from featdenoise.hub.specs import is_code_spec
 from featdenoise.models import (
     list_models,
@@ -32,7 +33,6 @@ from featdenoise.models import (
     model_label,
     model_num_classes,
 )
-from featdenoise.training.checkpoint import load_model
 
 OFFICIAL_ARCHS = ("ResNet", "ResNetDenoise", "ResNeXtDenoiseAll")
 
@@ -52,7 +52,7 @@ def model_name_from_path(path: str) -> str:
 def load_official(path: str, arch: str | None, depth: int | None = None,
                   blocks: list[int] | None = None) -> nn.Module:
     """An official tensorpack ``.npz`` checkpoint as our model (eval mode)."""
-    from featdenoise.pretrained import load_tensorpack
+    from featdenoise.hub.tensorpack import load_tensorpack
 
     if not arch:
         raise ValueError(f"official checkpoint {path} needs its arch ({', '.join(OFFICIAL_ARCHS)};"

@@ -6,9 +6,9 @@ import argparse
 
 
 def _run(args: argparse.Namespace) -> int:
-    from featdenoise.config import check_model, load_config
     from featdenoise.runtime import distributed
     from featdenoise.training import train
+    from featdenoise.training.config import check_model, load_config
 
     if args.list_configs:
         from featdenoise.configs import describe_config, list_configs

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from featdenoise.commands.common import positive_int
+from featdenoise.cli.common import positive_int
 
 
 def _parse_blocks(text: str) -> list[int]:
@@ -20,7 +20,7 @@ def _parse_blocks(text: str) -> list[int]:
 def _run(args: argparse.Namespace) -> int:
     import torch
 
-    from featdenoise.pretrained import convert_tensorpack, load_converted
+    from featdenoise.hub.tensorpack import convert_tensorpack, load_converted
 
     model = convert_tensorpack(args.input, args.output, args.arch, depth=args.depth,
                                blocks=args.blocks)

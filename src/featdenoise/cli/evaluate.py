@@ -13,14 +13,14 @@ import sys
 import torch
 from torch import nn
 
-from featdenoise.commands.common import (
+from featdenoise.cli.common import (
     FiniteFloat,
     int_list,
     nonnegative_int,
     positive_int,
     str_list,
 )
-from featdenoise.commands.inputs import (
+from featdenoise.cli.inputs import (
     add_data_args,
     add_exact_arg,
     add_model_args,
@@ -61,7 +61,7 @@ def _run(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace, device: torch.device) -> int:
     from featdenoise.evaluation import report
     from featdenoise.evaluation.whitebox import evaluate_whitebox
-    from featdenoise.loading import check_compatible
+    from featdenoise.hub.loading import check_compatible
     from featdenoise.models import model_in_channels
     from featdenoise.runtime import distributed
 

@@ -1,6 +1,6 @@
 """Arguments shared by the commands that take a model and data (``eval``, ``blackbox``,
 ``visualize``, ``predict``): the model options (:mod:`featdenoise.hub.specs`), the data
-options, the device, the table print; the loading itself is :mod:`featdenoise.loading`.
+options, the device, the table print; the loading itself is :mod:`featdenoise.hub.loading`.
 """
 
 from __future__ import annotations
@@ -11,12 +11,12 @@ import os
 import torch
 from torch import nn
 
-from featdenoise.commands.common import (
+from featdenoise.cli.common import (
     int_list,
     json_object,
     positive_int,
 )
-from featdenoise.loading import load_dataset, load_model_spec
+from featdenoise.hub.loading import load_dataset, load_model_spec
 from featdenoise.runtime import distributed, outdir
 
 

@@ -75,6 +75,16 @@ class FiniteFloat(argparse.Action):
         setattr(namespace, self.dest, number)
 
 
+class Pixels255(FiniteFloat):
+    """``action=Pixels255``: a finite float flag given on the 0..255 scale (``--eps 16``) and
+    stored on the library's [0, 1] scale (``16 / 255``). This is the one place where the CLI's
+    0..255 numbers become [0, 1] pixels; give ``default=`` on the [0, 1] scale too."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        super().__call__(parser, namespace, values, option_string)
+        setattr(namespace, self.dest, getattr(namespace, self.dest) / 255)
+
+
 def output_folder(path: str, flag: str = "--out") -> str:
     """Create the output folder ``path``; an existing *file* there, or an input of the command,
     is one line naming ``flag`` (:func:`featdenoise.runtime.outdir.output_dir`)."""

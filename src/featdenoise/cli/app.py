@@ -1,6 +1,6 @@
 """The ``featdenoise`` command: parses arguments and calls the library; no logic lives here.
 
-Each sub-command is a module of :mod:`featdenoise.commands` with ``register(subparsers)``, which
+Each sub-command is a module of :mod:`featdenoise.cli` with ``register(subparsers)``, which
 adds its parser and sets ``func(args) -> int``.
 """
 
@@ -12,8 +12,32 @@ import os
 import sys
 
 from featdenoise import __version__
-from featdenoise.commands import COMMANDS
+from featdenoise.cli import (
+    ablate,
+    bench,
+    blackbox,
+    convert,
+    demo,
+    evaluate,
+    predict,
+    train,
+    visualize,
+)
 from featdenoise.runtime.atomic import command_inputs
+
+COMMANDS: list = [
+    bench.register,
+    convert.register,
+    evaluate.register,
+    blackbox.register,
+    predict.register,
+    train.register,
+    visualize.register,
+    demo.register,
+    ablate.register,
+]
+"""Each sub-command's ``register(subparsers)``, in the order ``--help`` lists them. Add a command
+by writing ``cli/NAME.py`` with a ``register`` function and listing it here."""
 
 OUTPUT_ARGS = frozenset({"out", "output", "save_adv"})
 """Argument names (``dest``) that name what a command writes; every other argument naming an

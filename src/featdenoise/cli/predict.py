@@ -14,8 +14,8 @@ from __future__ import annotations
 import argparse
 import os
 
-from featdenoise.commands.common import nonnegative_int, output_file, positive_int
-from featdenoise.commands.inputs import add_model_args, models_from_args, resolve_device
+from featdenoise.cli.common import nonnegative_int, output_file, positive_int
+from featdenoise.cli.inputs import add_model_args, models_from_args, resolve_device
 
 
 def check_paths(args: argparse.Namespace) -> None:

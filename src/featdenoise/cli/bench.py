@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-from featdenoise.commands.common import positive_int
+from featdenoise.cli.common import positive_int
 
 
 def _run(args: argparse.Namespace) -> int:

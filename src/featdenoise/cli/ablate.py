@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import argparse
 
-from featdenoise.commands.common import FiniteFloat, int_list, output_folder, positive_int, str_list
+from featdenoise.cli.common import FiniteFloat, int_list, output_folder, positive_int, str_list
 
 
 def _run(args: argparse.Namespace) -> int:
-    from featdenoise.experiments.ablate import run_ablation
+    from featdenoise.analysis.ablate import run_ablation
 
     if args.eps is not None and not 0 < args.eps <= 255:
         raise ValueError(f"--eps {args.eps:g} is outside (0, 255]; eps is on the 0..255 scale")
@@ -31,7 +31,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from featdenoise.experiments.ablate import DEFAULT_VARIANTS, VARIANTS
+    from featdenoise.analysis.ablate import DEFAULT_VARIANTS, VARIANTS
 
     p = sub.add_parser(
         "ablate", help="train + evaluate denoising variants with one budget (Fig. 7, Table 1)",

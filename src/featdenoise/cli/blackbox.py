@@ -12,8 +12,8 @@ from __future__ import annotations
 import argparse
 import os
 
-from featdenoise.commands.common import FiniteFloat, nonnegative_int, positive_int, str_list
-from featdenoise.commands.inputs import (
+from featdenoise.cli.common import FiniteFloat, nonnegative_int, positive_int, str_list
+from featdenoise.cli.inputs import (
     add_data_args,
     add_exact_arg,
     add_model_args,
@@ -30,7 +30,7 @@ from featdenoise.runtime import outdir
 def _run(args: argparse.Namespace) -> int:
     from featdenoise.data.files import labelled_folder
     from featdenoise.evaluation import blackbox as bb
-    from featdenoise.loading import check_compatible, load_model_spec
+    from featdenoise.hub.loading import check_compatible, load_model_spec
     from featdenoise.models import model_in_channels, model_num_classes
     from featdenoise.runtime import distributed
 

@@ -194,9 +194,9 @@ def run_ablation(config: str | None, out_dir: str, *, variants: Sequence[str] = 
     through the rank-aware evaluation (each process a share of the batches, rank 0 merges);
     only rank 0 prints and writes the table, plot and JSON.
     """
-    from featdenoise.config import load_config
     from featdenoise.data.datasets import build_dataset
     from featdenoise.runtime import distributed as dist
+    from featdenoise.training.config import load_config
 
     variants = list(variants)
     if not variants:
@@ -240,10 +240,10 @@ def _train_and_evaluate(base, out_dir, variants, seeds, steps, val_set, eval_eps
                         targeted, limit, batch_size, progress, device) -> list[dict]:
     """Train and evaluate every (seed, variant) with all processes; rank 0's records (the other
     processes' evaluation shares are merged by rank 0, so they return fewer records)."""
-    from featdenoise.config import load_config
     from featdenoise.evaluation.whitebox import evaluate_whitebox
     from featdenoise.runtime import distributed as dist
     from featdenoise.training import NonFiniteLossError, load_model, train
+    from featdenoise.training.config import load_config
 
     d = base.data
     results = []
