@@ -37,14 +37,20 @@ defences).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from featdenoise.attacks.base import count_arg
+from featdenoise.attacks.options import AttackOptions
 from featdenoise.attacks.outcome import OutcomeAttack
 from featdenoise.runtime.finite import finite_float
+
+if TYPE_CHECKING:
+    from typing import Unpack  # Python >= 3.11; annotations only
 
 LOSSES = ("ce", "dlr")
 
@@ -74,6 +80,25 @@ def dlr_targeted_loss(logits: torch.Tensor, y: torch.Tensor, t: torch.Tensor) ->
     return -(logits[rows, y] - logits[rows, t]) / (z[:, -1] - 0.5 * (z[:, -3] + z[:, -4]) + 1e-12)
 
 
+@dataclass
+class _Walk:
+    """The state of one APGD run on ``n`` images (the first axis of every tensor is the image)."""
+
+    x_k: torch.Tensor  # current iterate [n, C, H, W]
+    x_prev: torch.Tensor  # previous iterate (the momentum term)
+    grad: torch.Tensor  # loss gradient at x_k
+    x_best: torch.Tensor  # highest-loss point so far ...
+    grad_best: torch.Tensor  # ... its gradient
+    loss_best: torch.Tensor  # ... and its loss [n]
+    x_ret: torch.Tensor  # first misclassified iterate (of a broken image)
+    broken: torch.Tensor  # [n] bool
+    iteration: torch.Tensor  # [n] int64: iterate that broke the image, -1 if none
+    history: torch.Tensor  # [steps + 1, n]: loss of x_0 .. x_steps
+    eta: torch.Tensor  # [n] step size
+    reduced_last: torch.Tensor  # [n] bool: the step was halved at the last checkpoint
+    loss_best_last: torch.Tensor  # [n] best loss at the last checkpoint
+
+
 class APGD(OutcomeAttack):
     """Untargeted APGD with the CE or DLR loss (Croce & Hein 2020, Algorithm 1; module docstring).
 
@@ -87,7 +112,8 @@ class APGD(OutcomeAttack):
         rho: threshold of checkpoint condition 1 (0.75).
         eot_iter: forward/backward passes averaged per gradient (1; the 'rand' version: 20).
         early_stop: drop an image from the batch once it is broken (same result, less work).
-        seed, num_classes, **kwargs: see :class:`~featdenoise.attacks.base.Attack`.
+        **options: seed, num_classes, bf16, channels_last, exact
+            (:class:`~featdenoise.attacks.options.AttackOptions`; ``targeted`` is ignored).
 
     ``attack(x, y) -> x_adv`` ``[N, C, H, W]``; per-image results in ``last_broken``,
     ``last_iteration`` (0 = broken at the clean image or the random start), ``last_margin``
@@ -98,9 +124,8 @@ class APGD(OutcomeAttack):
 
     def __init__(self, model: nn.Module, eps: float = 16 / 255, steps: int = 100,
                  loss: str = "ce", restarts: int = 1, rho: float = 0.75, eot_iter: int = 1,
-                 early_stop: bool = True, seed: int | None = None,
-                 num_classes: int | None = None, **kwargs):
-        super().__init__(model, eps=eps, seed=seed, num_classes=num_classes, **kwargs)
+                 early_stop: bool = True, **options: Unpack[AttackOptions]):
+        super().__init__(model, eps=eps, **options)
         self.steps = count_arg("steps", steps, hint=" (AutoAttack uses 100)")
         if loss not in LOSSES:
             raise ValueError(f"loss={loss!r} is unknown; use one of {LOSSES}")
@@ -157,26 +182,33 @@ class APGD(OutcomeAttack):
         return F.cross_entropy(logits, y, reduction="none")
 
     def _loss_grad(self, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor | None,
-                   need_grad: bool = True):
+                   need_grad: bool = True
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """``(logits [N, K], loss [N], grad [N, C, H, W])`` at ``x``; loss and gradient averaged
         over ``eot_iter`` passes (logits of the last). ``need_grad=False``: forward passes only,
         grad None."""
-        grad = loss_sum = logits = None
-        for _ in range(self.eot_iter):
-            if not need_grad:
-                logits = self._logits(x)
-                loss = self._loss(logits, y, t)
-            else:
-                xr = x.detach().requires_grad_(True)
-                logits = self._forward(xr).float()
-                loss = self._loss(logits, y, t)
-                g = self._input_grad(loss.sum(), xr)
-                grad = g if grad is None else grad + g
-            loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
+        logits, loss_sum, grad = self._one_pass(x, y, t, need_grad)
+        for _ in range(self.eot_iter - 1):
+            logits, loss, g = self._one_pass(x, y, t, need_grad)
+            loss_sum = loss_sum + loss
+            if grad is not None and g is not None:
+                grad = grad + g
         if self.eot_iter > 1:
             loss_sum = loss_sum / self.eot_iter
             grad = None if grad is None else grad / self.eot_iter
-        return logits.detach(), loss_sum, grad
+        return logits, loss_sum, grad
+
+    def _one_pass(self, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor | None,
+                  need_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """One pass of :meth:`_loss_grad`: ``(logits, loss, grad or None)``, all detached."""
+        if not need_grad:
+            logits = self._logits(x)
+            return logits.detach(), self._loss(logits, y, t).detach(), None
+        xr = x.detach().requires_grad_(True)
+        logits = self._forward(xr).float()
+        loss = self._loss(logits, y, t)
+        grad = self._input_grad(loss.sum(), xr)
+        return logits.detach(), loss.detach(), grad
 
     def _start(self, x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
         """``x + eps * u / max|u|`` with ``u ~ U[-1, 1]`` per pixel, projected onto ``[lo, hi]``."""
@@ -187,76 +219,116 @@ class APGD(OutcomeAttack):
         return torch.minimum(torch.maximum(start, lo), hi)
 
     def _run(self, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor | None, lo: torch.Tensor,
-             hi: torch.Tensor):
+             hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """One APGD run. Returns ``(x_ret, broken [n], iteration [n], best loss [n])``: x_ret is
         the first misclassified iterate of a broken image, else the highest-loss iterate."""
         n, steps = len(x), self.steps
+        walk = self._begin(x, y, t, lo, hi)
+        marks = checkpoints(steps)
+        previous_mark = {w: p for w, p in zip(marks, [0, *marks[:-1]], strict=True)}
+        idx = ((~walk.broken).nonzero()[:, 0] if self.early_stop
+               else torch.arange(n, device=x.device))
+        for i in range(steps):
+            if len(idx) == 0:
+                break
+            x_new = self._step(walk, idx, i, lo, hi)
+            # The gradient at the last iterate would never be used: forward passes only.
+            logits, loss, g = self._loss_grad(x_new, y[idx], None if t is None else t[idx],
+                                              need_grad=i < steps - 1)
+            if g is not None:
+                walk.grad[idx] = g
+            walk.history[i + 1, idx] = loss
+            wrong = self._settle(x_new, logits, y[idx]).argmax(1) != y[idx]
+            self._note_broken(walk, idx, x_new, wrong, i + 1)
+            self._note_best(walk, idx, x_new, loss, g)
+            if i + 1 in previous_mark:
+                self._checkpoint(walk, idx, i + 1, previous_mark[i + 1])
+            if self.early_stop:
+                idx = idx[~walk.broken[idx]]
         view = (-1, *([1] * (x.dim() - 1)))  # [n] -> [n, 1, 1, 1]
+        x_ret = torch.where(walk.broken.view(view), walk.x_ret, walk.x_best)
+        return x_ret, walk.broken, walk.iteration, walk.loss_best
+
+    def _begin(self, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor | None,
+               lo: torch.Tensor, hi: torch.Tensor) -> _Walk:
+        """The walk at its random start ``x_0`` (its loss and gradient; step ``eta = 2 eps``)."""
+        n = len(x)
         x_k = self._start(x, lo, hi)
         logits, loss, grad = self._loss_grad(x_k, y, t)
+        assert grad is not None  # need_grad=True
         x_prev = x_k.clone()
         x_best, grad_best, loss_best = x_k.clone(), grad.clone(), loss.clone()
         x_ret = x_k.clone()
         broken = self._settle(x_k, logits, y).argmax(1) != y
         iteration = torch.where(broken, 0, -1).long()
-        history = torch.zeros(steps + 1, n, device=x.device)  # loss of x_0 .. x_steps
+        history = torch.zeros(self.steps + 1, n, device=x.device)  # loss of x_0 .. x_steps
         history[0] = loss
         eta = torch.full((n,), 2.0 * self.eps, device=x.device, dtype=x.dtype)
         reduced_last = torch.ones(n, dtype=torch.bool, device=x.device)
-        loss_best_last = loss_best.clone()
-        marks = checkpoints(steps)
-        previous_mark = {w: p for w, p in zip(marks, [0, *marks[:-1]], strict=True)}
-        idx = (~broken).nonzero()[:, 0] if self.early_stop else torch.arange(n, device=x.device)
-        for i in range(steps):
-            if len(idx) == 0:
-                break
-            xa, ga = x_k[idx], grad[idx]
-            la, ha = lo[idx], hi[idx]
-            alpha = 0.75 if i > 0 else 1.0
-            z = torch.minimum(torch.maximum(xa + eta[idx].view(view) * ga.sign(), la), ha)
-            x_new = xa + alpha * (z - xa) + (1 - alpha) * (xa - x_prev[idx])
-            x_new = torch.minimum(torch.maximum(x_new, la), ha)
-            x_prev[idx] = xa
-            x_k[idx] = x_new
-            # The gradient at the last iterate would never be used: forward passes only.
-            last = i == steps - 1
-            logits, loss, g = self._loss_grad(x_new, y[idx], None if t is None else t[idx],
-                                              need_grad=not last)
-            if not last:
-                grad[idx] = g
-            history[i + 1, idx] = loss
-            # First misclassified iterate: the image is broken.
-            newly = (self._settle(x_new, logits, y[idx]).argmax(1) != y[idx]) & ~broken[idx]
-            if newly.any():
-                x_ret[idx[newly]] = x_new[newly]
-                broken[idx[newly]] = True
-                iteration[idx[newly]] = i + 1
-            # Best point so far.
-            better = loss > loss_best[idx]
-            if better.any():
-                x_best[idx[better]] = x_new[better]
-                if not last:
-                    grad_best[idx[better]] = g[better]
-                loss_best[idx[better]] = loss[better]
-            # Checkpoint: halve the step where the loss stalls, and go back to the best point.
-            if i + 1 in previous_mark:
-                w, w_prev = i + 1, previous_mark[i + 1]
-                h = history[w_prev:w + 1, idx]  # [w - w_prev + 1, m]
-                increases = (h[1:] > h[:-1]).sum(0)
-                oscillating = increases <= self.rho * (w - w_prev)
-                stalled = ~reduced_last[idx] & (loss_best_last[idx] >= loss_best[idx])
-                halve = oscillating | stalled
-                reduced_last[idx] = halve
-                loss_best_last[idx] = loss_best[idx]
-                if halve.any():
-                    sel = idx[halve]
-                    eta[sel] /= 2
-                    x_k[sel] = x_best[sel]
-                    grad[sel] = grad_best[sel]
-            if self.early_stop:
-                idx = idx[~broken[idx]]
-        x_ret = torch.where(broken.view(view), x_ret, x_best)
-        return x_ret, broken, iteration, loss_best
+        return _Walk(x_k=x_k, x_prev=x_prev, grad=grad, x_best=x_best, grad_best=grad_best,
+                     loss_best=loss_best, x_ret=x_ret, broken=broken, iteration=iteration,
+                     history=history, eta=eta, reduced_last=reduced_last,
+                     loss_best_last=loss_best.clone())
+
+    @staticmethod
+    def _step(walk: _Walk, idx: torch.Tensor, i: int, lo: torch.Tensor,
+              hi: torch.Tensor) -> torch.Tensor:
+        """Iteration ``i`` on the images ``idx`` (module docstring): ``x_k+1 [m, C, H, W]``,
+        also written into the walk (``x_prev`` takes ``x_k``)."""
+        view = (-1, *([1] * (walk.x_k.dim() - 1)))  # [m] -> [m, 1, 1, 1]
+        xa, ga = walk.x_k[idx], walk.grad[idx]
+        la, ha = lo[idx], hi[idx]
+        alpha = 0.75 if i > 0 else 1.0
+        z = torch.minimum(torch.maximum(xa + walk.eta[idx].view(view) * ga.sign(), la), ha)
+        x_new = xa + alpha * (z - xa) + (1 - alpha) * (xa - walk.x_prev[idx])
+        x_new = torch.minimum(torch.maximum(x_new, la), ha)
+        walk.x_prev[idx] = xa
+        walk.x_k[idx] = x_new
+        return x_new
+
+    @staticmethod
+    def _note_broken(walk: _Walk, idx: torch.Tensor, x_new: torch.Tensor, wrong: torch.Tensor,
+                     iteration: int) -> None:
+        """The first misclassified iterate (``wrong [m]``) breaks an image."""
+        newly = wrong & ~walk.broken[idx]
+        if newly.any():
+            walk.x_ret[idx[newly]] = x_new[newly]
+            walk.broken[idx[newly]] = True
+            walk.iteration[idx[newly]] = iteration
+
+    @staticmethod
+    def _note_best(walk: _Walk, idx: torch.Tensor, x_new: torch.Tensor, loss: torch.Tensor,
+                   grad: torch.Tensor | None) -> None:
+        """Keep the highest-loss point so far (its gradient too, unless this was the last)."""
+        better = loss > walk.loss_best[idx]
+        if better.any():
+            walk.x_best[idx[better]] = x_new[better]
+            if grad is not None:
+                walk.grad_best[idx[better]] = grad[better]
+            walk.loss_best[idx[better]] = loss[better]
+
+    def _checkpoint(self, walk: _Walk, idx: torch.Tensor, w: int, w_prev: int) -> None:
+        """Checkpoint ``w`` (the last one ``w_prev``): halve the step where the loss stalls and
+        go back to the best point (module docstring, conditions 1 and 2)."""
+        h = walk.history[w_prev:w + 1, idx]  # [w - w_prev + 1, m]
+        increases = (h[1:] > h[:-1]).sum(0)
+        oscillating = increases <= self.rho * (w - w_prev)
+        stalled = ~walk.reduced_last[idx] & (walk.loss_best_last[idx] >= walk.loss_best[idx])
+        halve = oscillating | stalled
+        walk.reduced_last[idx] = halve
+        walk.loss_best_last[idx] = walk.loss_best[idx]
+        if halve.any():
+            sel = idx[halve]
+            walk.eta[sel] /= 2
+            walk.x_k[sel] = walk.x_best[sel]
+            walk.grad[sel] = walk.grad_best[sel]
+
+
+class APGDTOptions(AttackOptions, total=False):
+    """:class:`APGDT`'s keywords besides its own: :class:`AttackOptions` and ``loss``
+    (accepted and ignored: APGD-T's loss is the targeted DLR)."""
+
+    loss: str
 
 
 class APGDT(APGD):
@@ -277,12 +349,10 @@ class APGDT(APGD):
 
     def __init__(self, model: nn.Module, eps: float = 16 / 255, steps: int = 100,
                  n_target_classes: int = 9, restarts: int = 1, rho: float = 0.75,
-                 eot_iter: int = 1, early_stop: bool = True, seed: int | None = None,
-                 num_classes: int | None = None, **kwargs):
-        kwargs.pop("loss", None)
-        super().__init__(model, eps=eps, steps=steps, loss="dlr", restarts=restarts, rho=rho,
-                         eot_iter=eot_iter, early_stop=early_stop, seed=seed,
-                         num_classes=num_classes, **kwargs)
+                 eot_iter: int = 1, early_stop: bool = True, **options: Unpack[APGDTOptions]):
+        options["loss"] = "dlr"  # fixed: the targeted DLR loss (a ``loss`` given is ignored)
+        super().__init__(model, eps=eps, steps=steps, restarts=restarts, rho=rho,
+                         eot_iter=eot_iter, early_stop=early_stop, **options)
         self.n_target_classes = count_arg("n_target_classes", n_target_classes)
 
     def __repr__(self) -> str:

@@ -40,21 +40,35 @@ attack broke, the lowest margin the chain found). Results are deterministic for 
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 import torch
 from torch import nn
 
 from featdenoise.attacks.apgd import APGD, APGDT
 from featdenoise.attacks.fab import FAB
+from featdenoise.attacks.options import ChainOptions
 from featdenoise.attacks.outcome import OutcomeAttack, margins
+from featdenoise.attacks.registry import AUTOATTACK_ATTACKS, AUTOATTACK_VERSIONS
 from featdenoise.attacks.square import Square
 from featdenoise.attacks.threat import LinfBall
 from featdenoise.models.registry import model_label
 from featdenoise.runtime.finite import check_finite_logits
+from featdenoise.runtime.modes import eval_mode
 from featdenoise.runtime.seeds import derive_seed
 
-ATTACK_NAMES = ("apgd-ce", "apgd-dlr", "apgd-t", "fab-t", "square")
-VERSIONS = {"standard": ("apgd-ce", "apgd-t", "fab-t", "square"),
-            "rand": ("apgd-ce", "apgd-dlr")}
+if TYPE_CHECKING:
+    from typing import Unpack  # Python >= 3.11; annotations only
+
+ATTACK_NAMES = tuple(AUTOATTACK_ATTACKS)  # the members, in chain order (the registry's)
+VERSIONS = AUTOATTACK_VERSIONS
+
+
+class RunChainOptions(ChainOptions, total=False):
+    """:func:`run_chain`'s keywords besides its own: :class:`ChainOptions` and ``n_classes``
+    (:class:`AutoAttack`)."""
+
+    n_classes: int | None
 
 
 def attack_seed(seed: int, name: str) -> int:
@@ -75,18 +89,18 @@ class AutoAttack:
         seed: default seed of :meth:`run` / :meth:`run_attack`.
         attacks: a subset of the version's attacks (or of ``ATTACK_NAMES``), run in the given
             order; default: the version's chain.
-        steps: APGD / FAB iterations (100); n_target_classes: APGD-T / FAB-T targets (9);
-            n_queries: Square queries (5000); eot_iter: EOT passes (1; 20 in 'rand').
-            Smaller values give a cheaper, weaker check (not AutoAttack any more: say so).
-        **kwargs: passed to every attack (:class:`~featdenoise.attacks.base.Attack`: bf16,
-            channels_last and the speed options).
+        **options: what the members get (:class:`~featdenoise.attacks.options.ChainOptions`):
+            the budget, ``steps`` (APGD / FAB iterations, 100), ``n_target_classes`` (APGD-T /
+            FAB-T targets, 9), ``n_queries`` (Square queries, 5000), ``eot_iter`` (EOT passes,
+            1; 20 in 'rand'), and the rest, passed to every attack
+            (:class:`~featdenoise.attacks.base.Attack`: bf16, channels_last, exact).
+            A smaller budget gives a cheaper, weaker check (not AutoAttack any more: say so).
     """
 
     def __init__(self, model: nn.Module, eps: float = 16 / 255, version: str = "standard",
                  n_classes: int | None = None, seed: int = 0,
-                 attacks: list[str] | tuple[str, ...] | None = None, steps: int = 100,
-                 n_target_classes: int = 9, n_queries: int = 5000, eot_iter: int | None = None,
-                 **kwargs):
+                 attacks: list[str] | tuple[str, ...] | None = None,
+                 **options: Unpack[ChainOptions]):
         if version not in VERSIONS:
             raise ValueError(f"version={version!r} is unknown; use one of {sorted(VERSIONS)}")
         names = list(VERSIONS[version] if attacks is None else attacks)
@@ -102,14 +116,15 @@ class AutoAttack:
         self.n_classes = n_classes if n_classes is not None else getattr(model, "num_classes",
                                                                          None)
         self.seed = int(seed)
-        self.steps = int(steps)
-        self.n_target_classes = int(n_target_classes)
+        self.steps = int(options.pop("steps", 100))
+        self.n_target_classes = int(options.pop("n_target_classes", 9))
         if self.n_classes is not None:
             self.n_target_classes = min(self.n_target_classes, int(self.n_classes) - 1)
-        self.n_queries = int(n_queries)
+        self.n_queries = int(options.pop("n_queries", 5000))
+        eot_iter = options.pop("eot_iter", None)
         self.eot_iter = int(eot_iter if eot_iter is not None else
                             (20 if version == "rand" else 1))
-        self.kwargs = kwargs
+        self.kwargs: dict[str, Any] = dict(options)  # the rest: passed to every member
         for name in names:  # validate every setting now, not half-way through an evaluation
             self.build(name, 0)
 
@@ -124,8 +139,8 @@ class AutoAttack:
         seeded ``seed``."""
         if name not in ATTACK_NAMES:
             raise ValueError(f"unknown attack {name!r}; choose one of {list(ATTACK_NAMES)}")
-        common = dict(eps=self.eps, seed=attack_seed(seed, name), num_classes=self.n_classes,
-                      **self.kwargs)
+        common: dict[str, Any] = dict(eps=self.eps, seed=attack_seed(seed, name),
+                                      num_classes=self.n_classes, **self.kwargs)
         if name in ("apgd-ce", "apgd-dlr"):
             return APGD(self.model, steps=self.steps, loss=name[5:], restarts=1,
                         eot_iter=self.eot_iter, **common)
@@ -155,12 +170,14 @@ class AutoAttack:
         name = self.attacks[name] if isinstance(name, int) else name
         attack = self.build(name, self.seed if seed is None else seed)
         x_adv = attack(x, y)
+        broken, its, targets, margin = (attack.last_broken, attack.last_iteration,
+                                        attack.last_target_class, attack.last_margin)
+        assert (broken is not None and its is not None and targets is not None
+                and margin is not None)  # set by every call
         records = [{"attack": name, "broken": bool(b), "iteration": int(i) if b else None,
                     "target": int(t) if b and t >= 0 else None, "margin": float(m)}
-                   for b, i, t, m in zip(attack.last_broken.tolist(),
-                                         attack.last_iteration.tolist(),
-                                         attack.last_target_class.tolist(),
-                                         attack.last_margin.tolist(), strict=True)]
+                   for b, i, t, m in zip(broken.tolist(), its.tolist(), targets.tolist(),
+                                         margin.tolist(), strict=True)]
         return x_adv, records
 
     def run(self, x: torch.Tensor, y: torch.Tensor, seed: int | None = None,
@@ -180,16 +197,10 @@ class AutoAttack:
             raise ValueError(f"start_at={start_at} must be in [0, {len(self.attacks)}]")
         seed = self.seed if seed is None else seed
         y = y.to(device=x.device, dtype=torch.long)
-        with torch.no_grad():
-            was_training = [(m, m.training) for m in self.model.modules()]
-            try:
-                self.model.eval()
-                clean = self.model(x.detach()).float()  # [N, K]
-                check_finite_logits(clean, f"AutoAttack: {model_label(self.model)}")
-                clean_margin = margins(clean, y)
-            finally:
-                for m, training in was_training:
-                    m.training = training
+        with torch.no_grad(), eval_mode(self.model):
+            clean = self.model(x.detach()).float()  # [N, K]
+            check_finite_logits(clean, f"AutoAttack: {model_label(self.model)}")
+            clean_margin = margins(clean, y)
         clean_correct = clean_margin > 0
         n = len(x)
         x_adv = x.detach().clone()
@@ -234,13 +245,12 @@ class AutoAttack:
 
 def run_chain(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float = 16 / 255,
               version: str = "standard", seed: int = 0, start_at: int = 0,
-              attacks: list[str] | None = None, n_classes: int | None = None,
-              **kwargs) -> tuple[torch.Tensor, list[dict]]:
+              attacks: list[str] | None = None,
+              **options: Unpack[RunChainOptions]) -> tuple[torch.Tensor, list[dict]]:
     """AutoAttack on one batch in one call: ``AutoAttack(...).run(x, y, seed, start_at)``.
 
-    Args: see :class:`AutoAttack` (``kwargs``: steps, n_target_classes, n_queries, eot_iter and
-    the attacks' options). Returns ``(x_adv [N, C, H, W], records)``.
+    Args: see :class:`AutoAttack` (``options``: n_classes, steps, n_target_classes, n_queries,
+    eot_iter and the attacks' options). Returns ``(x_adv [N, C, H, W], records)``.
     """
-    chain = AutoAttack(model, eps=eps, version=version, n_classes=n_classes, seed=seed,
-                       attacks=attacks, **kwargs)
+    chain = AutoAttack(model, eps=eps, version=version, seed=seed, attacks=attacks, **options)
     return chain.run(x, y, seed=seed, start_at=start_at)

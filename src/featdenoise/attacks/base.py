@@ -28,7 +28,6 @@ the attack's forward passes must not take part in gradient synchronisation.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +43,7 @@ from featdenoise.runtime.finite import (
     check_finite_logits,
     list_some,
 )
+from featdenoise.runtime.modes import eval_mode, frozen
 
 _RANGE_TOLERANCE = 1e-6  # images may exceed [0, 1] by this much (float rounding of x / 255)
 
@@ -128,6 +128,9 @@ class Attack:
     numbers (adversarial training: its guard stops every process at the same step).
 
     Call ``attack(x, y, target=None)`` (or the object itself) to get ``x_adv``.
+
+    A subclass lists only its own parameters and forwards the options after ``eps`` here as
+    keywords (``**options: Unpack[AttackOptions]``, :mod:`featdenoise.attacks.options`).
     """
 
     name = "attack"
@@ -182,7 +185,9 @@ class Attack:
         x = x.detach()
         if x.dim() == 4 and self._use_channels_last(x):
             x = x.contiguous(memory_format=torch.channels_last)  # a copy unless already NHWC
-        with self._attack_mode(), contextlib.ExitStack() as stack:
+        # Eval mode and frozen parameters (restored on exit, also on an error), input gradients on.
+        with (eval_mode(self.model), frozen(self.model), torch.enable_grad(),
+              contextlib.ExitStack() as stack):
             self._check_classes(x, y, target)
             # Entered after the checks: their forward of one image is not worth packing for.
             stack.enter_context(accel.inference_grad(self.model, enabled=not self.exact))
@@ -315,24 +320,6 @@ class Attack:
             return contextlib.nullcontext()
         return torch.autocast(device_type=x.device.type, dtype=torch.bfloat16)
 
-    @contextlib.contextmanager
-    def _attack_mode(self) -> Iterator[None]:
-        """Eval mode + frozen parameters + grad enabled; restores every module's ``training``
-        and every parameter's ``requires_grad``."""
-        modes = [(m, m.training) for m in self.model.modules()]
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        try:
-            self.model.eval()
-            for p in params:
-                p.requires_grad_(False)
-            with torch.enable_grad():
-                yield
-        finally:
-            for p in params:
-                p.requires_grad_(True)
-            for m, training in modes:
-                m.training = training
-
     def _use_channels_last(self, x: torch.Tensor) -> bool:
         if self.channels_last is not None:
             return bool(self.channels_last)
@@ -363,7 +350,8 @@ class Attack:
                 continue
             if not isinstance(labels, torch.Tensor) or labels.is_floating_point() or \
                     labels.is_complex() or labels.dtype == torch.bool:
-                what = labels.dtype if isinstance(labels, torch.Tensor) else type(labels).__name__
+                what = (str(labels.dtype) if isinstance(labels, torch.Tensor)
+                        else type(labels).__name__)
                 raise ValueError(f"{name} are {what}; pass integer class indices [N] (int64)")
             if labels.shape != x.shape[:1]:
                 raise ValueError(

@@ -25,12 +25,18 @@ each (standard: 9 targets x 100 iterations, no restarts).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
 from featdenoise.attacks.base import count_arg
+from featdenoise.attacks.options import AttackOptions
 from featdenoise.attacks.outcome import OutcomeAttack
 from featdenoise.runtime.finite import finite_float
+
+if TYPE_CHECKING:
+    from typing import Unpack  # Python >= 3.11; annotations only
 
 
 def project_linf(points: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -81,7 +87,8 @@ class FAB(OutcomeAttack):
             point at half eps (standard: 1).
         alpha_max, eta, beta: the paper's 0.1, 1.05, 0.9.
         early_stop: drop an image once a misclassified point within eps is found.
-        seed, num_classes, **kwargs: see :class:`~featdenoise.attacks.base.Attack`.
+        **options: seed, num_classes, bf16, channels_last, exact
+            (:class:`~featdenoise.attacks.options.AttackOptions`; ``targeted`` is ignored).
 
     ``attack(x, y) -> x_adv``: the adversarial point within eps where found, else ``x``;
     per-image results as in :mod:`featdenoise.attacks.outcome`.
@@ -92,8 +99,8 @@ class FAB(OutcomeAttack):
     def __init__(self, model: nn.Module, eps: float = 16 / 255, steps: int = 100,
                  n_target_classes: int = 9, restarts: int = 1, alpha_max: float = 0.1,
                  eta: float = 1.05, beta: float = 0.9, early_stop: bool = True,
-                 seed: int | None = None, num_classes: int | None = None, **kwargs):
-        super().__init__(model, eps=eps, seed=seed, num_classes=num_classes, **kwargs)
+                 **options: Unpack[AttackOptions]):
+        super().__init__(model, eps=eps, **options)
         self.steps = count_arg("steps", steps)
         self.n_target_classes = count_arg("n_target_classes", n_target_classes)
         self.restarts = count_arg("restarts", restarts)
@@ -130,7 +137,8 @@ class FAB(OutcomeAttack):
                 target_class[sel] = t[hit]
         return self._finish(x_ret, y, iteration, target_class)
 
-    def _diff_grad(self, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor):
+    def _diff_grad(self, x: torch.Tensor, y: torch.Tensor,
+                   t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(logits [n, K], g = f_t - f_y [n], grad g [n, C, H, W])`` at ``x``."""
         xr = x.detach().requires_grad_(True)
         logits = self._forward(xr).float()
@@ -139,17 +147,13 @@ class FAB(OutcomeAttack):
         grad = self._input_grad(diff.sum(), xr)
         return logits.detach(), diff.detach(), grad
 
-    def _run(self, x0: torch.Tensor, y: torch.Tensor, t: torch.Tensor, random_start: bool):
+    def _run(self, x0: torch.Tensor, y: torch.Tensor, t: torch.Tensor,
+             random_start: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One FAB run towards targets ``t``. Returns ``(adv, found [n], iteration [n])``: the
         closest misclassified point (within eps where found)."""
         n = len(x0)
         flat = x0.reshape(n, -1)  # [n, D]
-        x1 = x0.clone()
-        if random_start:
-            u = torch.rand(x0.shape, generator=self._generator(x0.device), dtype=x0.dtype,
-                           device=x0.device).mul_(2).sub_(1)
-            scale = u.reshape(n, -1).abs().amax(1).clamp_min(1e-12).view(-1, *[1] * (x0.dim() - 1))
-            x1 = (x0 + 0.5 * self.eps * u / scale).clamp(0, 1)
+        x1 = self._start(x0) if random_start else x0.clone()
         _, f, g = self._diff_grad(x1, y, t)
         adv = x0.clone()
         best = torch.full((n,), float("inf"), device=x0.device, dtype=x0.dtype)
@@ -161,17 +165,7 @@ class FAB(OutcomeAttack):
             if len(idx) == 0:
                 break
             m = len(idx)
-            xa = x1[idx].reshape(m, -1)
-            w = g[idx].reshape(m, -1)
-            b = (w * xa).sum(1) - f[idx]  # hyperplane of the linearised g = 0: w . z = b
-            d = project_linf(torch.cat((xa, flat[idx])), torch.cat((w, w)), torch.cat((b, b)))
-            d1, d2 = d[:m], d[m:]
-            a0 = d.abs().amax(1).clamp_min(1e-8)
-            a1, a2 = a0[:m], a0[m:]
-            alpha = (a1 / (a1 + a2)).clamp(0.0, self.alpha_max)[:, None]
-            x_new = ((xa + self.eta * d1) * (1 - alpha)
-                     + (flat[idx] + self.eta * d2) * alpha).clamp(0, 1)
-            x_new = x_new.reshape(x0[idx].shape)
+            x_new = self._propose(x1[idx], f[idx], g[idx], flat[idx])
             # The next linearisation point is x_new, or the back-step point where x_new is
             # misclassified. While few are, take the gradient at x_new in the same pass that
             # classifies it and redo only the back-stepped ones; otherwise classify first (a
@@ -206,3 +200,30 @@ class FAB(OutcomeAttack):
                 _, f[idx], g[idx] = self._diff_grad(x1[idx], y[idx], t[idx])
             eager = bool(len(idx)) and 3 * len(back) < len(idx)  # cost 3 + 3a vs 4 forwards
         return adv, found, iteration
+
+    def _start(self, x0: torch.Tensor) -> torch.Tensor:
+        """A later restart's start: ``x0 + eps/2 * u / max|u|``, ``u ~ U[-1, 1]`` per pixel,
+        clipped to [0, 1]."""
+        u = torch.rand(x0.shape, generator=self._generator(x0.device), dtype=x0.dtype,
+                       device=x0.device).mul_(2).sub_(1)
+        scale = u.reshape(len(x0), -1).abs().amax(1).clamp_min(1e-12).view(
+            -1, *[1] * (x0.dim() - 1))  # [m, 1, 1, 1]
+        return (x0 + 0.5 * self.eps * u / scale).clamp(0, 1)
+
+    def _propose(self, x1: torch.Tensor, f: torch.Tensor, g: torch.Tensor,
+                 origin: torch.Tensor) -> torch.Tensor:
+        """The next iterate ``[m, C, H, W]`` from ``x1 [m, C, H, W]`` (module docstring): the
+        boundary linearised there (``f [m]``, ``grad g [m, C, H, W]``), projected from ``x1``
+        and from the original ``origin [m, D]``, the two steps mixed by ``a``."""
+        m = len(x1)
+        xa = x1.reshape(m, -1)  # [m, D]
+        w = g.reshape(m, -1)
+        b = (w * xa).sum(1) - f  # hyperplane of the linearised g = 0: w . z = b
+        d = project_linf(torch.cat((xa, origin)), torch.cat((w, w)), torch.cat((b, b)))
+        d1, d2 = d[:m], d[m:]
+        a0 = d.abs().amax(1).clamp_min(1e-8)
+        a1, a2 = a0[:m], a0[m:]
+        alpha = (a1 / (a1 + a2)).clamp(0.0, self.alpha_max)[:, None]
+        x_new = ((xa + self.eta * d1) * (1 - alpha)
+                 + (origin + self.eta * d2) * alpha).clamp(0, 1)
+        return x_new.reshape(x1.shape)

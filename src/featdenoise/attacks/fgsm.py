@@ -8,12 +8,18 @@ random wrong-class targets, eval mode during the attack, input-only gradients.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
 from featdenoise.attacks.base import Attack
+from featdenoise.attacks.options import AttackOptions
 from featdenoise.attacks.pgd import PGD
 from featdenoise.runtime.finite import finite_float
+
+if TYPE_CHECKING:
+    from typing import Unpack  # Python >= 3.11; annotations only
 
 
 class FGSM(Attack):
@@ -42,20 +48,17 @@ class IFGSM(PGD):
     run. The step follows ``step_rule`` as in :class:`~featdenoise.attacks.pgd.PGD` (``"paper"``:
     ``max(step_size, eps / steps)``, i.e. 1.6/255 for 10 steps of eps 16).
 
-    Args: model, eps (default 16/255), step_size (1/255), steps (10), targeted (True),
-    step_rule ("paper"), seed, num_classes, bf16, channels_last, exact.
+    Args: model, eps (default 16/255), step_size (1/255), steps (10), step_rule ("paper"), and
+    the keywords of :class:`~featdenoise.attacks.options.AttackOptions` (targeted (True), seed,
+    num_classes, bf16, channels_last, exact).
     """
 
     name = "ifgsm"
 
     def __init__(self, model: nn.Module, eps: float = 16 / 255, step_size: float = 1 / 255,
-                 steps: int = 10, targeted: bool = True, step_rule: str = "paper",
-                 seed: int | None = None, num_classes: int | None = None, bf16: bool = False,
-                 channels_last: bool | None = None, exact: bool = False):
-        super().__init__(model, eps=eps, step_size=step_size, steps=steps, targeted=targeted,
-                         random_start=False, restarts=1, step_rule=step_rule, seed=seed,
-                         num_classes=num_classes, bf16=bf16, channels_last=channels_last,
-                         exact=exact)
+                 steps: int = 10, *, step_rule: str = "paper", **options: Unpack[AttackOptions]):
+        super().__init__(model, eps=eps, step_size=step_size, steps=steps, random_start=False,
+                         restarts=1, step_rule=step_rule, **options)
 
 
 class MIFGSM(IFGSM):
@@ -71,13 +74,10 @@ class MIFGSM(IFGSM):
     name = "mifgsm"
 
     def __init__(self, model: nn.Module, eps: float = 16 / 255, step_size: float = 1 / 255,
-                 steps: int = 10, targeted: bool = True, decay: float = 1.0,
-                 step_rule: str = "paper", seed: int | None = None,
-                 num_classes: int | None = None, bf16: bool = False,
-                 channels_last: bool | None = None, exact: bool = False):
-        super().__init__(model, eps=eps, step_size=step_size, steps=steps, targeted=targeted,
-                         step_rule=step_rule, seed=seed, num_classes=num_classes, bf16=bf16,
-                         channels_last=channels_last, exact=exact)
+                 steps: int = 10, *, decay: float = 1.0, step_rule: str = "paper",
+                 **options: Unpack[AttackOptions]):
+        super().__init__(model, eps=eps, step_size=step_size, steps=steps, step_rule=step_rule,
+                         **options)
         decay = finite_float("decay", decay, " (Dong et al. use 1.0)")
         if decay < 0:
             raise ValueError(f"decay={decay} must be >= 0 (Dong et al. use 1.0)")

@@ -19,13 +19,19 @@ of highest loss (APGD), of lowest margin (Square) or the clean image (FAB-T).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
 from featdenoise import accel
 from featdenoise.accel.layer import fold_tolerance
 from featdenoise.attacks.base import Attack
+from featdenoise.attacks.options import AttackOptions
 from featdenoise.runtime.backends import tf32_enabled
+
+if TYPE_CHECKING:
+    from typing import Unpack  # Python >= 3.11; annotations only
 
 
 def margins(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -46,16 +52,16 @@ class OutcomeAttack(Attack):
     ``return self._finish(x_adv, y, iteration, target_class)``.
 
     Args:
-        model, eps, seed, num_classes: see :class:`~featdenoise.attacks.base.Attack`.
-        **kwargs: passed to :class:`~featdenoise.attacks.base.Attack` (bf16, channels_last and
-            the speed options).
+        model, eps: see :class:`~featdenoise.attacks.base.Attack`.
+        **options: :class:`~featdenoise.attacks.options.AttackOptions` (seed, num_classes,
+            bf16, channels_last, exact), passed to the base; ``targeted`` is accepted and
+            ignored.
     """
 
-    def __init__(self, model: nn.Module, eps: float = 16 / 255, seed: int | None = None,
-                 num_classes: int | None = None, **kwargs):
-        kwargs.pop("targeted", None)  # the outcome is always "misclassified"
-        super().__init__(model, eps=eps, targeted=False, seed=seed, num_classes=num_classes,
-                         **kwargs)
+    def __init__(self, model: nn.Module, eps: float = 16 / 255,
+                 **options: Unpack[AttackOptions]):
+        super().__init__(model, eps=eps, **options)
+        self.targeted = False  # whatever was passed: the outcome is always "misclassified"
         self.last_broken: torch.Tensor | None = None
         self.last_iteration: torch.Tensor | None = None
         self.last_target_class: torch.Tensor | None = None

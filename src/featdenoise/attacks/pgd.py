@@ -16,11 +16,17 @@ with ``lo = max(x - eps, 0)``, ``hi = min(x + eps, 1)``
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
 from featdenoise.attacks.base import Attack, count_arg
+from featdenoise.attacks.options import AttackOptions
 from featdenoise.runtime.finite import finite_float
+
+if TYPE_CHECKING:
+    from typing import Unpack  # Python >= 3.11; annotations only
 
 STEP_RULES = ("paper", "fixed")
 
@@ -42,7 +48,8 @@ class PGD(Attack):
             else highest label loss; targeted: target hit, else lowest target loss).
         step_rule: ``"paper"`` uses ``max(step_size, eps / steps)`` like the official code (so 10
             steps of eps 16 use 1.6); ``"fixed"`` uses ``step_size`` as given.
-        seed, num_classes, bf16, channels_last, exact: see
+        targeted, seed, num_classes, bf16, channels_last, exact (keywords,
+            :class:`~featdenoise.attacks.options.AttackOptions`): see
             :class:`~featdenoise.attacks.base.Attack`.
 
     ``attack(x, y, target=None) -> x_adv``; :attr:`last_target` holds the targets used and
@@ -52,12 +59,9 @@ class PGD(Attack):
     name = "pgd"
 
     def __init__(self, model: nn.Module, eps: float = 16 / 255, step_size: float = 1 / 255,
-                 steps: int = 10, targeted: bool = True, random_start: bool = True,
-                 clean_start_prob: float = 0.0, restarts: int = 1, step_rule: str = "paper",
-                 seed: int | None = None, num_classes: int | None = None, bf16: bool = False,
-                 channels_last: bool | None = None, exact: bool = False):
-        super().__init__(model, eps=eps, targeted=targeted, seed=seed, num_classes=num_classes,
-                         bf16=bf16, channels_last=channels_last, exact=exact)
+                 steps: int = 10, *, random_start: bool = True, clean_start_prob: float = 0.0,
+                 restarts: int = 1, step_rule: str = "paper", **options: Unpack[AttackOptions]):
+        super().__init__(model, eps=eps, **options)
         count_arg("steps", steps, minimum=0)
         step_size = finite_float("step_size", step_size, " (on the [0, 1] scale: 1/255)")
         clean_start_prob = finite_float("clean_start_prob", clean_start_prob, " (in [0, 1])")
@@ -93,15 +97,13 @@ class PGD(Attack):
     def _perturb(self, x: torch.Tensor, labels: torch.Tensor, lo: torch.Tensor,
                  hi: torch.Tensor) -> torch.Tensor:
         self.last_clean_starts = []
-        best = best_success = best_objective = None
-        for _ in range(self.restarts):
+        best = self._iterate(self._start(x, lo, hi), labels, lo, hi)
+        if self.restarts == 1:
+            return best
+        best_success, best_objective = self._score(best, labels)
+        for _ in range(self.restarts - 1):
             x_adv = self._iterate(self._start(x, lo, hi), labels, lo, hi)
-            if self.restarts == 1:
-                return x_adv
             success, objective = self._score(x_adv, labels)
-            if best is None:
-                best, best_success, best_objective = x_adv, success, objective
-                continue
             # Lexicographic (success, objective): a restart can only make an image worse for
             # the defender, never better.
             better = (success & ~best_success) | ((success == best_success)

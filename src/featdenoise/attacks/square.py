@@ -21,13 +21,18 @@ One query at the start, then ``n_queries`` iterations (as the authors' code coun
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from featdenoise.attacks.base import count_arg
+from featdenoise.attacks.options import AttackOptions
 from featdenoise.attacks.outcome import OutcomeAttack, margins
 from featdenoise.runtime.finite import finite_float
+
+if TYPE_CHECKING:
+    from typing import Unpack  # Python >= 3.11; annotations only
 
 P_SCHEDULE = ((10, 1), (50, 2), (200, 4), (500, 8), (1000, 16), (2000, 32), (4000, 64),
               (6000, 128), (8000, 256))
@@ -55,7 +60,8 @@ class Square(OutcomeAttack):
         p_init: initial fraction of pixels per window (0.8).
         restarts: runs, each on the images still unbroken (standard: 1).
         rescale_schedule: stretch the p schedule to ``n_queries`` (AutoAttack: False).
-        seed, num_classes, **kwargs: see :class:`~featdenoise.attacks.base.Attack`.
+        **options: seed, num_classes, bf16, channels_last, exact
+            (:class:`~featdenoise.attacks.options.AttackOptions`; ``targeted`` is ignored).
 
     ``attack(x, y) -> x_adv``; ``last_iteration`` is the number of queries that broke the image
     (1 = the stripe start); other per-image results as in :mod:`featdenoise.attacks.outcome`.
@@ -66,8 +72,8 @@ class Square(OutcomeAttack):
 
     def __init__(self, model: nn.Module, eps: float = 16 / 255, n_queries: int = 5000,
                  p_init: float = 0.8, restarts: int = 1, rescale_schedule: bool = False,
-                 seed: int | None = None, num_classes: int | None = None, **kwargs):
-        super().__init__(model, eps=eps, seed=seed, num_classes=num_classes, **kwargs)
+                 **options: Unpack[AttackOptions]):
+        super().__init__(model, eps=eps, **options)
         self.n_queries = count_arg("n_queries", n_queries, minimum=0, hint=" (5000)")
         self.restarts = count_arg("restarts", restarts)
         p_init = finite_float("p_init", p_init, " (the paper uses 0.8)")
