@@ -13,9 +13,12 @@ from test_training import _weights, tiny_config
 
 from featdenoise.hub import checkpoints as ckpt
 from featdenoise.models import create_model
-from featdenoise.training import cheap, loop, recipe
+from featdenoise.training import loop, recipe, resume, setup
 from featdenoise.training.config import Config, load_config
 from featdenoise.training.logging import read_metrics
+from featdenoise.training.recipes import fast
+from featdenoise.training.recipes import free as free_at
+from featdenoise.training.step import State, StepContext
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -69,10 +72,10 @@ def test_free_step_equals_a_literal_alg1_loop(tmp_path, m, targeted):
     model.load_state_dict(init)
     opt = recipe.build_optimizer(model, cfg.optim)
     sched = recipe.LRSchedule(opt, 6, cfg.optim, 8)
-    state, free = loop.State(targeted=targeted), cheap.FreeState()
+    state, free = State(targeted=targeted), free_at.FreeState()
     for x, y in batches:
-        cheap.free_step(model, free, recipe.loss_fn(0.1), opt, sched, x, y, state, cfg,
-                        torch.device("cpu"), 10)
+        free_at.free_step(model, free, x, y, state, StepContext(
+            cfg, torch.device("cpu"), recipe.loss_fn(0.1), opt, sched), 10)
         state.step += 1
     ref = create_model("small_resnet", in_channels=1, width=4, blocks=[1, 1, 1])
     ref.load_state_dict(init)
@@ -98,8 +101,8 @@ def test_free_m1_first_minibatch_is_a_clean_step(tmp_path):
     b.load_state_dict(a.state_dict())
     opt_a, opt_b = recipe.build_optimizer(a, cfg.optim), recipe.build_optimizer(b, cfg.optim)
     sched = recipe.LRSchedule(opt_a, 6, cfg.optim, 8)
-    cheap.free_step(a, cheap.FreeState(), recipe.loss_fn(0.1), opt_a, sched, x, y,
-                    loop.State(targeted=False), cfg, torch.device("cpu"), 10)
+    free_at.free_step(a, free_at.FreeState(), x, y, State(targeted=False), StepContext(
+        cfg, torch.device("cpu"), recipe.loss_fn(0.1), opt_a, sched), 10)
     for g in opt_b.param_groups:
         g["lr"] = 0.1
     b.train()
@@ -133,7 +136,7 @@ def test_fast_attack_is_fgsm_from_a_random_start_in_the_box():
     x, y = torch.rand(6, 1, 28, 28), torch.randint(0, 10, (6,))
     eps = 8 / 255
     torch.manual_seed(0)
-    x_adv, target, clean = cheap.FastAttack(model, eps, 1.25 * eps, targeted=False)(x, y)
+    x_adv, target, clean = fast.FastAttack(model, eps, 1.25 * eps, targeted=False)(x, y)
     assert target is None and clean is False
     d = x_adv - x
     assert d.abs().max() <= eps + 1e-6 and x_adv.min() >= 0 and x_adv.max() <= 1
@@ -142,19 +145,19 @@ def test_fast_attack_is_fgsm_from_a_random_start_in_the_box():
     on_face = ((d.abs() - eps).abs() < 1e-6) | (x_adv == 0) | (x_adv == 1)
     assert 0.58 < on_face.float().mean() < 0.75
     torch.manual_seed(1)
-    x2, _, _ = cheap.FastAttack(model, eps, 1.25 * eps)(x, y)
+    x2, _, _ = fast.FastAttack(model, eps, 1.25 * eps)(x, y)
     assert not torch.equal(x2, x_adv)  # the start is random
 
 
 def test_overfit_guard_keeps_the_best_and_stops_on_a_drop():
     model = torch.nn.Linear(2, 2)
-    g = cheap.OverfitGuard(0.2)
+    g = fast.OverfitGuard(0.2)
     for epoch, acc in enumerate([0.30, 0.40, 0.35, 0.25], start=1):
         model.weight.data.fill_(epoch)
         assert not g.update(acc, epoch, model)
     assert (g.best_acc, g.best_epoch) == (0.40, 2) and g.best_model["weight"][0, 0] == 2
     assert g.update(0.19, 5, model) and g.stopped  # 0.21 below the best
-    h = cheap.OverfitGuard(0.2)
+    h = fast.OverfitGuard(0.2)
     h.load_state_dict(g.state_dict())
     assert h.stopped and h.best_epoch == 2
 
@@ -166,7 +169,7 @@ def _fake_checks(monkeypatch, accs):
         calls.append(epoch)
         return accs[epoch - 1]
 
-    monkeypatch.setattr(cheap, "pgd_accuracy", fake)
+    monkeypatch.setattr(fast, "pgd_accuracy", fake)
     return calls
 
 
@@ -209,9 +212,9 @@ def test_fast_guard_real_check_runs_and_agrees_with_a_direct_pgd(tmp_path):
     run = loop.train(cfg)
     acc = [r for r in read_metrics(run) if r["kind"] == "overfit_check"][0]["pgd_acc"]
     model = ckpt.load_model(run)
-    x, y = cheap.check_batch(loop._build_data(cfg)[1], 8, torch.device("cpu"))
+    x, y = fast.check_batch(setup._build_data(cfg)[1], 8, torch.device("cpu"))
     assert x.shape == (8, 1, 28, 28)
-    assert acc == cheap.pgd_accuracy(model, x, y, cfg, 1)
+    assert acc == fast.pgd_accuracy(model, x, y, cfg, 1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -277,9 +280,9 @@ def test_checkpoint_written_before_the_new_keys_still_resumes(tmp_path):
     for k in ("mode", "replays", "fgsm_step", "check_images", "check_steps", "overfit_drop"):
         del old["attack"][k]
     del old["optim"]["schedule"], old["optim"]["cycle_peak"]
-    loop._check_compatible(old, cfg, "c.pt")  # no error
+    resume.check_compatible(old, cfg, "c.pt")  # no error
     with pytest.raises(ValueError, match="'attack' config"):
-        loop._check_compatible(old, load_config(None, ["attack.mode=free"]), "c.pt")
+        resume.check_compatible(old, load_config(None, ["attack.mode=free"]), "c.pt")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -26,9 +26,9 @@ def test_defaults_are_the_paper_recipe():
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
 def test_shipped_configs_validate_and_name_buildable_models(path):
+    from featdenoise.hub.build import check_model
     from featdenoise.hub.specs import is_code_spec
     from featdenoise.models import list_models
-    from featdenoise.training.config import check_model
 
     cfg = load_config(path)
     assert cfg.model.name in list_models() or is_code_spec(cfg.model.name)
@@ -235,7 +235,7 @@ def test_strings_that_only_look_like_numbers_stay_strings():
      "config key 'model.kwargs': unknown denoising op 'median3'"),
 ])
 def test_check_model_refuses_what_train_refuses_without_allocating(overrides, fragment):
-    from featdenoise.training.config import check_model
+    from featdenoise.hub.build import check_model
 
     with pytest.raises(ValueError) as err:
         check_model(load_config(None, overrides))
@@ -245,8 +245,8 @@ def test_check_model_refuses_what_train_refuses_without_allocating(overrides, fr
 def test_check_model_accepts_every_registry_model():
     """No false refusal: every registered model (ResNet-152, ResNeXt-101 among them) passes the
     meta-device build, so its data-dependent initialiser does not trip the check."""
+    from featdenoise.hub.build import check_model
     from featdenoise.models import list_models
-    from featdenoise.training.config import check_model
 
     for name in list_models():
         check_model(load_config(None, [f"model.name={name}"]))

@@ -12,7 +12,8 @@ from gloo import as_rank, free_port
 
 from featdenoise.hub import checkpoints as ckpt
 from featdenoise.runtime import distributed as dist
-from featdenoise.training import loop
+from featdenoise.training import loop, resume
+from featdenoise.training.recipes import pgd
 
 # ---------------------------------------------------------------------------------------------
 # Device strings
@@ -106,14 +107,14 @@ def _cfg(out_dir, resume="auto"):
 
 
 def test_resume_decision(tmp_path):
-    assert loop.resume_decision(_cfg(tmp_path)) is None
+    assert resume.resume_decision(_cfg(tmp_path)) is None
     path = tmp_path / ckpt.CHECKPOINT
     path.write_bytes(b"x")
-    assert loop.resume_decision(_cfg(tmp_path)) == str(path)
-    assert loop.resume_decision(_cfg(tmp_path, "never")) is None
-    assert loop.resume_decision(_cfg(tmp_path / "other", str(path))) == str(path)
+    assert resume.resume_decision(_cfg(tmp_path)) == str(path)
+    assert resume.resume_decision(_cfg(tmp_path, "never")) is None
+    assert resume.resume_decision(_cfg(tmp_path / "other", str(path))) == str(path)
     with pytest.raises(FileNotFoundError, match="no such checkpoint"):
-        loop.resume_decision(_cfg(tmp_path, str(tmp_path / "nope.pt")))
+        resume.resume_decision(_cfg(tmp_path, str(tmp_path / "nope.pt")))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -126,13 +127,13 @@ def _resume_worker(rank, world, port, folders, missing):
     os.chdir(folders[rank])
     dist.init("cpu")
     try:
-        path = loop._resume_path(_cfg("run"))
+        path = resume.resume_path(_cfg("run"))
         saved = ckpt.load_checkpoint(path)
         torch.save({"path": path, "step": saved["step"], "weight": saved["model"]["w"]},
                    "seen.pt")
         # A missing explicit checkpoint on rank 0 stops every rank with the same error.
         try:
-            dist.decide_on_main(lambda: loop.resume_decision(_cfg("run", missing)))
+            dist.decide_on_main(lambda: resume.resume_decision(_cfg("run", missing)))
         except FileNotFoundError as err:
             open("error.txt", "w").write(str(err))
     finally:
@@ -149,8 +150,8 @@ def test_two_processes_resume_from_rank0s_checkpoint_with_per_rank_folders(tmp_p
     model.register_parameter("w", torch.nn.Parameter(torch.arange(4.0)))
     ckpt.save_checkpoint(os.path.join(folders[0], "run", ckpt.CHECKPOINT), model=model,
                          model_name="m", model_kwargs={}, optimizer=torch.optim.SGD(
-                             model.parameters(), lr=0.1), schedule_step=17, epoch=2,
-                         step_in_epoch=3, step=17, config={})
+                             model.parameters(), lr=0.1), position=ckpt.Position(
+                             epoch=2, step_in_epoch=3, step=17, schedule_step=17), config={})
     try:
         mp.start_processes(_resume_worker, args=(2, free_port(), folders,
                                                  str(tmp_path / "absent.pt")),
@@ -218,10 +219,10 @@ def _train_worker(rank, world, port, folders, cfg_dict):
     os.chdir(folders[rank])
     from featdenoise.training.config import from_dict
 
-    real_step, first = loop.train_step, []
+    real_step, first = pgd.train_step, []
 
     def spy(model, *args, **kw):
-        state = args[6]
+        state = args[3]
         if not first:
             first.append(state.step)
         out = real_step(model, *args, **kw)
@@ -229,7 +230,7 @@ def _train_worker(rank, world, port, folders, cfg_dict):
         torch.save({"first": first[0], "weights": params}, "final.pt")
         return out
 
-    loop.train_step = spy
+    pgd.train_step = spy
     loop.train(from_dict(cfg_dict))
 
 
@@ -283,8 +284,9 @@ def _ablate_worker(rank, world, port, config, out_dir):
         return real(*args, **kw)
 
     wb.evaluate_whitebox = spy
-    out = ablate.run_ablation(config, out_dir, variants=["baseline"], steps=[1], limit=8,
-                              batch_size=2, progress=False)
+    out = ablate.run_ablation(config, out_dir, variants=["baseline"], steps=[1],
+                              evaluation=ablate.EvalSettings(limit=8, batch_size=2),
+                              progress=False)
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump({"ranks": ranks, "table": out["table"], "group_left": not dist.is_dist(),
                    "n": out["results"][0]["num_images"]}, f)

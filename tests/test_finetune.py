@@ -12,10 +12,10 @@ import torch
 from test_reliability_crash import _tiny_config
 
 from featdenoise.cli import main
-from featdenoise.hub.build import build_model
+from featdenoise.hub.build import build_model, check_model
 from featdenoise.hub.checkpoints import load_model
 from featdenoise.training import train
-from featdenoise.training.config import check_model, from_dict
+from featdenoise.training.config import from_dict
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

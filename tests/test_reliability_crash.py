@@ -251,7 +251,8 @@ def test_sigkill_mid_epoch_then_resume_gives_the_uninterrupted_weights(tmp_path,
     from safetensors.torch import load_file
 
     from featdenoise.hub.checkpoints import CHECKPOINT, WEIGHTS, load_checkpoint
-    from featdenoise.training import loop, train
+    from featdenoise.training import train
+    from featdenoise.training.recipes import pgd
 
     def config(out):
         cfg = _tiny_config(out, checkpoint_every=2)
@@ -285,14 +286,14 @@ def test_sigkill_mid_epoch_then_resume_gives_the_uninterrupted_weights(tmp_path,
     assert (last["step"], last["epoch"], last["step_in_epoch"]) == (8, 1, 2)  # mid-epoch
     assert not (killed / WEIGHTS).exists()
 
-    real_step, steps_run = loop.train_step, []
+    real_step, steps_run = pgd.train_step, []
 
     def counted_step(*args, **kwargs):
         state = kwargs.get("state") or next(a for a in args if hasattr(a, "step_in_epoch"))
         steps_run.append(state.step)
         return real_step(*args, **kwargs)
 
-    monkeypatch.setattr(loop, "train_step", counted_step)
+    monkeypatch.setattr(pgd, "train_step", counted_step)
     train(config(killed))  # resume=auto picks up checkpoint.pt
     assert steps_run == [8, 9, 10, 11]  # it really resumed: only the lost steps were redone
     monkeypatch.undo()

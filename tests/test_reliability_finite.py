@@ -89,8 +89,8 @@ def test_model_safetensors_with_nan_or_inf_is_refused_naming_the_tensor(tmp_path
 def _save_checkpoint(path: Path, model: nn.Module) -> None:
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     ckpt.save_checkpoint(str(path), model=model, model_name="small_resnet",
-                         model_kwargs=model.model_kwargs, optimizer=opt, schedule_step=0, epoch=0,
-                         step_in_epoch=0, step=0, config={})
+                         model_kwargs=model.model_kwargs, optimizer=opt, config={},
+                         position=ckpt.Position(epoch=0, step_in_epoch=0, step=0, schedule_step=0))
 
 
 def test_checkpoint_pt_with_nan_is_refused_on_load_and_on_resume(tmp_path):
@@ -492,8 +492,8 @@ def test_float_flags_still_parse_numbers():
     from featdenoise.cli import build_parser
 
     args = build_parser().parse_args(["eval", "--out", "o", "--eps", "8", "--step-size", "0.5"])
-    assert (args.eps, args.step_size) == (8.0, 0.5)
-    assert build_parser().parse_args(["eval", "--out", "o"]).eps == 16.0
+    assert (args.eps, args.step_size) == (8 / 255, 0.5 / 255)  # stored on the [0, 1] scale
+    assert build_parser().parse_args(["eval", "--out", "o"]).eps == 16 / 255
 
 
 # ============================================================ 3. strict config loading
@@ -527,7 +527,8 @@ def test_a_config_with_two_optim_blocks_is_refused_with_both_lines(tmp_path):
     ("1: a\n1.0: b\n", 1.0, (1, 2)),
 ])
 def test_duplicate_keys_are_refused_at_any_depth(tmp_path, text, key, lines):
-    from featdenoise.training.config import DuplicateKeyError, load_config, yaml_load
+    from featdenoise.training.config import load_config
+    from featdenoise.training.yamlio import DuplicateKeyError, yaml_load
 
     path = tmp_path / "c.yaml"
     path.write_text(text)
@@ -541,7 +542,7 @@ def test_duplicate_keys_are_refused_at_any_depth(tmp_path, text, key, lines):
 
 
 def test_yaml_merge_keys_and_distinct_keys_still_load():
-    from featdenoise.training.config import yaml_load
+    from featdenoise.training.yamlio import yaml_load
 
     tree = yaml_load("base: &b {lr: 0.1, momentum: 0.9}\noptim:\n  <<: *b\n  lr: 0.2\n")
     assert tree["optim"] == {"lr": 0.2, "momentum": 0.9}

@@ -17,9 +17,11 @@ from torch import nn
 from featdenoise.hub import checkpoints as ckpt
 from featdenoise.models import create_model
 from featdenoise.runtime import distributed as dist
-from featdenoise.training import loop, recipe
+from featdenoise.training import NonFiniteLossError, loop, recipe
 from featdenoise.training.config import load_config
 from featdenoise.training.logging import read_metrics
+from featdenoise.training.recipes import pgd
+from featdenoise.training.step import State, StepContext
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -169,8 +171,8 @@ def test_bn_inference_mode_during_attack_and_training_mode_for_update(tmp_path):
     # A whole step: exactly one training-mode pass (the update on the adversarial batch).
     opt = recipe.build_optimizer(model, cfg.optim)
     sched = recipe.LRSchedule(opt, 10, cfg.optim, 8)
-    loop.train_step(model, attack, recipe.loss_fn(0.1), opt, sched, x, y, loop.State(), cfg,
-                    torch.device("cpu"))
+    pgd.train_step(model, attack, x, y, State(), StepContext(cfg, torch.device("cpu"),
+                                                             recipe.loss_fn(0.1), opt, sched))
     after = stats()
     assert all(n1 == n0 + 1 for (_, _, n0), (_, _, n1) in zip(before, after, strict=True))
     assert not torch.equal(after[0][0], before[0][0])
@@ -289,7 +291,7 @@ def exploding_at_step_5(monkeypatch) -> None:
 def test_non_finite_loss_stops_with_step_and_keeps_last_checkpoint(tmp_path, monkeypatch):
     exploding_at_step_5(monkeypatch)
     cfg = tiny_config(tmp_path, "attack.steps=0")
-    with pytest.raises(loop.NonFiniteLossError) as err:
+    with pytest.raises(NonFiniteLossError) as err:
         loop.train(cfg)
     msg = str(err.value)
     assert "step 5" in msg and "\n" not in msg and "checkpoint" in msg
@@ -305,7 +307,7 @@ def test_non_finite_step_between_checks_never_reaches_the_weights(tmp_path, monk
     exploding_at_step_5(monkeypatch)
     cfg = tiny_config(tmp_path, "attack.steps=0", "run.log_every=4", "run.checkpoint_every=0",
                       "run.eval_every=0")
-    with pytest.raises(loop.NonFiniteLossError) as err:
+    with pytest.raises(NonFiniteLossError) as err:
         loop.train(cfg)
     msg = str(err.value)
     assert "at step 5" in msg and "stopped at step 7" in msg and "holds step 6" in msg

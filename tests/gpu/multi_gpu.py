@@ -66,6 +66,7 @@ def run_multi(checks: Checks, device: torch.device, work: str, stage: str) -> No
     from featdenoise.evaluation.whitebox import evaluate_whitebox
     from featdenoise.hub import checkpoints as ckpt
     from featdenoise.training import loop
+    from featdenoise.training.recipes import pgd
 
     data = os.path.join(work, "data")
     run_dir = os.path.join(work, "run")
@@ -78,17 +79,17 @@ def run_multi(checks: Checks, device: torch.device, work: str, stage: str) -> No
         def trained() -> str:
             cfg = gu.train_cfg(data, run_dir, device, "run.stop_after=4")
             seen = []
-            real = loop.train_step
+            real = pgd.train_step
 
             def spy(model, *args, **kw):  # the DDP-wrapped network each rank trains
                 seen[:] = [model]
                 return real(model, *args, **kw)
 
-            loop.train_step = spy
+            pgd.train_step = spy
             try:
                 loop.train(cfg)  # stops after 4 steps: checkpoint, rank 0's BN statistics
             finally:
-                loop.train_step = real
+                pgd.train_step = real
             params, buffers = gu.checksums(dist.unwrap(seen[0]))
             assert gu.same_on_every_rank(params), "parameters differ between ranks"
             assert gu.same_on_every_rank(buffers), "BatchNorm buffers differ between ranks"

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import argparse
 
+import yaml
+
+from featdenoise.configs import describe_config, list_configs
+from featdenoise.hub.build import check_model
+from featdenoise.runtime import distributed
+from featdenoise.training import train
+from featdenoise.training.config import load_config
+
 
 def _run(args: argparse.Namespace) -> int:
-    from featdenoise.runtime import distributed
-    from featdenoise.training import train
-    from featdenoise.training.config import check_model, load_config
-
     if args.list_configs:
-        from featdenoise.configs import describe_config, list_configs
-
         names = list_configs()
         width = max(map(len, names))
         for name in names:
@@ -29,8 +31,6 @@ def _run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, overrides)
     if args.print_config:
         check_model(cfg)  # the same model check as train's, on the meta device
-        import yaml
-
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
         return 0
     run_dir = train(cfg)

@@ -1,8 +1,9 @@
 """Shipped training configs: YAML files installed with the package, found by name.
 
-Every ``<name>.yaml`` in this folder is a training config (:mod:`featdenoise.training.config`): the paper's
-ImageNet runs, the ablations, and small Fashion-MNIST / CIFAR-10 runs. A source checkout also
-shows them as ``configs/`` at the top of the repository (a link to this folder, one copy).
+Every ``<name>.yaml`` in this folder is a training config (:mod:`featdenoise.training.config`):
+the paper's ImageNet runs, the ablations, and small Fashion-MNIST / CIFAR-10 runs. A source
+checkout also shows them as ``configs/`` at the top of the repository (a link to this folder, one
+copy).
 
 ``--config`` takes either a path or a name (:func:`resolve_config`): an existing file is read as
 it is; ``fashion_mnist_quick`` (no folder, no ``.yaml``) is the shipped config of that name from

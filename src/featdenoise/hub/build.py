@@ -13,21 +13,24 @@ checkpoint records (``model``, ``model_kwargs``, ``model_denoise``, ``model_norm
   takes [0, 1] pixels; None: the kind's default (none for registry models).
 
 Pretrained weights (``init``) are the backbone's: they are loaded, strictly, before the blocks go
-in.
+in. :func:`check_model` builds a config's network on the ``meta`` device, so a network the real
+build would refuse is refused before anything takes memory.
 """
 
 from __future__ import annotations
 
 import os
+from typing import Protocol
 
 from torch import nn
 
 from featdenoise.hub.specs import construct, is_code_spec
 from featdenoise.hub.weights import load_weights
 from featdenoise.models.normalize import Normalized, parse_normalize
-from featdenoise.models.registry import create_model
+from featdenoise.models.registry import create_model, list_models
 from featdenoise.models.surgery import add_denoising
 from featdenoise.runtime.distributed import file_digest
+from featdenoise.runtime.meta import build_on_meta
 
 
 def build_model(name: str, kwargs: dict | None = None, *, denoise: dict | None = None,
@@ -74,11 +77,18 @@ def _assemble(model: nn.Module, default, name: str, kwargs: dict, denoise: dict 
     if stats is not None:
         model = Normalized(model, *stats)
     if getattr(model, "num_classes", None) is None and "num_classes" in kwargs:
-        model.num_classes = int(kwargs["num_classes"])
-    model.model_name = name
-    model.model_kwargs = own_kwargs if own_kwargs is not None else kwargs
-    model.model_denoise, model.model_normalize = dict(denoise or {}), normalize
+        set_facts(model, num_classes=int(kwargs["num_classes"]))
+    set_facts(model, model_name=name,
+              model_kwargs=own_kwargs if own_kwargs is not None else kwargs,
+              model_denoise=dict(denoise or {}), model_normalize=normalize)
     return model, stats
+
+
+def set_facts(model: nn.Module, **facts: object) -> None:
+    """Set plain attributes on ``model``: the facts checkpoints and messages read back
+    (``model_name``, ``model_kwargs``, ``model_denoise``, ``model_normalize``, ``source_file``)."""
+    for name, value in facts.items():
+        setattr(model, name, value)
 
 
 def _normalization_facts(stats) -> dict | None:
@@ -116,9 +126,64 @@ def build_spec(spec: str, kwargs: dict | None = None, weights: str | None = None
     weights = weights or built.weights
     model, stats = _assemble(built.model, built.normalize, spec, kwargs, None, normalize, weights)
     if weights:
-        model.source_file = os.path.abspath(weights)
+        set_facts(model, source_file=os.path.abspath(weights))
     facts = {"spec": spec, "kwargs": kwargs, **built.facts,
              "weights": os.path.abspath(weights) if weights else None,
              "weights_file_sha256": file_digest(weights) if weights else None,
              "normalize": _normalization_facts(stats)}
     return model.eval(), facts
+
+
+class ModelSection(Protocol):
+    """A config's ``model:`` section (:class:`featdenoise.training.config.ModelConfig`)."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def kwargs(self) -> dict: ...
+    @property
+    def denoise(self) -> dict: ...
+    @property
+    def normalize(self) -> str | None: ...
+    @property
+    def init(self) -> str | None: ...
+
+
+class HasModelSection(Protocol):
+    """A config with a ``model:`` section (:class:`featdenoise.training.config.Config`)."""
+
+    @property
+    def model(self) -> ModelSection: ...
+
+
+def check_model(cfg: HasModelSection) -> None:
+    """Refuse a model that training would refuse, without allocating weights.
+
+    Builds the network of ``cfg.model`` (without ``init``) on the ``meta`` device (shapes only,
+    no memory), so a misspelt name, an unknown kwarg, a denoising placement that does not fit or
+    a value the builder rejects is one ``ValueError`` naming the config key (``model.name``,
+    ``model.kwargs``, ``model.denoise``), exactly as the real build in training would give it; a
+    missing ``model.init`` file is named too.
+    """
+    m = cfg.model
+
+    def build(key: str, denoise: dict | None) -> None:
+        try:
+            build_on_meta(lambda: build_model(m.name, dict(m.kwargs), denoise=denoise,
+                                              normalize=m.normalize))
+        except (ValueError, TypeError) as err:
+            text = str(err).strip().splitlines()
+            raise ValueError(f"config key '{key}': {text[0] if text else type(err).__name__}") \
+                from None
+
+    known = m.name in list_models() or is_code_spec(m.name)
+    try:
+        # The backbone first, so an error is told against the key that causes it.
+        build("model.kwargs" if known else "model.name", None)
+        if m.denoise:
+            build("model.denoise", dict(m.denoise))
+    except (NotImplementedError, RuntimeError):
+        pass  # a builder that needs real values: the real build in training checks it
+    if m.init and not os.path.isfile(m.init):
+        raise ValueError(f"config key 'model.init': {m.init} not found; give the backbone's "
+                         "weights file")

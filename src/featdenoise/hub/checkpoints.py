@@ -3,11 +3,13 @@
 ``checkpoint.pt`` is a plain dict loadable with
 ``torch.load(path, weights_only=True, map_location="cpu")`` (a run on a GPU saves the optimizer
 state as CUDA tensors: without ``map_location`` a CPU-only machine cannot load it):
-``model`` (state dict of the unwrapped model), ``model_name``, ``model_kwargs``, ``optimizer``,
-``schedule`` (``{"step": int}``), ``epoch`` / ``step_in_epoch`` / ``step`` (the position to resume
-from), ``rng`` (torch, CUDA, numpy and python generator states as tensors and plain types) and
-``config`` (the resolved config as a nested dict). Files are written to a temporary file, flushed,
-fsynced and renamed over the old one, so a kill at any moment leaves the last good checkpoint.
+``model`` (state dict of the unwrapped model), ``model_name``, ``model_kwargs``, ``model_build``
+(:func:`build_options`), ``optimizer``, ``schedule`` (``{"step": int}``), ``epoch`` /
+``step_in_epoch`` / ``step`` (the position to resume from, :class:`Position`), ``rng`` (torch,
+CUDA, numpy and python generator states as tensors and plain types), ``config`` (the resolved
+config as a nested dict) and ``extra`` (the recipe's own state). Files are written to a temporary
+file, flushed, fsynced and renamed over the old one, so a kill at any moment leaves the last good
+checkpoint.
 
 ``model.safetensors`` holds the final weights with metadata ``model`` (name) and ``model_kwargs``
 (JSON); :func:`load_model` rebuilds a network from either file or from a run directory.
@@ -18,14 +20,25 @@ from __future__ import annotations
 import json
 import os
 import random
+import zipfile
+from dataclasses import dataclass
 
 import numpy as np
 import torch
+from safetensors.torch import save
 from torch import nn
 
+from featdenoise.hub.build import build_model, set_facts
 from featdenoise.runtime.atomic import atomic_write
 from featdenoise.runtime.finite import check_finite_tensors
 from featdenoise.runtime.meta import build_on_meta, check_fits, stored_shapes
+from featdenoise.runtime.safeio import (
+    metadata_json,
+    read_safetensors,
+    read_safetensors_header,
+    read_safetensors_metadata,
+    safe_torch_load,
+)
 
 CHECKPOINT = "checkpoint.pt"
 WEIGHTS = "model.safetensors"
@@ -40,6 +53,7 @@ def atomic_save(obj, path: str) -> None:
 def rng_state() -> dict:
     """All generator states as tensors and plain Python types (safe for ``weights_only``)."""
     np_state = np.random.get_state()
+    assert isinstance(np_state, tuple)  # the legacy form, numpy's default
     py_state = random.getstate()
     state = {
         "torch": torch.get_rng_state(),
@@ -69,30 +83,44 @@ def build_options(model: nn.Module) -> dict:
     """What rebuilds ``model`` beyond its name and kwargs
     (:func:`featdenoise.hub.build.build_model`): ``{"denoise": {...}, "normalize": "..."}`` where
     set, else ``{}``."""
-    out = {}
-    if getattr(model, "model_denoise", None):
-        out["denoise"] = dict(model.model_denoise)
-    if getattr(model, "model_normalize", None) is not None:
-        out["normalize"] = model.model_normalize
+    out: dict = {}
+    denoise = getattr(model, "model_denoise", None)
+    if denoise:
+        out["denoise"] = dict(denoise)
+    normalize = getattr(model, "model_normalize", None)
+    if normalize is not None:
+        out["normalize"] = normalize
     return out
 
 
+@dataclass(frozen=True)
+class Position:
+    """Where a saved run stands: the next global step to run is ``step``, batch
+    ``step_in_epoch`` of epoch ``epoch`` (0-based); ``schedule_step`` is the learning-rate
+    schedule's step (the file's ``schedule: {"step": ...}``)."""
+
+    epoch: int
+    step_in_epoch: int
+    step: int
+    schedule_step: int
+
+
 def save_checkpoint(path: str, *, model: nn.Module, model_name: str, model_kwargs: dict,
-                    optimizer: torch.optim.Optimizer, schedule_step: int, epoch: int,
-                    step_in_epoch: int, step: int, config: dict, rng: dict | None = None,
+                    optimizer: torch.optim.Optimizer, position: Position, config: dict,
                     extra: dict | None = None) -> None:
-    """Write a resumable checkpoint atomically (see the module docstring for the keys)."""
+    """Write a resumable checkpoint atomically (see the module docstring for the keys), with the
+    current generator states (:func:`rng_state`) and the recipe's ``extra`` state."""
     state = {
         "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "model_name": model_name,
         "model_kwargs": dict(model_kwargs),
         "model_build": build_options(model),
         "optimizer": optimizer.state_dict(),
-        "schedule": {"step": int(schedule_step)},
-        "epoch": int(epoch),
-        "step_in_epoch": int(step_in_epoch),
-        "step": int(step),
-        "rng": rng if rng is not None else rng_state(),
+        "schedule": {"step": int(position.schedule_step)},
+        "epoch": int(position.epoch),
+        "step_in_epoch": int(position.step_in_epoch),
+        "step": int(position.step),
+        "rng": rng_state(),
         "config": config,
         "extra": extra or {},
     }
@@ -104,8 +132,6 @@ def load_checkpoint(path: str, map_location="cpu") -> dict:
     the file); tensors land on the CPU by default, so a checkpoint written on a GPU loads on a
     CPU-only machine. One-line errors for a missing, truncated or refused file, and for model
     weights holding NaN or inf (:func:`featdenoise.runtime.finite.check_finite_tensors`)."""
-    from featdenoise.runtime.safeio import safe_torch_load
-
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path} not found")
     ckpt = safe_torch_load(path, map_location=map_location)
@@ -117,8 +143,6 @@ def load_checkpoint(path: str, map_location="cpu") -> dict:
 def save_weights(path: str, model: nn.Module, model_name: str, model_kwargs: dict,
                  extra_metadata: dict | None = None) -> None:
     """Export the weights as safetensors with ``model`` and ``model_kwargs`` (JSON) metadata."""
-    from safetensors.torch import save
-
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
     meta = {"model": model_name, "model_kwargs": json.dumps(model_kwargs, sort_keys=True),
             "format": "pt"}
@@ -134,8 +158,6 @@ def _build(path: str, name, kwargs, build: dict | None = None,
     """The model a file names (:func:`featdenoise.hub.build.build_model` of its name, kwargs and
     build options; ``meta_device``: shapes only, no memory, :mod:`featdenoise.runtime.meta`); one
     line naming the file when they cannot build a model."""
-    from featdenoise.hub.build import build_model
-
     if meta_device:
         return build_on_meta(lambda: _build(path, name, kwargs, build))
 
@@ -156,8 +178,6 @@ def _build(path: str, name, kwargs, build: dict | None = None,
 
 def is_own_weights(path: str) -> bool:
     """True if ``path`` is a safetensors file featdenoise wrote (it has ``model`` metadata)."""
-    from featdenoise.runtime.safeio import read_safetensors_metadata
-
     try:
         return "model" in read_safetensors_metadata(path)
     except (OSError, ValueError):
@@ -167,8 +187,6 @@ def is_own_weights(path: str) -> bool:
 def is_own_checkpoint(path: str) -> bool:
     """True if ``path`` looks like a featdenoise training checkpoint (a ``torch.save`` zip whose
     pickle names ``model_name`` and ``step_in_epoch``), judged without unpickling it."""
-    import zipfile
-
     try:
         with zipfile.ZipFile(path) as z:
             pickles = [n for n in z.namelist() if n.endswith("/data.pkl") or n == "data.pkl"]
@@ -204,13 +222,8 @@ def load_model(path: str | os.PathLike, map_location="cpu") -> nn.Module:
                                     f"{CHECKPOINT}")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"model file {path} not found")
+    state: dict
     if path.endswith(".safetensors"):
-        from featdenoise.runtime.safeio import (
-            metadata_json,
-            read_safetensors,
-            read_safetensors_header,
-        )
-
         # Shapes from the header first: the network the metadata names is checked against
         # them on the meta device, before its weights or the file's tensors take memory.
         stored, meta = read_safetensors_header(path)
@@ -229,13 +242,14 @@ def load_model(path: str | os.PathLike, map_location="cpu") -> nn.Module:
         name = ckpt["model_name"]
         kwargs = ckpt.get("model_kwargs", {})
         build = ckpt.get("model_build", {})
-        state = ckpt.get("model")
-        if not isinstance(state, dict):
+        entry = ckpt.get("model")
+        if not isinstance(entry, dict):
             raise ValueError(f"{path}: its 'model' entry is not a state dict; the file is "
                              "damaged or was not written by featdenoise")
+        state = entry
         check_fits(_build(path, name, kwargs, build, meta_device=True),
                    stored_shapes(state, path), path, name)
     model = _build(path, name, kwargs, build)  # for real: its tensors are the file's, already read
     model.load_state_dict(state)
-    model.source_file = path  # named by messages about this model (models.model_label)
+    set_facts(model, source_file=path)  # named by messages about this model (models.model_label)
     return model.eval()

@@ -6,7 +6,12 @@ overrides written as dotted keys (``optim.lr=0.2``, ``model.kwargs.denoise=mean`
 parsed as YAML scalars, so ``run.bf16=true`` and ``optim.milestones=[30,60]`` work), validates every
 value, and returns a frozen :class:`Config`. :func:`save_config` writes the resolved values into a
 run directory. An unknown key or a bad value raises ``ValueError`` with one line naming the key, the
-value and what is allowed (with close matches for misspelt keys).
+value and what is allowed (with close matches for misspelt keys; the value rules are in
+:mod:`featdenoise.training.checks`, the YAML reader in :mod:`featdenoise.training.yamlio`).
+
+Pixel sizes (``attack.eps``, ``attack.step_size``, ``attack.fgsm_step``) are held on the paper's
+0..255 scale; :meth:`AttackConfig.unit_sizes` is the one place that converts them to the [0, 1]
+scale of the images.
 
 Defaults are the paper's ImageNet recipe (Sec. 5 and the official ``main.py``): targeted PGD with
 eps 16, step 1, 30 steps, 20% of batches starting from the clean image; SGD with Nesterov momentum
@@ -17,9 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import math
 import os
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,72 +30,14 @@ import yaml
 
 from featdenoise.configs import resolve_config
 from featdenoise.runtime.atomic import atomic_write, ensure_dir
-
-DATASETS = ("fashion_mnist", "cifar10", "imagenet")
-ATTACK_MODES = ("pgd", "free", "fast")
-SCHEDULES = ("step", "cyclic")
-
-
-class DuplicateKeyError(ValueError):
-    """A YAML mapping names the same key twice (PyYAML would keep the last silently)."""
-
-
-class _Loader(yaml.SafeLoader):
-    """``yaml.SafeLoader`` reading floats as YAML 1.2 does: ``1e-4``, ``1E3`` and ``1.0e12`` are
-    numbers (YAML 1.1, PyYAML's default, needs a dot and a signed exponent and reads ``1e-4``
-    as the *string* "1e-4"), and refusing a key given twice in one mapping, at any depth
-    (:class:`DuplicateKeyError` naming the key and both lines; ``<<`` merges may override)."""
-
-    def construct_mapping(self, node, deep=False):
-        if isinstance(node, yaml.MappingNode):
-            seen: dict = {}  # key -> line of its first occurrence
-            for key_node, _ in node.value:
-                if key_node.tag == "tag:yaml.org,2002:merge":
-                    continue
-                key = self.construct_object(key_node, deep=True)
-                try:
-                    hash(key)
-                except TypeError:
-                    continue  # an unhashable key: the constructor below says so
-                line = key_node.start_mark.line + 1
-                if key in seen:
-                    raise DuplicateKeyError(_duplicate(key_node.start_mark.name, key, seen[key],
-                                                       line))
-                seen[key] = line
-        return super().construct_mapping(node, deep=deep)
-
-
-def _duplicate(stream: str, key, first: int, line: int) -> str:
-    where = f"at lines {first} and {line}" if first != line else f"at line {line} (twice)"
-    prefix = f"{stream}: " if stream and not stream.startswith("<") else ""
-    return f"{prefix}duplicate key {key!r} {where}; keep one (YAML would silently use the last)"
-
-
-_Loader.yaml_implicit_resolvers = {
-    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:float"]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
-}
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
-                   |[-+]?(?:[0-9][0-9_]*)[eE][-+]?[0-9]+
-                   |[-+]?\.[0-9][0-9_]*(?:[eE][-+]?[0-9]+)?
-                   |[-+]?\.(?:inf|Inf|INF)
-                   |\.(?:nan|NaN|NAN))$""", re.X),
-    list("-+0123456789."),
+from featdenoise.training.checks import check_value
+from featdenoise.training.yamlio import (
+    DuplicateKeyError,
+    load_yaml_file,
+    merge,
+    parse_override,
+    yaml_load,
 )
-
-
-def yaml_load(stream) -> Any:
-    """``yaml.safe_load`` with YAML 1.2 floats and no duplicate keys (:class:`_Loader`): the one
-    YAML reader of featdenoise, for config files and ``key=value`` overrides alike, so
-    ``optim.weight_decay: 1e-4`` means the number everywhere and a second ``optim:`` block is
-    refused (:class:`DuplicateKeyError`, one line naming the file, key and lines)."""
-    loader = _Loader(stream)  # a SafeLoader: plain data only, never Python objects
-    try:
-        return loader.get_single_data()
-    finally:
-        loader.dispose()
 
 
 @dataclass(frozen=True)
@@ -135,9 +80,10 @@ class DataConfig:
 @dataclass(frozen=True)
 class AttackConfig:
     """The training attack (Sec. 5): targeted PGD under L-inf. ``eps`` and ``step_size`` are in
-    0-255 pixel units as in the paper (16 and 1); ``steps=0`` is clean training (Table 3).
+    0-255 pixel units as in the paper (16 and 1; :meth:`unit_sizes` gives the [0, 1] values the
+    attacks take); ``steps=0`` is clean training (Table 3).
 
-    ``mode`` picks the recipe (:mod:`featdenoise.training.cheap`): ``pgd`` (the paper's: PGD-
+    ``mode`` picks the recipe (:mod:`featdenoise.training.recipes`): ``pgd`` (the paper's: PGD-
     ``steps`` on every minibatch), ``free`` (Shafahi et al. 2019: each minibatch replayed
     ``replays`` times, one backward gives both the weight gradient and the perturbation's step of
     ``eps``; ``optim.epochs`` counts passes over the data *after* the division by ``replays``) or
@@ -163,6 +109,23 @@ class AttackConfig:
     def fast_step(self) -> float:
         """The ``fast`` recipe's FGSM step in pixel units: ``fgsm_step``, or 1.25 x ``eps``."""
         return self.fgsm_step if self.fgsm_step is not None else 1.25 * self.eps
+
+    def unit_sizes(self) -> UnitSizes:
+        """``eps``, ``step_size`` and :meth:`fast_step` on the [0, 1] scale of the images: each
+        0..255 value divided by 255 (16 -> 16/255), here and nowhere else."""
+        return UnitSizes(eps=self.eps / 255, step_size=self.step_size / 255,
+                         fgsm_step=self.fast_step() / 255)
+
+
+@dataclass(frozen=True)
+class UnitSizes:
+    """The training attack's sizes on the [0, 1] pixel scale (:meth:`AttackConfig.unit_sizes`):
+    the L-inf radius ``eps`` (paper: 16/255), the PGD step ``step_size`` (paper: 1/255) and the
+    ``fast`` recipe's FGSM step ``fgsm_step``."""
+
+    eps: float
+    step_size: float
+    fgsm_step: float
 
 
 @dataclass(frozen=True)
@@ -237,7 +200,6 @@ class Config:
         return dataclasses.asdict(self)
 
 
-_SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
 _SECTION_CLASSES = {
     "model": ModelConfig, "data": DataConfig, "attack": AttackConfig, "optim": OptimConfig,
     "run": RunConfig,
@@ -255,125 +217,6 @@ def _unknown(key: str) -> ValueError:
     close = difflib.get_close_matches(key, _all_keys(), n=3, cutoff=0.5)
     hint = f"; did you mean {' or '.join(close)}?" if close else "; see configs/*.yaml for keys"
     return ValueError(f"unknown config key '{key}'{hint}")
-
-
-def _positive(v):
-    return v > 0
-
-
-def _non_negative(v):
-    return v >= 0
-
-
-def _probability(v):
-    return 0.0 <= v <= 1.0
-
-
-# key -> (predicate, description of the allowed values)
-_CHECKS: dict[str, tuple[Any, str]] = {
-    "data.name": (lambda v: v in DATASETS, f"one of {', '.join(DATASETS)}"),
-    "data.batch_size": (_positive, "an integer >= 1"),
-    "data.eval_batch_size": (_non_negative, "an integer >= 0 (0: same as batch_size)"),
-    "data.workers": (_non_negative, "an integer >= 0"),
-    "data.train_subset": (_non_negative, "an integer >= 0 (0: whole split)"),
-    "data.val_subset": (_non_negative, "an integer >= 0 (0: whole split)"),
-    "data.image_size": (_positive, "an integer >= 1"),
-    "attack.steps": (_non_negative, "an integer >= 0 (0: clean training)"),
-    "attack.eps": (lambda v: 0 <= v <= 255, "a number in [0, 255] (pixel units, paper: 16)"),
-    "attack.step_size": (lambda v: 0 < v <= 255, "a number in (0, 255] (pixel units, paper: 1)"),
-    "attack.clean_start_prob": (_probability, "a number in [0, 1] (paper: 0.2)"),
-    "attack.mode": (lambda v: v in ATTACK_MODES, f"one of {', '.join(ATTACK_MODES)}"),
-    "attack.replays": (_positive, "an integer >= 1 (free: Shafahi et al. use 4 to 10)"),
-    "attack.fgsm_step": (lambda v: 0 < v <= 255,
-                         "a number in (0, 255] (pixel units) or null for 1.25 x eps"),
-    "attack.check_images": (_positive, "an integer >= 1"),
-    "attack.check_steps": (_positive, "an integer >= 1"),
-    "attack.overfit_drop": (_probability, "a fraction in [0, 1] (0: no check; e.g. 0.2)"),
-    "optim.lr": (_positive, "a number > 0"),
-    "optim.base_batch": (_positive, "an integer >= 1 (paper: 256)"),
-    "optim.momentum": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
-    "optim.weight_decay": (_non_negative, "a number >= 0"),
-    "optim.label_smoothing": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
-    "optim.warmup_epochs": (_non_negative, "a number >= 0"),
-    "optim.milestones": (
-        lambda v: all(isinstance(m, (int, float)) and not isinstance(m, bool) and m > 0
-                      for m in v) and list(v) == sorted(v),
-        "an increasing list of epochs > 0"),
-    "optim.lr_decay": (lambda v: 0 < v <= 1, "a number in (0, 1]"),
-    "optim.epochs": (_positive, "an integer >= 1"),
-    "optim.schedule": (lambda v: v in SCHEDULES, f"one of {', '.join(SCHEDULES)}"),
-    "optim.cycle_peak": (lambda v: 0 < v < 1, "a fraction in (0, 1) (Wong et al.: 0.5)"),
-    "run.out_dir": (lambda v: len(v) > 0, "a non-empty path"),
-    "run.checkpoint_every": (_non_negative, "an integer >= 0 (steps; 0: epoch ends only)"),
-    "run.eval_every": (_non_negative, "an integer >= 0 (epochs; 0: final evaluation only)"),
-    "run.eval_attack_steps": (_non_negative, "an integer >= 0"),
-    "run.eval_sweeps": (
-        lambda v: all(isinstance(e, (list, tuple)) and len(e) == 2
-                      and all(isinstance(i, int) and not isinstance(i, bool) and i > 0 for i in e)
-                      for e in v),
-        "a list of [steps, every epochs] pairs of integers >= 1, e.g. [[50, 20], [100, 10]]"),
-    "run.final_eval_steps": (_non_negative, "an integer >= 0"),
-    "run.device": (lambda v: v in ("auto", "cpu", "cuda") or v.startswith("cuda:"),
-                   "auto, cpu, cuda or cuda:N"),
-    "run.stop_after": (_non_negative, "an integer >= 0 (0: off)"),
-    "run.log_every": (_positive, "an integer >= 1"),
-    "run.resume": (lambda v: len(v) > 0, "auto, never, or a checkpoint path"),
-}
-
-
-def _coerce(key: str, value: Any, default: Any, annotation: str) -> Any:
-    """Check the type of ``value`` against the field's annotation.
-
-    Ints are accepted as floats; a float with a whole value (``run.seed=1e3``) is accepted as an
-    int, any other float (``2.5``, ``.nan``) is refused for an int key; ``nan`` and ``inf`` are
-    refused everywhere (no setting means "infinitely" or "undefined")."""
-    optional = "None" in annotation
-    if value is None:
-        if optional:
-            return None
-        raise ValueError(f"config key '{key}' may not be null; give a value like {default!r}")
-    kind = annotation.replace(" | None", "").strip()
-    if isinstance(value, float) and not math.isfinite(value) and kind in ("int", "float"):
-        raise ValueError(f"config key '{key}' = {value!r} is not a finite number; give a value "
-                         f"like {default!r}")
-    if kind == "int" and isinstance(value, float):
-        if not value.is_integer():
-            raise ValueError(f"config key '{key}' = {value!r} has the wrong type: expected int "
-                             f"(a whole number), e.g. {default!r}")
-        value = int(value)
-    ok = {
-        "bool": isinstance(value, bool),
-        "int": isinstance(value, int) and not isinstance(value, bool),
-        "float": isinstance(value, (int, float)) and not isinstance(value, bool),
-        "str": isinstance(value, (str, int, float)) and not isinstance(value, bool),
-        "list": isinstance(value, (list, tuple)),
-        "dict": isinstance(value, dict),
-    }.get(kind, True)
-    if not ok:
-        raise ValueError(f"config key '{key}' = {value!r} has the wrong type: expected {kind}, "
-                         f"e.g. {default!r}")
-    if kind == "float":
-        return float(value)
-    if kind == "str":
-        return str(value)
-    if kind == "list":
-        return list(value)
-    return value
-
-
-def _refuse_nonfinite(key: str, value: Any) -> None:
-    """Refuse NaN / inf anywhere inside a list or a free-form mapping (``model.kwargs.width``,
-    ``optim.milestones[1]``), naming the nested key: a builder would fail later with an unrelated
-    message, or not at all."""
-    if isinstance(value, float) and not math.isfinite(value):
-        raise ValueError(f"config key '{key}' = {value!r} is not a finite number; give a finite "
-                         "value")
-    if isinstance(value, dict):
-        for k, v in value.items():
-            _refuse_nonfinite(f"{key}.{k}", v)
-    elif isinstance(value, (list, tuple)):
-        for i, v in enumerate(value):
-            _refuse_nonfinite(f"{key}[{i}]", v)
 
 
 def _set_dotted(tree: dict, key: str, value: Any) -> None:
@@ -396,27 +239,13 @@ def _set_dotted(tree: dict, key: str, value: Any) -> None:
 
 
 def parse_overrides(overrides: list[str]) -> dict:
-    """``["optim.lr=0.2", "run.bf16=true"]`` -> nested dict; values are parsed as YAML scalars."""
+    """``["optim.lr=0.2", "run.bf16=true"]`` -> nested dict; values are parsed as YAML scalars
+    (:func:`featdenoise.training.yamlio.parse_override`), keys checked against the schema."""
     tree: dict = {}
     for item in overrides:
-        if "=" not in item:
-            raise ValueError(f"override '{item}' is not key=value (e.g. optim.lr=0.2)")
-        key, raw = item.split("=", 1)
-        try:
-            value = yaml_load(raw) if raw.strip() else ""
-        except yaml.YAMLError as err:
-            raise ValueError(f"override '{item}': value is not valid YAML ({err})") from None
-        except DuplicateKeyError as err:
-            raise ValueError(f"override '{item}': {err}") from None
-        _set_dotted(tree, key.strip(), value)
+        key, value = parse_override(item)
+        _set_dotted(tree, key, value)
     return tree
-
-
-def _merge(base: dict, extra: dict) -> dict:
-    out = dict(base)
-    for k, v in extra.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
 
 
 def from_dict(tree: dict) -> Config:
@@ -439,13 +268,8 @@ def from_dict(tree: dict) -> Config:
             key = f"{section}.{name}"
             if name not in fields:
                 raise _unknown(key)
-            value = _coerce(key, value, getattr(default, name), str(fields[name].type))
-            _refuse_nonfinite(key, value)
-            check = _CHECKS.get(key)
-            if check is not None and value is not None and not check[0](value):
-                raise ValueError(f"config key '{key}' = {value!r} is out of range: expected "
-                                 f"{check[1]}")
-            kwargs[name] = value
+            kwargs[name] = check_value(key, value, getattr(default, name),
+                                       str(fields[name].type))
         sections[section] = cls(**kwargs)
     return Config(**sections)
 
@@ -461,58 +285,14 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
     tree: dict = {}
     if path is not None:
         path = resolve_config(path)
-        with open(path) as f:
-            try:
-                tree = yaml_load(f) or {}
-            except yaml.YAMLError as err:
-                where = getattr(err, "problem_mark", None)
-                at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
-                what = getattr(err, "problem", None) or str(err).splitlines()[0]
-                raise ValueError(f"config file {path} is not valid YAML{at}: {what}") from None
+        tree = load_yaml_file(path) or {}
         if not isinstance(tree, dict):
             raise ValueError(f"config file {path} must be a mapping of sections")
     if base:
-        tree = _merge(tree, base)
+        tree = merge(tree, base)
     if overrides:
-        tree = _merge(tree, parse_overrides(list(overrides)))
+        tree = merge(tree, parse_overrides(list(overrides)))
     return from_dict(tree)
-
-
-def check_model(cfg: Config) -> None:
-    """Refuse a model that ``train`` would refuse, without allocating weights.
-
-    Builds the network of ``cfg.model`` (without ``init``) on the ``meta`` device (shapes only,
-    no memory, well under a second even for ResNet-152), so a misspelt name, an unknown kwarg, a
-    denoising placement that does not fit or a value the builder rejects is one ``ValueError``
-    naming the config key, exactly as the real build in ``train`` would give it.
-    """
-    from featdenoise.hub.build import build_model
-    from featdenoise.hub.specs import is_code_spec
-    from featdenoise.models import list_models
-    from featdenoise.runtime.meta import build_on_meta
-
-    m = cfg.model
-
-    def build(key: str, denoise: dict | None) -> None:
-        try:
-            build_on_meta(lambda: build_model(m.name, dict(m.kwargs), denoise=denoise,
-                                              normalize=m.normalize))
-        except (ValueError, TypeError) as err:
-            text = str(err).strip().splitlines()
-            raise ValueError(f"config key '{key}': {text[0] if text else type(err).__name__}") \
-                from None
-
-    known = m.name in list_models() or is_code_spec(m.name)
-    try:
-        # The backbone first, so an error is told against the key that causes it.
-        build("model.kwargs" if known else "model.name", None)
-        if m.denoise:
-            build("model.denoise", dict(m.denoise))
-    except (NotImplementedError, RuntimeError):
-        pass  # a builder that needs real values: the build in train checks it
-    if m.init and not os.path.isfile(m.init):
-        raise ValueError(f"config key 'model.init': {m.init} not found; give the backbone's "
-                         "weights file")
 
 
 def is_own_config(path: str | os.PathLike) -> bool:

@@ -1,7 +1,8 @@
 """Run metrics: one JSON object per line in ``metrics.jsonl`` and TensorBoard scalars.
 
 Only the main process writes (the caller passes ``enabled=distributed.is_main()``). Each record is
-``{"kind": "train"|"eval"|"final"|"epoch", "epoch": int, "step": int, "time": unix seconds, ...}``.
+``{"kind": "train"|"eval"|"final"|"epoch"|"resume"|"overfit_check", "epoch": int, "step": int,
+"time": unix seconds, ...}``.
 """
 
 from __future__ import annotations
@@ -9,6 +10,8 @@ from __future__ import annotations
 import json
 import os
 import time
+
+from featdenoise.runtime import optional
 
 
 class MetricsLogger:
@@ -18,13 +21,10 @@ class MetricsLogger:
         self.enabled = enabled
         self.path = os.path.join(run_dir, "metrics.jsonl")
         self.writer = None
-        if enabled and tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.writer = SummaryWriter(os.path.join(run_dir, "tensorboard"))
-            except ImportError:  # tensorboard is a dependency, but logging must not stop training
-                self.writer = None
+        # TensorBoard is a dependency, but logging must not stop training: None if missing.
+        writer = optional.summary_writer() if enabled and tensorboard else None
+        if writer is not None:
+            self.writer = writer(os.path.join(run_dir, "tensorboard"))
 
     def log(self, kind: str, step: int, epoch: int, values: dict) -> None:
         """Write one record; numbers also go to TensorBoard as ``kind/name``."""

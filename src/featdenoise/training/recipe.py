@@ -1,5 +1,6 @@
 """The paper's adversarial-training recipe as small pure pieces (Sec. 5; official ``main.py``,
-``adv_model.py``, ``third_party/imagenet_utils.py``).
+``adv_model.py``, ``third_party/imagenet_utils.py``), shared by every ``attack.mode`` (the modes
+themselves, pgd, free and fast, are :mod:`featdenoise.training.recipes`).
 
 - Weight decay 1e-4 on convolution and fully-connected weights only (official pattern ``.*/W``):
   :func:`param_groups`.
@@ -19,11 +20,13 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
+from typing import Any
 
 import torch
 from torch import nn
+
+from featdenoise.attacks import PGD
 
 DECAY_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
@@ -33,7 +36,8 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     (BatchNorm scale/shift, biases, other parameters) with none."""
     decay_ids = {id(m.weight) for m in model.modules()
                  if isinstance(m, DECAY_TYPES) and getattr(m, "weight", None) is not None}
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for p in model.parameters():
         if not p.requires_grad:
             continue
@@ -125,13 +129,6 @@ def loss_fn(label_smoothing: float = 0.1) -> nn.Module:
     return nn.CrossEntropyLoss(label_smoothing=label_smoothing)
 
 
-def autocast(bf16: bool, device: torch.device):
-    """bfloat16 autocast on ``device`` when ``bf16`` (``run.bf16``), else nothing."""
-    if not bf16:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16)
-
-
 def zero_nonfinite_grads(model: nn.Module, state, device) -> None:
     """Zero non-finite gradients on the device and remember the first bad step in
     ``state.nonfinite`` (a 0-d int64 tensor, -1: none), with no host synchronisation: one fused
@@ -183,12 +180,11 @@ class TrainAttack:
     def __init__(self, model: nn.Module, steps: int, eps: float, step_size: float,
                  clean_start_prob: float = 0.2, targeted: bool = True, exact: bool = False):
         self.steps, self.clean_start_prob = steps, clean_start_prob
-        self.random_start = self.clean_start = None
+        self.random_start: PGD | None = None
+        self.clean_start: PGD | None = None
         if steps > 0:
-            from featdenoise.attacks import PGD
-
-            common = dict(eps=eps, step_size=step_size, steps=steps, targeted=targeted,
-                          exact=exact)
+            common: dict[str, Any] = dict(eps=eps, step_size=step_size, steps=steps,
+                                          targeted=targeted, exact=exact)
             self.random_start = PGD(model, random_start=True, **common)
             self.clean_start = PGD(model, random_start=False, **common)
             # Training's own guard (zero_nonfinite_grads, then NonFiniteLossError at a check
@@ -197,7 +193,7 @@ class TrainAttack:
             self.random_start.check_finite = self.clean_start.check_finite = False
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor):
-        if self.steps == 0:
+        if self.random_start is None or self.clean_start is None:  # steps == 0
             return x, None, True
         clean = draw_clean_start(self.clean_start_prob)
         attack = self.clean_start if clean else self.random_start

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import AbstractContextManager
 
 from featdenoise.hub import checkpoints as ckpt
 from featdenoise.runtime import outdir
@@ -150,7 +151,7 @@ def prepare_run_dir(cfg: Config, stale: list[str]) -> list[str]:
     return removed
 
 
-def lock_run_dir(cfg: Config) -> outdir.FolderLock:
+def lock_run_dir(cfg: Config) -> AbstractContextManager:
     """The run folder's lock, taken by the main process (rank 0 under torchrun) before anything
     is read or written there, and held to the end of the run: a second run into the same
     ``run.out_dir`` is refused in one line naming the folder and the holder's pid (the same lock
