@@ -188,7 +188,7 @@ def test_empty_loader_is_a_clear_error(trained):
 
 
 def test_monotone_check_flags_a_rise_beyond_the_slack():
-    from featdenoise.evaluation.sanity import _monotone_check
+    from featdenoise.evaluation.sanity.checks import _monotone_check
 
     ok = _monotone_check("more_iterations", "steps", [2, 4, 8], [0.5, 0.51, 0.3], 0.02, "d")
     bad = _monotone_check("more_iterations", "steps", [2, 4, 8], [0.5, 0.3, 0.4], 0.02, "d")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from featdenoise.cli.common import FiniteFloat, nonnegative_int, positive_int, str_list
+from featdenoise.cli.common import Pixels255, nonnegative_int, positive_int, str_list
 from featdenoise.cli.inputs import (
     add_data_args,
     add_exact_arg,
@@ -24,16 +24,15 @@ from featdenoise.cli.inputs import (
     print_table,
     resolve_device,
 )
-from featdenoise.runtime import outdir
+from featdenoise.data.files import labelled_folder
+from featdenoise.evaluation import blackbox as bb
+from featdenoise.evaluation.options import RunOptions
+from featdenoise.hub.loading import SpecOptions, check_compatible, load_model_spec
+from featdenoise.models import model_in_channels, model_num_classes
+from featdenoise.runtime import distributed, outdir
 
 
 def _run(args: argparse.Namespace) -> int:
-    from featdenoise.data.files import labelled_folder
-    from featdenoise.evaluation import blackbox as bb
-    from featdenoise.hub.loading import check_compatible, load_model_spec
-    from featdenoise.models import model_in_channels, model_num_classes
-    from featdenoise.runtime import distributed
-
     check_run_args(args)
     outdir.output_dir(args.out, "--out", create=False)
     if args.save_adv:
@@ -53,13 +52,14 @@ def _run(args: argparse.Namespace) -> int:
         else:
             raise ValueError("give the clean images: --data NAME or --clean-dir DIR --labels CSV")
         check_compatible(model, dataset, "the clean images")
-        attackers = []
+        attackers: list[bb.TransferAttacker | bb.FolderAttacker] = []
         k = model_num_classes(model)
         for item in args.source:
             spec, _, weights = item.partition("@")
             kwargs = {"num_classes": k} if spec.split(":")[0] in ("torchvision", "timm") else None
-            src_name, src, _ = load_model_spec(spec, num_classes=k, in_channels=channels,
-                                               kwargs=kwargs, weights=weights or None)
+            src_name, src, _ = load_model_spec(
+                spec, SpecOptions(kwargs=kwargs, weights=weights or None), num_classes=k,
+                in_channels=channels)
             src_channels = model_in_channels(src)
             if src_channels != channels:
                 raise ValueError(f"--source {spec} takes {src_channels}-channel images but the "
@@ -67,16 +67,17 @@ def _run(args: argparse.Namespace) -> int:
                                  "data")
             attackers += bb.transfer_attackers(
                 [(src_name, src)], args.source_attacks, steps=args.source_steps,
-                step_size=args.source_step_size / 255, targeted=args.targeted)
+                step_size=args.source_step_size, targeted=args.targeted)
         if args.adv_dirs:
             attackers += bb.folder_attackers(args.adv_dirs, allow_missing=args.allow_missing)
-        summary = bb.evaluate_blackbox(
-            model, dataset, args.out, attackers, eps=args.eps / 255, clip_eps=args.clip_eps,
-            targeted=args.targeted, seed=args.seed, batch_size=args.batch_size,
-            limit=args.limit, name=args.name or name, device=device, num_workers=args.workers,
-            progress=not args.no_progress, save_adv=args.save_adv, exact=args.exact,
-            restart=args.restart,
+        options = RunOptions(
+            batch_size=args.batch_size, limit=args.limit, seed=args.seed, name=args.name or name,
+            device=device, num_workers=args.workers, progress=not args.no_progress,
+            exact=args.exact, restart=args.restart,
             extra={"source": source, "data": args.data or os.path.abspath(args.clean_dir)})
+        summary = bb.evaluate_blackbox(
+            model, dataset, args.out, attackers, options=options, eps=args.eps,
+            clip_eps=args.clip_eps, targeted=args.targeted, save_adv=args.save_adv)
         if summary is not None and distributed.is_main():
             print_table(os.path.join(args.out, "table.md"))
             for attacker, n in summary.get("missing", {}).items():
@@ -108,12 +109,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     a.add_argument("--source-attacks", type=str_list, default=["pgd", "fgsm", "ifgsm", "mifgsm"],
                    metavar="A[,A...]", help="attacks run on each source (default all four)")
     a.add_argument("--source-steps", type=positive_int, default=10, help="iterations (default 10)")
-    a.add_argument("--source-step-size", action=FiniteFloat, default=1.0,
+    a.add_argument("--source-step-size", action=Pixels255, default=1 / 255,
                    help="step on the 0..255 scale; max(step, eps/steps) is used (default 1)")
     a.add_argument("--targeted", action="store_true",
                    help="targeted transfer attacks (default untargeted, the CAAD 2017 "
                         "non-targeted track the paper's attackers come from)")
-    a.add_argument("--eps", action=FiniteFloat, default=32.0,
+    a.add_argument("--eps", action=Pixels255, default=32 / 255,
                    help="L-inf radius on the 0..255 scale (default 32, CAAD black-box setting)")
     a.add_argument("--adv-dirs", nargs="+", default=[], metavar="DIR",
                    help="folders of adversarial images named like the clean images")

@@ -7,14 +7,16 @@ eps and step size are given on the 0..255 pixel scale, as in the paper and the o
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, Subset
 
 from featdenoise.cli.common import (
-    FiniteFloat,
+    Pixels255,
     int_list,
     nonnegative_int,
     positive_int,
@@ -32,13 +34,17 @@ from featdenoise.cli.inputs import (
     resolve_device,
     split_attacks,
 )
-from featdenoise.runtime import outdir
+from featdenoise.data.datasets import subset_indices
+from featdenoise.evaluation import report, sanity
+from featdenoise.evaluation.options import RunOptions
+from featdenoise.evaluation.whitebox import evaluate_whitebox
+from featdenoise.hub.loading import check_compatible
+from featdenoise.models import model_in_channels
+from featdenoise.runtime import distributed, outdir
 
 
 # --------------------------------------------------------------------------- eval
 def _run(args: argparse.Namespace) -> int:
-    from featdenoise.evaluation import report
-
     outdir.output_dir(args.out, "--out", create=False)
     if args.plot:
         paths = report.merge_runs(args.plot, args.out, title=args.title)
@@ -53,21 +59,16 @@ def _run(args: argparse.Namespace) -> int:
     try:
         return _evaluate(args, device)
     finally:
-        from featdenoise.runtime import distributed
-
         distributed.shutdown()
 
 
 def _evaluate(args: argparse.Namespace, device: torch.device) -> int:
-    from featdenoise.evaluation import report
-    from featdenoise.evaluation.whitebox import evaluate_whitebox
-    from featdenoise.hub.loading import check_compatible
-    from featdenoise.models import model_in_channels
-    from featdenoise.runtime import distributed
-
     sweep, aa = split_attacks(args)
     models = models_from_args(args)
     several = len(models) > 1
+    run = RunOptions(batch_size=args.batch_size, limit=args.limit, seed=args.seed, device=device,
+                     num_workers=args.workers, progress=not args.no_progress, exact=args.exact,
+                     restart=args.restart)
     summaries = []
     code = 0
     for name, model, source in models:
@@ -82,15 +83,13 @@ def _evaluate(args: argparse.Namespace, device: torch.device) -> int:
                 continue
         out = outdir.child(args.out, name, "evaluation folder") if several else args.out
         outdir.output_dir(out, "--out", create=False)
+        options = dataclasses.replace(
+            run, name=args.name if (args.name and not several) else name,
+            extra={"source": source, "data": args.data, "split": args.split})
         summary = evaluate_whitebox(
-            model, dataset, out, steps=args.steps, attack=sweep, autoattack=aa, eps=args.eps / 255,
-            step_size=args.step_size / 255, restarts=args.restarts, targeted=not args.untargeted,
-            step_rule=args.step_rule, seed=args.seed, batch_size=args.batch_size,
-            limit=args.limit, name=args.name if (args.name and not several) else name,
-            device=device, num_workers=args.workers, progress=not args.no_progress,
-            exact=args.exact, restart=args.restart,
-            extra={"source": source, "data": args.data, "split": args.split},
-        )
+            model, dataset, out, options=options, steps=args.steps, attack=sweep, autoattack=aa,
+            eps=args.eps, step_size=args.step_size, restarts=args.restarts,
+            targeted=not args.untargeted, step_rule=args.step_rule)
         if summary is not None:
             summaries.append(summary)
             if not several:
@@ -106,27 +105,15 @@ def _evaluate(args: argparse.Namespace, device: torch.device) -> int:
 
 def _sanity(model: nn.Module, dataset, args: argparse.Namespace, device: torch.device) -> bool:
     """Run :func:`featdenoise.evaluation.sanity.run_sanity` on a few images; print its report."""
-    try:
-        from featdenoise.evaluation import sanity
-    except ImportError as err:
-        raise ValueError(f"--sanity needs featdenoise.evaluation.sanity ({err})") from None
-    if not hasattr(sanity, "run_sanity"):
-        raise ValueError("--sanity needs featdenoise.evaluation.sanity.run_sanity, which this "
-                         "installation lacks")
-    from torch.utils.data import DataLoader, Subset
-
-    from featdenoise.data.datasets import subset_indices
-
     idx = subset_indices(len(dataset), args.limit, args.seed)[: args.sanity_images]
     loader = DataLoader(Subset(dataset, idx), batch_size=args.batch_size)
     model.to(device)
     results = sanity.run_sanity(
-        model, loader, args.eps / 255, min(args.steps), device, targeted=not args.untargeted,
+        model, loader, args.eps, min(args.steps), device, targeted=not args.untargeted,
         max_images=args.sanity_images, seed=args.seed, restarts=args.sanity_restarts,
         exact=args.exact)
-    fmt = getattr(sanity, "format_report", None)
-    print(fmt(results) if fmt else "\n".join(str(r) for r in results))
-    return all(getattr(r, "passed", bool(r)) for r in results)
+    print(sanity.format_report(results))
+    return all(r.passed for r in results)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -155,9 +142,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="attack iterations (default 10,100,1000)")
     g.add_argument("--restarts", type=positive_int, default=1,
                    help="random restarts per attack (PGD)")
-    g.add_argument("--eps", action=FiniteFloat, default=16.0,
+    g.add_argument("--eps", action=Pixels255, default=16 / 255,
                    help="L-inf radius on the 0..255 scale (default 16, the paper's)")
-    g.add_argument("--step-size", action=FiniteFloat, default=1.0,
+    g.add_argument("--step-size", action=Pixels255, default=1 / 255,
                    help="step on the 0..255 scale (default 1; see --step-rule)")
     g.add_argument("--step-rule", default="paper", choices=["paper", "fixed"],
                    help="paper: step = max(step, eps/steps), i.e. 1.6 for 10 steps (Sec. 6.1)")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from typing import Any
 
 import torch
 from torch import nn
@@ -16,7 +17,7 @@ from featdenoise.cli.common import (
     json_object,
     positive_int,
 )
-from featdenoise.hub.loading import load_dataset, load_model_spec
+from featdenoise.hub.loading import SpecOptions, load_dataset, load_model_spec
 from featdenoise.runtime import distributed, outdir
 
 
@@ -28,7 +29,7 @@ def add_model_args(p: argparse.ArgumentParser, multiple: bool = False) -> None:
         "SPEC: a run folder, checkpoint.pt or model.safetensors; torchvision:NAME; timm:NAME; "
         "robustbench:NAME (with --model-dir); PATH.py:FUNCTION or package.module:FUNCTION (your "
         "code: it is imported, so it runs); or a featdenoise model name. Nothing is downloaded.")
-    action = {"action": "append", "default": []} if multiple else {}
+    action: dict[str, Any] = {"action": "append", "default": []} if multiple else {}
     again = "; repeat for several models in one table and plot" if multiple else ""
     g.add_argument("--model", metavar="SPEC", **action, help="the model" + again)
     g.add_argument("--checkpoint", metavar="PATH", **action,
@@ -82,17 +83,17 @@ def models_from_args(args: argparse.Namespace) -> list[tuple[str, nn.Module, dic
                          "--arch ARCH")
     if len(specs) + len(ckpts) + bool(args.official) > 1 and not isinstance(args.checkpoint, list):
         raise ValueError("give one model: --model, --checkpoint or --official")
-    options = {"kwargs": getattr(args, "model_kwargs", None),
-               "weights": getattr(args, "weights", None),
-               "normalize": getattr(args, "normalize", None),
-               "model_dir": getattr(args, "model_dir", None)}
-    if len(specs) > 1 and any(options.values()):
+    options = SpecOptions(kwargs=getattr(args, "model_kwargs", None),
+                          weights=getattr(args, "weights", None),
+                          normalize=getattr(args, "normalize", None),
+                          model_dir=getattr(args, "model_dir", None))
+    if len(specs) > 1 and options.given():
         raise ValueError("--model-kwargs, --weights, --normalize and --model-dir describe one "
                          "--model; evaluate such models one at a time")
-    if any(options.values()) and not specs:
+    if options.given() and not specs:
         raise ValueError("--model-kwargs, --weights, --normalize and --model-dir go with --model "
                          "SPEC (a checkpoint carries its own)")
-    out = [load_model_spec(spec, **options) for spec in specs]
+    out = [load_model_spec(spec, options) for spec in specs]
     for path in ckpts:
         if not os.path.exists(path):
             raise FileNotFoundError(f"--checkpoint {path} does not exist")
@@ -166,11 +167,13 @@ def print_table(path: str) -> None:
 
 def check_run_args(args: argparse.Namespace) -> None:
     """One clear error for an impossible option value, named as the user typed it."""
-    if not 0 < args.eps <= 255:
-        raise ValueError(f"--eps {args.eps:g} is outside (0, 255]; eps is on the 0..255 pixel "
-                         "scale (the paper's 16)")
+    # --eps and --step-size are stored on the [0, 1] scale (Pixels255); quoted as typed.
+    if not 0 < args.eps <= 1:
+        raise ValueError(f"--eps {args.eps * 255:g} is outside (0, 255]; eps is on the 0..255 "
+                         "pixel scale (the paper's 16)")
     if getattr(args, "step_size", 1.0) <= 0:
-        raise ValueError(f"--step-size {args.step_size:g} must be > 0 (0..255 scale, e.g. 1)")
+        raise ValueError(f"--step-size {args.step_size * 255:g} must be > 0 (0..255 scale, "
+                         "e.g. 1)")
     for opt in ("steps",):
         values = getattr(args, opt, None) or []
         bad = [v for v in values if v < 1]

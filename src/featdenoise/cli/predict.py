@@ -16,14 +16,15 @@ import os
 
 from featdenoise.cli.common import nonnegative_int, output_file, positive_int
 from featdenoise.cli.inputs import add_model_args, models_from_args, resolve_device
+from featdenoise.data.files import is_predictions_csv
+from featdenoise.evaluation.predict import predict_to_csv
+from featdenoise.runtime import distributed
 
 
 def check_paths(args: argparse.Namespace) -> None:
     """DIR must be a folder; --out a file that may be (re)written: not a folder, not an input, not
     a file of another program (only an earlier predictions file of ours, recognised by its header
     row, is replaced)."""
-    from featdenoise.data.files import is_predictions_csv
-
     if os.path.isfile(args.dir):
         raise ValueError(f"DIR {args.dir} is a file; predict classifies every image directly "
                          f"inside a folder: pass the folder that holds it "
@@ -34,9 +35,6 @@ def check_paths(args: argparse.Namespace) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from featdenoise.evaluation.predict import predict_to_csv
-    from featdenoise.runtime import distributed
-
     check_paths(args)
     device = resolve_device(args.device)
     try:

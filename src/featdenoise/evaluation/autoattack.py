@@ -24,6 +24,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from featdenoise.attacks.autoattack import ATTACK_NAMES, AutoAttack
+from featdenoise.attacks.autoattack import VERSIONS as CHAINS
 from featdenoise.evaluation import engine
 from featdenoise.evaluation.metrics import kept, robust_after_each
 
@@ -32,9 +34,6 @@ VERSIONS = ("standard", "rand")
 
 def chain_names(version: str = "standard", attacks: Sequence[str] | None = None) -> list[str]:
     """The attacks of the chain in order: the version's, or the given subset in chain order."""
-    from featdenoise.attacks.autoattack import ATTACK_NAMES
-    from featdenoise.attacks.autoattack import VERSIONS as CHAINS
-
     if version not in CHAINS:
         raise ValueError(f"--version {version!r} is unknown; use one of {', '.join(CHAINS)}")
     if attacks is None:
@@ -55,8 +54,6 @@ def autoattack_columns(model: nn.Module, *, eps: float, version: str = "standard
     ``n_queries``, ``eot_iter`` of :class:`~featdenoise.attacks.autoattack.AutoAttack` (smaller
     values are a cheaper, weaker check than AutoAttack: say so when reporting).
     """
-    from featdenoise.attacks.autoattack import AutoAttack
-
     names = chain_names(version, attacks)
     chain = AutoAttack(model, eps=eps, version=version, attacks=names, exact=exact,
                        **chain_kwargs)

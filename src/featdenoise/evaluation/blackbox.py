@@ -25,24 +25,30 @@ Output folder: ``settings.json``, per-image records (``outcomes.jsonl``: ``index
 scale and ``missing_<attacker>`` when the clean image stood in for a missing file),
 ``summary.json`` and ``table.md``. Images, sharding, resumption and the refusal to mix two
 evaluations in one folder are the engine's (:mod:`featdenoise.evaluation.engine`), so ``blackbox
---limit N`` evaluates the same images as ``eval --limit N`` with the same seed.
+--limit N`` evaluates the same images as ``eval --limit N`` with the same seed. The attackers
+become a job (:func:`blackbox_job`) run by :func:`featdenoise.evaluation.evaluate.evaluate`.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Sequence, Sized
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from featdenoise.evaluation import engine
+from featdenoise.data.files import load_image, match_files, save_image
+from featdenoise.evaluation import engine, report
+from featdenoise.evaluation.evaluate import Job, evaluate
 from featdenoise.evaluation.metrics import all_or_nothing, kept
+from featdenoise.evaluation.options import RunOptions, split_settings
 from featdenoise.evaluation.whitebox import attack_column, make_attack
 from featdenoise.models import model_num_classes
 from featdenoise.runtime import outdir
+from featdenoise.runtime.atomic import atomic_write
 
 TRANSFER_ATTACKS = ("pgd", "fgsm", "ifgsm", "mifgsm")
 
@@ -105,8 +111,6 @@ def folder_attackers(folders: Sequence[str], allow_missing: bool = False) -> lis
 
 def _match(attackers: Sequence[TransferAttacker | FolderAttacker], ids: Sequence[str]) -> None:
     """Match every folder attacker to the evaluated ``ids``; refuse missing files unless allowed."""
-    from featdenoise.data.files import match_files
-
     for a in attackers:
         if not isinstance(a, FolderAttacker):
             continue
@@ -121,8 +125,6 @@ def _match(attackers: Sequence[TransferAttacker | FolderAttacker], ids: Sequence
 
 def _folder_column(a: FolderAttacker, eps: float, clip_eps: bool) -> engine.Column:
     """The attacker's files for the batch, optionally clipped into the eps-box, classified."""
-    from featdenoise.data.files import load_image
-
     def run(model: nn.Module, batch: engine.Batch) -> dict:
         x = batch.x
         advs, missing = [], []
@@ -164,7 +166,6 @@ def _transfer_column(a: TransferAttacker, eps: float, save_adv: str | None, exac
         return inner
 
     def run(model: nn.Module, batch: engine.Batch) -> dict:
-        from featdenoise.data.files import save_image
         atk = make_attack(a.attack, a.source, eps=eps, targeted=targeted, seed=batch.seed,
                           exact=exact, **kw)
         x_adv = atk.attack(batch.x, batch.y, target=batch.target if targeted else None)
@@ -176,31 +177,20 @@ def _transfer_column(a: TransferAttacker, eps: float, save_adv: str | None, exac
     return engine.Column(a.name, run, seed_tag="transfer")
 
 
-def evaluate_blackbox(
-    model: nn.Module,
-    dataset: Dataset,
-    out_dir: str,
-    attackers: Sequence[TransferAttacker | FolderAttacker],
-    *,
-    eps: float = 32 / 255,
-    clip_eps: bool = False,
-    targeted: bool = False,
-    seed: int = 0,
-    batch_size: int = 32,
-    limit: int | None = None,
-    ids: Sequence[str] | None = None,
-    name: str | None = None,
-    device: torch.device | str | None = None,
-    rank: int | None = None,
-    world_size: int | None = None,
-    max_batches: int | None = None,
-    num_workers: int = 0,
-    progress: bool = True,
-    save_adv: str | None = None,
-    exact: bool = False,
-    restart: bool = False,
-    extra: dict | None = None,
-) -> dict | None:
+@dataclass(frozen=True)
+class BlackboxSettings:
+    """The attack settings of a black-box evaluation (paper Sec. 6.2); see
+    :func:`evaluate_blackbox` for each field."""
+
+    eps: float = 32 / 255
+    clip_eps: bool = False
+    targeted: bool = False
+    save_adv: str | None = None
+
+
+def evaluate_blackbox(model: nn.Module, dataset: Dataset, out_dir: str,
+                      attackers: Sequence[TransferAttacker | FolderAttacker], *,
+                      options: RunOptions | None = None, **settings) -> dict | None:
     """Evaluate ``model`` against ``attackers``: per-attacker and all-or-nothing accuracy (6.2).
 
     Args:
@@ -209,71 +199,62 @@ def evaluate_blackbox(
             its image ids (file stems, or indices for datasets without files).
         out_dir: output folder (reused to resume).
         attackers: from :func:`transfer_attackers` and :func:`folder_attackers`.
-        eps: L-inf radius of the attacks on the [0, 1] scale (paper: 32/255); transfer attacks use
-            it, folder images are clipped to it when ``clip_eps``.
-        targeted: transfer attacks aim at the engine's random target per image (default:
-            untargeted, the CAAD non-targeted track).
-        seed: seeds the transfer attacks (random starts, targets) and the ``limit`` subset.
-        batch_size, limit, ids, name, device, rank, world_size: as in
-            :func:`featdenoise.evaluation.whitebox.evaluate_whitebox`, and so are
-            ``max_batches``, ``num_workers``, ``progress``, ``exact``, ``restart``, ``extra``.
-        save_adv: if given, the transfer attackers' images are also written there as PNG,
-            ``<save_adv>/<source>_<attack>/<image id>.png``, a folder per attacker that
-            ``folder_attackers`` (``--adv-dirs``) reads back, e.g. to attack other defences with
-            the same images. 8-bit rounding may move a pixel by up to 0.5/255 past eps.
+        options: how to run (:class:`~featdenoise.evaluation.options.RunOptions`), as in
+            :func:`featdenoise.evaluation.whitebox.evaluate_whitebox`; ``seed`` also seeds the
+            transfer attacks (random starts, targets).
+        **settings: the fields of :class:`BlackboxSettings` and of ``RunOptions``; any other
+            keyword is a ``TypeError``. The attack settings:
+
+            - ``eps``: L-inf radius of the attacks on the [0, 1] scale (paper and default:
+              32/255); transfer attacks use it, folder images are clipped to it when
+              ``clip_eps``.
+            - ``clip_eps``: clip the folder attackers' images into the eps-box of the clean image.
+            - ``targeted``: transfer attacks aim at the engine's random target per image
+              (default: untargeted, the CAAD non-targeted track).
+            - ``save_adv``: if given, the transfer attackers' images are also written there as
+              PNG, ``<save_adv>/<source>_<attack>/<image id>.png``, a folder per attacker that
+              ``folder_attackers`` (``--adv-dirs``) reads back, e.g. to attack other defences
+              with the same images. 8-bit rounding may move a pixel by up to 0.5/255 past eps.
 
     Returns:
         The summary (``summary.json``) once every image is done, else None.
     """
+    threat, run = split_settings("evaluate_blackbox", settings, BlackboxSettings, options)
+    job = blackbox_job(model, dataset, attackers, threat, run.exact)
+    return evaluate(model, dataset, out_dir, job, run)
+
+
+def blackbox_job(model: nn.Module, dataset: Dataset,
+                 attackers: Sequence[TransferAttacker | FolderAttacker], s: BlackboxSettings,
+                 exact: bool = False) -> Job:
+    """One column per attacker, the attackers' settings, the source models (checked first)."""
     if not attackers:
         raise ValueError("give at least one attacker (--source or --adv-dirs)")
-    if not 0 < eps <= 1:
-        raise ValueError(f"eps={eps:g} is outside (0, 1] (the [0, 1] pixel scale)")
+    if not 0 < s.eps <= 1:
+        raise ValueError(f"eps={s.eps:g} is outside (0, 1] (the [0, 1] pixel scale)")
+    transfers = [a for a in attackers if isinstance(a, TransferAttacker)]
     channels = _channels(dataset)
-    for a in attackers:
-        if isinstance(a, TransferAttacker):
-            a.kwargs.setdefault("targeted", targeted)
-            # A bad option (step_size=inf...) is refused now, before the folder is written.
-            make_attack(a.attack, a.source, eps=eps, exact=exact, **a.kwargs)
-            c = getattr(a.source, "in_channels", None)
-            if c is not None and channels is not None and int(c) != channels:
-                raise ValueError(f"source model of {a.name} takes {c}-channel images but the "
-                                 f"clean images have {channels}; use a source trained on "
-                                 "this data")
+    for a in transfers:
+        a.kwargs.setdefault("targeted", s.targeted)
+        # A bad option (step_size=inf...) is refused now, before the folder is written.
+        make_attack(a.attack, a.source, eps=s.eps, exact=exact, **a.kwargs)
+        c = getattr(a.source, "in_channels", None)
+        if c is not None and channels is not None and int(c) != channels:
+            raise ValueError(f"source model of {a.name} takes {c}-channel images but the "
+                             f"clean images have {channels}; use a source trained on "
+                             "this data")
     k = model_num_classes(model)
-    columns = [_folder_column(a, eps, clip_eps) if isinstance(a, FolderAttacker)
-               else _transfer_column(a, eps, save_adv, exact, k) for a in attackers]
-    p = engine.plan(model, dataset, columns, batch_size=batch_size, limit=limit, seed=seed,
-                    targeted=any(a.kwargs.get("targeted") for a in attackers
-                                 if isinstance(a, TransferAttacker)), ids=ids)
-    _match(attackers, [p.ids[i] for i in p.order])
-    settings = {
-        "name": name or outdir.display_name(out_dir),
-        "kind": "blackbox",
-        "attackers": [_describe(a) for a in attackers],
-        "eps": float(eps), "eps_255": round(float(eps) * 255, 6), "clip_eps": bool(clip_eps),
-        "seed": int(seed), "batch_size": int(batch_size), "num_images": len(p.order),
-        "limit": limit, "num_classes": p.num_classes, "ids_digest": p.ids_digest,
-        "exact": bool(exact), "model": engine.model_identity(model),
-        "sources": {a.name: engine.model_identity(a.source) for a in attackers
-                    if isinstance(a, TransferAttacker)},
-        **(extra or {}),
-    }
-    with engine.prepare(out_dir, settings, restart=restart, rank=rank, world_size=world_size):
-        dev = torch.device(device) if device is not None else engine.default_device()
-        for a in attackers:
-            if isinstance(a, TransferAttacker):
-                a.source.eval().to(dev)
-        records = engine.run(model, p, out_dir, desc=f"blackbox {settings['name']}", device=dev,
-                             rank=rank, world_size=world_size, max_batches=max_batches,
-                             num_workers=num_workers, progress=progress)
-        if records is None:
-            return None
-        return finalize_blackbox(out_dir, records, settings)
+    columns = [_folder_column(a, s.eps, s.clip_eps) if isinstance(a, FolderAttacker)
+               else _transfer_column(a, s.eps, s.save_adv, exact, k) for a in attackers]
+    settings = {"attackers": [_describe(a) for a in attackers], "clip_eps": bool(s.clip_eps),
+                "sources": {a.name: engine.model_identity(a.source) for a in transfers}}
+    return Job("blackbox", columns, s.eps, any(a.kwargs.get("targeted") for a in transfers),
+               settings, finalize_blackbox, desc="blackbox ", models=[a.source for a in transfers],
+               on_plan=lambda p: _match(attackers, [p.ids[i] for i in p.order]))
 
 
 def _channels(dataset: Dataset) -> int | None:
-    if len(dataset) == 0:
+    if len(cast(Sized, dataset)) == 0:  # evaluation datasets are map-style, with a length
         return None
     x = dataset[0][0]
     return int(x.shape[0]) if hasattr(x, "shape") and len(x.shape) == 3 else None
@@ -315,9 +296,6 @@ def summarize_blackbox(records: Sequence[dict], names: Sequence[str]) -> dict:
 
 def finalize_blackbox(out_dir: str, records: Sequence[dict], settings: dict) -> dict:
     """Write ``outcomes.jsonl``, ``summary.json`` and ``table.md``; return the summary."""
-    from featdenoise.evaluation import report
-    from featdenoise.runtime.atomic import atomic_write
-
     names = [a["name"] for a in settings["attackers"]]
     summary = {**settings, **summarize_blackbox(records, names)}
     engine.write_outcomes(out_dir, records)

@@ -30,16 +30,21 @@ each column ``pred_<name>`` (+ ``top5_<name>`` and whatever else the column adds
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Sequence, Sized
 from dataclasses import dataclass, field
+from typing import TypeVar, cast
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
 
+from featdenoise.attacks import draw_targets
 from featdenoise.data.datasets import subset_indices
+from featdenoise.data.files import dataset_image_ids
 from featdenoise.evaluation.identity import (  # noqa: F401  (part of the engine's API)
     FREE_KEYS,
     check_identity,
@@ -48,6 +53,7 @@ from featdenoise.evaluation.identity import (  # noqa: F401  (part of the engine
     weights_digest,
 )
 from featdenoise.evaluation.metrics import topk_correct
+from featdenoise.evaluation.options import EXECUTION, RunOptions, check_keywords, pick
 from featdenoise.evaluation.records import (  # noqa: F401  (part of the engine's API)
     OUTCOMES_FILE,
     OWN_FILES,
@@ -64,7 +70,10 @@ from featdenoise.runtime import distributed as dist
 from featdenoise.runtime import outdir
 from featdenoise.runtime.distributed import rank_world  # noqa: F401  (part of the API)
 from featdenoise.runtime.finite import NonFiniteError, check_finite_logits, list_some
+from featdenoise.runtime.modes import eval_mode
 from featdenoise.runtime.seeds import derive_seed, generator
+
+T = TypeVar("T")
 
 
 # --------------------------------------------------------------------------- images and targets
@@ -76,20 +85,11 @@ def image_targets(ids: Sequence[str], labels: torch.Tensor, num_classes: int,
     official ``_create_random_target``); the draw of image ``ids[i]`` depends only on
     ``(seed, ids[i])``. Shapes: ``labels [N]`` -> ``[N]`` int64 on the CPU.
     """
-    from featdenoise.attacks import draw_targets
-
     if num_classes < 2:
         raise ValueError(f"a targeted attack needs at least 2 classes, got {num_classes}")
     labels = labels.long().cpu()
     return torch.cat([draw_targets(labels[i:i + 1], num_classes, generator(seed, "target", i_d))
                       for i, i_d in enumerate(ids)]) if len(ids) else labels.clone()
-
-
-def default_device() -> torch.device:
-    """``cuda:<LOCAL_RANK>`` when a GPU is present (torchrun sets LOCAL_RANK), else the CPU."""
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device("cpu")
 
 
 # --------------------------------------------------------------------------- columns
@@ -150,60 +150,67 @@ def predict_fields(model: nn.Module, name: str, x_adv: torch.Tensor, y: torch.Te
             f"top5_{name}": topk_correct(logits, y, 5).tolist()}
 
 
-def seeded(batch_seed: int, device: torch.device, fn: Callable[[], torch.Tensor]):
+def seeded(batch_seed: int, device: torch.device, fn: Callable[[], T]) -> T:
     """Run ``fn`` with the global RNG seeded by ``batch_seed`` and restored afterwards."""
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(batch_seed)
         return fn()
 
 
-def process_batch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, indices: Sequence[int],
-                  batch_index: int, ids: Sequence[str], columns: Sequence[Column], *,
-                  done: dict[int, dict], num_classes: int, targeted: bool, seed: int,
-                  device: torch.device, emit: Callable[[list[dict]], None]) -> None:
-    """Clean fields, then every column not yet done, for one batch; ``emit`` gets new records.
+def process_batch(model: nn.Module, p: Plan, b: int, x: torch.Tensor, y: torch.Tensor, *,
+                  done: dict[int, dict], device: torch.device,
+                  emit: Callable[[list[dict]], None]) -> None:
+    """Clean fields, then every column of ``p`` not yet done, for batch ``b`` of the plan.
 
-    ``done`` holds records already on disk (a resumed batch continues where it stopped).
+    ``x [n, C, H, W]`` and ``y [n]`` are the batch as loaded (label -1: an unreadable file, which
+    gets ``{"skipped": true}``); ``done`` holds records already on disk (a resumed batch continues
+    where it stopped); ``emit`` gets every new (partial) record.
     """
+    recs, kept = _start_records(p, b, y, done, emit)
+    if not kept:
+        return
+    sel = torch.tensor(kept, device=x.device)
+    x, y = x[sel].to(device), y[sel].to(device).long()  # [n, C, H, W], [n]
+    batch_ids = [r["id"] for r in recs]
+    if not all("pred_clean" in r for r in recs):
+        logits = checked_logits(model, x, batch_ids)  # [n, K]
+        target = image_targets(batch_ids, y, p.num_classes, p.seed) if p.targeted else None
+        fields = {"pred_clean": logits.argmax(1).tolist(),
+                  "top5_clean": topk_correct(logits, y, 5).tolist(),
+                  "target": target.tolist() if target is not None else [-1] * len(recs)}
+        _add(recs, fields)
+        emit([{k: r[k] for k in ("index", "id", "batch", "label", *fields)} for r in recs])
+    target = torch.tensor([r["target"] for r in recs], device=device) if p.targeted else None
+    for col in p.columns:
+        if all(col.done_key in r for r in recs):
+            continue
+        batch = Batch(x, y, target, batch_ids, recs, b, derive_seed(p.seed, col.seed_tag, b,
+                                                                     col.name))
+        try:
+            fields = seeded(batch.seed, device, functools.partial(col.run, model, batch))
+        except NonFiniteError as err:  # an attack names rows of its batch: say which images
+            raise NonFiniteError(f"{col.name} on batch {b} (images "
+                                 f"{list_some(batch_ids)}): {err}") from None
+        _add(recs, fields)
+        emit([{"index": r["index"], **{k: r[k] for k in fields}} for r in recs])
+
+
+def _start_records(p: Plan, b: int, y: torch.Tensor, done: dict[int, dict],
+                   emit: Callable[[list[dict]], None]) -> tuple[list[dict], list[int]]:
+    """The records of batch ``b`` (what is on disk, plus index, id, batch, label); unreadable
+    images are marked skipped (and emitted once). Returns the readable images' records and
+    their positions in the batch."""
     keep = (y >= 0).tolist()
-    recs = [dict(done.get(int(i), {})) for i in indices]
-    base = [{"index": int(i), "id": ids[int(i)], "batch": int(batch_index), "label": int(lab)}
-            for i, lab in zip(indices, y.tolist(), strict=True)]
-    for r, b in zip(recs, base, strict=True):
-        r.update(b)
+    recs = [dict(done.get(int(i), {})) for i in p.batches[b]]
+    for r, i, lab in zip(recs, p.batches[b], y.tolist(), strict=True):
+        r.update({"index": int(i), "id": p.ids[int(i)], "batch": int(b), "label": int(lab)})
     skipped = [r for r, k in zip(recs, keep, strict=True) if not k and not r.get("skipped")]
     for r in skipped:
         r["skipped"] = True
     if skipped:
         emit(skipped)
     kept = [j for j, k in enumerate(keep) if k]
-    if not kept:
-        return
-    sel = torch.tensor(kept, device=x.device)
-    x, y = x[sel].to(device), y[sel].to(device).long()  # [n, C, H, W], [n]
-    rk = [recs[j] for j in kept]
-    batch_ids = [r["id"] for r in rk]
-    if not all("pred_clean" in r for r in rk):
-        logits = checked_logits(model, x, batch_ids)  # [n, K]
-        target = image_targets(batch_ids, y, num_classes, seed) if targeted else None
-        fields = {"pred_clean": logits.argmax(1).tolist(),
-                  "top5_clean": topk_correct(logits, y, 5).tolist(),
-                  "target": target.tolist() if target is not None else [-1] * len(rk)}
-        _add(rk, fields)
-        emit([{k: r[k] for k in ("index", "id", "batch", "label", *fields)} for r in rk])
-    target = torch.tensor([r["target"] for r in rk], device=device) if targeted else None
-    for col in columns:
-        if all(col.done_key in r for r in rk):
-            continue
-        batch = Batch(x, y, target, batch_ids, rk, batch_index,
-                      derive_seed(seed, col.seed_tag, batch_index, col.name))
-        try:
-            fields = seeded(batch.seed, device, lambda c=col, b=batch: c.run(model, b))
-        except NonFiniteError as err:  # an attack names rows of its batch: say which images
-            raise NonFiniteError(f"{col.name} on batch {batch_index} (images "
-                                 f"{list_some(batch_ids)}): {err}") from None
-        _add(rk, fields)
-        emit([{"index": r["index"], **{k: r[k] for k in fields}} for r in rk])
+    return [recs[j] for j in kept], kept
 
 
 def _add(records: list[dict], fields: dict[str, list]) -> None:
@@ -254,8 +261,6 @@ def plan(model: nn.Module, dataset: Dataset, columns: Sequence[Column], *, batch
          limit: int | None = None, seed: int = 0, targeted: bool = True,
          ids: Sequence[str] | None = None) -> Plan:
     """Validate the arguments and fix the images (``limit``: the seeded random subset)."""
-    from featdenoise.data.files import dataset_image_ids
-
     if int(batch_size) != batch_size or batch_size < 1:
         raise ValueError(f"--batch-size must be a positive integer, got {batch_size}")
     if limit is not None and limit < 1:
@@ -264,20 +269,24 @@ def plan(model: nn.Module, dataset: Dataset, columns: Sequence[Column], *, batch
     if len(set(names)) != len(names):
         raise ValueError(f"attack names must be unique, got {names}")
     all_ids = list(ids) if ids is not None else dataset_image_ids(dataset)
-    if len(all_ids) != len(dataset):
-        raise ValueError(f"{len(all_ids)} ids for a dataset of {len(dataset)} images")
+    size = len(cast(Sized, dataset))  # evaluation datasets are map-style, with a length
+    if len(all_ids) != size:
+        raise ValueError(f"{len(all_ids)} ids for a dataset of {size} images")
     num_classes = model_num_classes(model)
     if targeted and num_classes < 2:
         raise ValueError(f"a targeted attack needs at least 2 classes, got {num_classes}")
-    return Plan(dataset, all_ids, subset_indices(len(dataset), limit, seed), int(batch_size),
+    return Plan(dataset, all_ids, subset_indices(size, limit, seed), int(batch_size),
                 list(columns), bool(targeted), int(seed), num_classes)
 
 
-def run(model: nn.Module, p: Plan, out_dir: str | None, *, desc: str = "eval",
-        device: torch.device | str | None = None, rank: int | None = None,
-        world_size: int | None = None, max_batches: int | None = None, num_workers: int = 0,
-        progress: bool = True) -> list[dict] | None:
+def run(model: nn.Module, p: Plan, out_dir: str | None, options: RunOptions | None = None, *,
+        desc: str = "eval", **overrides) -> list[dict] | None:
     """Run plan ``p``: records to ``out_dir`` (resumable), or in memory when ``out_dir`` is None.
+
+    ``options`` (:class:`~featdenoise.evaluation.options.RunOptions`, amended by ``overrides``,
+    which may name only :data:`~featdenoise.evaluation.options.EXECUTION`): ``device``,
+    ``rank``/``world_size``, ``max_batches``, ``num_workers``, ``progress``; its other fields fix
+    the plan and the identity, before this runs. ``desc`` labels the progress bar.
 
     On disk: this rank takes every ``world_size``-th unfinished batch (under torchrun the ranks
     share out what is left, so a resumed run with another world size stays balanced; shards run
@@ -285,56 +294,66 @@ def run(model: nn.Module, p: Plan, out_dir: str | None, *, desc: str = "eval",
     any hand-run shard that finds everything done) gets every record in evaluation order; others
     get None, as does a run stopped by ``max_batches``. In memory (training's evaluation): the
     ranks' records are gathered and every rank gets all of them. The caller has checked the
-    identity of ``out_dir`` (:func:`check_identity`).
+    identity of ``out_dir`` (:func:`check_identity`). The model runs in eval mode; every module's
+    mode is restored afterwards.
     """
-    device = torch.device(device) if device is not None else default_device()
-    rank, world_size, collective = rank_world(rank, world_size)
+    check_keywords("run", overrides, EXECUTION)
+    opts = pick(RunOptions, overrides, options)
+    device = opts.torch_device()
+    rank, world_size, collective = rank_world(opts.rank, opts.world_size)
     done = load_records(out_dir) if out_dir else {}
+    mine = _my_batches(p, done, rank, world_size, collective)[:opts.max_batches]
+    emit, memory = _sink(out_dir, rank)
+    with eval_mode(model):
+        model.to(device)
+        if mine:
+            loader = DataLoader(p.dataset, batch_sampler=[p.batches[b] for b in mine],
+                                num_workers=opts.num_workers, pin_memory=device.type == "cuda")
+            with _progress(len(mine), desc, opts.progress and rank == 0) as bar:
+                for b, (x, y) in zip(mine, loader, strict=True):
+                    process_batch(model, p, b, x, torch.as_tensor(y), done=done, device=device,
+                                  emit=emit)
+                    bar.update(1)
+    if not out_dir:
+        return _gathered(p, memory, collective)
+    return _merged(p, out_dir, rank, collective)
+
+
+def _my_batches(p: Plan, done: dict[int, dict], rank: int, world_size: int,
+                collective: bool) -> list[int]:
+    """The unfinished batches this rank runs (see :func:`run`)."""
     todo = [b for b, idx in enumerate(p.batches)
             if not all(i in done and is_done(done[i], p.columns) for i in idx)]
     if collective:
         dist.barrier()  # every rank has read the records before any rank appends
-        mine = todo[rank::world_size]
-    else:
-        left = set(todo)
-        mine = [b for b in range(rank, len(p.batches), world_size) if b in left]
-    if max_batches is not None:
-        mine = mine[:max_batches]
+        return todo[rank::world_size]
+    left = set(todo)
+    return [b for b in range(rank, len(p.batches), world_size) if b in left]
+
+
+def _sink(out_dir: str | None, rank: int) -> tuple[Callable[[list[dict]], None], list[dict]]:
+    """``(emit, memory)``: ``emit`` appends records to this rank's part file, or to ``memory``
+    when there is no ``out_dir``."""
     memory: list[dict] = []
-    part = os.path.join(out_dir, PARTS_DIR, f"outcomes-rank{rank}.jsonl") if out_dir else None
-    if part:  # appended to in place: no link may lead the records out of the folder
-        outdir.check_entry(out_dir, os.path.dirname(part), "records folder")
-        outdir.check_entry(out_dir, part, "records")
-
-    def emit(recs: list[dict]) -> None:
-        if part:
-            append_records(part, recs)
-        else:
-            memory.extend(recs)
-
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval().to(device)
-    try:
-        if mine:
-            loader = DataLoader(p.dataset, batch_sampler=[p.batches[b] for b in mine],
-                                num_workers=num_workers, pin_memory=device.type == "cuda")
-            bar = _progress(len(mine), desc, progress and rank == 0)
-            try:
-                for b, (x, y) in zip(mine, loader, strict=True):
-                    process_batch(model, x, torch.as_tensor(y), p.batches[b], b, p.ids,
-                                  p.columns, done=done, num_classes=p.num_classes,
-                                  targeted=p.targeted, seed=p.seed, device=device, emit=emit)
-                    bar.update(1)
-            finally:
-                bar.close()
-    finally:
-        for m, mode in modes:
-            m.training = mode
     if not out_dir:
-        merged: dict[int, dict] = {}
-        for r in dist.all_gather_objects(memory) if collective else memory:
-            merged.setdefault(int(r["index"]), {}).update(r)
-        return [merged[i] for i in p.order if i in merged]
+        return memory.extend, memory
+    part = os.path.join(out_dir, PARTS_DIR, f"outcomes-rank{rank}.jsonl")
+    # appended to in place: no link may lead the records out of the folder
+    outdir.check_entry(out_dir, os.path.dirname(part), "records folder")
+    outdir.check_entry(out_dir, part, "records")
+    return functools.partial(append_records, part), memory
+
+
+def _gathered(p: Plan, memory: list[dict], collective: bool) -> list[dict]:
+    """Every rank's in-memory records, merged per image, in evaluation order."""
+    merged: dict[int, dict] = {}
+    for r in dist.all_gather_objects(memory) if collective else memory:
+        merged.setdefault(int(r["index"]), {}).update(r)
+    return [merged[i] for i in p.order if i in merged]
+
+
+def _merged(p: Plan, out_dir: str, rank: int, collective: bool) -> list[dict] | None:
+    """Every record of ``out_dir`` in evaluation order for the merging process, once all done."""
     if collective:
         dist.barrier()
         if rank != 0:
@@ -345,7 +364,5 @@ def run(model: nn.Module, p: Plan, out_dir: str | None, *, desc: str = "eval",
     return [records[i] for i in p.order]
 
 
-def _progress(total: int, desc: str, enabled: bool):
-    from tqdm.auto import tqdm
-
+def _progress(total: int, desc: str, enabled: bool) -> tqdm:
     return tqdm(total=total, desc=desc, unit="batch", disable=not enabled, dynamic_ncols=True)

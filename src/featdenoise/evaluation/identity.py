@@ -101,7 +101,7 @@ def check_identity(out_dir: str, identity: dict, *, restart: bool = False,
 
 
 def prepare(out_dir: str, identity: dict, *, restart: bool = False, rank: int | None = None,
-            world_size: int | None = None) -> outdir.FolderLock:
+            world_size: int | None = None) -> outdir.FolderLock | outdir._NoLock:
     """Take the folder's lock, then :func:`check_identity` once per evaluation: by every hand-run
     shard, or by rank 0 under torchrun with its verdict shared, so every rank refuses (or goes on)
     together.
@@ -111,12 +111,14 @@ def prepare(out_dir: str, identity: dict, *, restart: bool = False, rank: int | 
     one but a run of the whole folder); see :class:`featdenoise.runtime.outdir.FolderLock`.
     """
     rank, world, collective = dist.rank_world(rank, world_size)
+    lock: outdir.FolderLock | outdir._NoLock
     if not collective:
         lock = folder_lock(out_dir, rank if world > 1 else None, restart)
         with _released_on_error(lock.acquire()):
             check_identity(out_dir, identity, restart=restart)
         return lock
-    error, lock = None, outdir._NoLock()  # ranks other than 0 hold nothing
+    error: str | None = None
+    lock = outdir._NoLock()  # ranks other than 0 hold nothing
     if rank == 0:
         try:
             with _released_on_error(folder_lock(out_dir, None, restart).acquire()) as lock:

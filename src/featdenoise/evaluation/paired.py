@@ -61,7 +61,8 @@ def t_quantile_975(df: int) -> float:
         raise ValueError(f"df={df}: need at least 1 degree of freedom")
     if df <= len(_T975):
         return _T975[df - 1]
-    lo_df, lo_t = len(_T975), _T975[-1]
+    lo_df: float = len(_T975)
+    lo_t = _T975[-1]
     for hi_df, hi_t in _T975_TAIL:
         if df <= hi_df:
             span = 1 / lo_df - (0.0 if math.isinf(hi_df) else 1 / hi_df)

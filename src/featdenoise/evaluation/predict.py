@@ -18,10 +18,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
 
 from featdenoise.data.files import ImageFiles, list_images, write_labels_csv
 from featdenoise.models import model_in_channels, model_label
+from featdenoise.runtime.distributed import resolve_device
 from featdenoise.runtime.finite import check_finite_logits
+from featdenoise.runtime.modes import eval_mode
 
 
 def predict_folder(model: nn.Module, folder: str, *, size: int | None = 224,
@@ -47,27 +50,19 @@ def predict_folder(model: nn.Module, folder: str, *, size: int | None = 224,
         NonFiniteError: a batch's logits hold NaN or inf (one line naming the model and the
             files); no label is written for them.
     """
-    from tqdm.auto import tqdm
-
-    from featdenoise.evaluation.engine import default_device
-
-    device = torch.device(device) if device is not None else default_device()
+    device = torch.device(device) if device is not None else resolve_device()
     names = list_images(folder)
     ds = ImageFiles(folder, names, size=size, channels=model_in_channels(model),
                     resize_method=resize_method)
     loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers)
-    was_training = model.training
-    model.eval().to(device)
     preds: list[int] = []
-    try:
-        with torch.no_grad():
-            for x, _ in tqdm(loader, desc="predict", unit="batch", disable=not progress,
-                             dynamic_ncols=True):
-                logits = model(x.to(device))  # [N, K]
-                check_finite_logits(logits, model_label(model), names[len(preds):])
-                preds += logits.argmax(1).tolist()  # [N]
-    finally:
-        model.train(was_training)
+    with eval_mode(model), torch.no_grad():
+        model.to(device)
+        for x, _ in tqdm(loader, desc="predict", unit="batch", disable=not progress,
+                         dynamic_ncols=True):
+            logits = model(x.to(device))  # [N, K]
+            check_finite_logits(logits, model_label(model), names[len(preds):])
+            preds += logits.argmax(1).tolist()  # [N]
     return names, preds
 
 

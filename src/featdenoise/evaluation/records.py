@@ -56,7 +56,7 @@ OWN_FILES = {SETTINGS_FILE: own_json(), OUTCOMES_FILE: is_own_records, SUMMARY_F
 
 def _read_jsonl(path: str) -> list[dict]:
     """Records of a JSONL file; a line cut short by an interruption is dropped."""
-    out = []
+    out: list[dict] = []
     if not os.path.isfile(path):
         return out
     with open(path) as f:

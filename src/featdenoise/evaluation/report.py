@@ -14,7 +14,8 @@ import json
 import os
 from collections.abc import Sequence
 
-from featdenoise.runtime.atomic import atomic_write, own_json, own_text
+from featdenoise.runtime.atomic import PNG_STAMP, atomic_write, own_json, own_png, own_text
+from featdenoise.runtime.optional import pyplot  # other modules import it from here, for now
 
 TABLE_FILE = "table.md"
 PLOT_FILE = "accuracy_vs_iterations.png"
@@ -103,21 +104,9 @@ def autoattack_line(summary: dict) -> str:
             f"{aa['n']} images)")
 
 
-def pyplot():
-    """``matplotlib.pyplot`` on the Agg backend (PNG output, no display needed)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def save_figure(fig, path: str, **savefig_kwargs) -> str:
     """Write ``fig`` to ``path`` as a PNG (atomically; parent folders created), free it, return
     ``path``. A file already there that featdenoise did not draw is refused, not replaced."""
-    from featdenoise.runtime.atomic import PNG_STAMP, own_png
-
     try:
         with atomic_write(path, "wb", ours=own_png) as f:
             fig.savefig(f, format="png", metadata={"Software": f"{PNG_STAMP} (matplotlib)"},
