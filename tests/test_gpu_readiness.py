@@ -12,7 +12,7 @@ import warnings
 import pytest
 import torch
 
-from featdenoise.models import create_model
+from featdenoise.models import attention, create_model
 from featdenoise.models import denoise as dn
 from featdenoise.runtime import backends
 
@@ -143,12 +143,12 @@ def test_cuda_policy_reraises_errors_other_than_a_refused_kernel(monkeypatch):
         raise RuntimeError("CUDA error: an illegal memory access was encountered")
 
     monkeypatch.setattr(dn.F, "scaled_dot_product_attention", broken)
-    monkeypatch.setattr(dn, "fused_kernels", contextlib.nullcontext)
-    monkeypatch.setattr(dn, "_CUDA_PLANS", {})
+    monkeypatch.setattr(attention, "fused_kernels", contextlib.nullcontext)
+    monkeypatch.setattr(attention, "_CUDA_PLANS", {})
     q = torch.randn(1, 4, 2)
     with pytest.raises(RuntimeError, match="illegal memory access"):
-        dn._sdpa_cuda(q, q, torch.randn(1, 4, 4), 0.5, 1 << 20)
-    assert dn._CUDA_PLANS == {}
+        attention._sdpa_cuda(q, q, torch.randn(1, 4, 4), 0.5, 1 << 20)
+    assert attention._CUDA_PLANS == {}
 
 
 @pytest.mark.parametrize("accepts, plan", [
@@ -158,15 +158,15 @@ def test_cuda_policy_reraises_errors_other_than_a_refused_kernel(monkeypatch):
 ])
 def test_cuda_policy_tries_unpadded_then_padded_then_chunked(monkeypatch, accepts, plan):
     monkeypatch.setattr(dn.F, "scaled_dot_product_attention", _fake_sdpa(accepts))
-    monkeypatch.setattr(dn, "fused_kernels", contextlib.nullcontext)
-    monkeypatch.setattr(dn, "_CUDA_PLANS", {})
+    monkeypatch.setattr(attention, "fused_kernels", contextlib.nullcontext)
+    monkeypatch.setattr(attention, "_CUDA_PLANS", {})
     g = torch.Generator().manual_seed(1)
     q, k, v = (torch.randn(2, 20, c, generator=g) for c in (4, 4, 8))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        out = dn._sdpa_cuda(q, k, v, 0.5, 1 << 20)
-        dn._sdpa_cuda(q, k, v, 0.5, 1 << 20)  # second call: the remembered plan, no warning
-    assert list(dn._CUDA_PLANS.values()) == [plan]
+        out = attention._sdpa_cuda(q, k, v, 0.5, 1 << 20)
+        attention._sdpa_cuda(q, k, v, 0.5, 1 << 20)  # second call: the remembered plan, no warning
+    assert list(attention._CUDA_PLANS.values()) == [plan]
     assert len([w for w in caught if "no fused attention kernel" in str(w.message)]) == (
         plan == "chunked")
     torch.testing.assert_close(out.double(), _reference(q, k, v, 0.5), rtol=1e-5, atol=1e-6)

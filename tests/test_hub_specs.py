@@ -18,7 +18,7 @@ from test_eval import _folder_dataset
 from featdenoise.cli import main
 from featdenoise.evaluation.whitebox import evaluate_whitebox
 from featdenoise.hub import build_spec, read_state_dict
-from featdenoise.hub.loading import load_model_spec
+from featdenoise.hub.loading import SpecOptions, load_model_spec
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -129,9 +129,9 @@ def test_registry_name_with_weights(tmp_path):
     torch.manual_seed(0)
     ref = create_model("small_resnet", num_classes=K, width=4, blocks=[1, 1, 1]).eval()
     torch.save(ref.state_dict(), tmp_path / "w.pt")
-    _, model, facts = load_model_spec("small_resnet", kwargs={"num_classes": K, "width": 4,
-                                                              "blocks": [1, 1, 1]},
-                                      weights=str(tmp_path / "w.pt"))
+    _, model, facts = load_model_spec("small_resnet", SpecOptions(
+        kwargs={"num_classes": K, "width": 4, "blocks": [1, 1, 1]},
+        weights=str(tmp_path / "w.pt")))
     x = torch.rand(1, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(model(x), ref(x))

@@ -11,7 +11,8 @@ input gradients (paper Sec. 5 and 6: PGD on eval-mode networks), so every attack
 
 Modules, each readable alone:
 
-- :mod:`~featdenoise.accel.layer`: the context manager, per-model caches, verification;
+- :mod:`~featdenoise.accel.layer`: the context manager, its routing functions, verification;
+- :mod:`~featdenoise.accel.state`: per-model caches and the routing state of a block;
 - :mod:`~featdenoise.accel.fold`: BatchNorm folding and its cache;
 - :mod:`~featdenoise.accel.pack`: packed convolutions (forward and input gradient) and their cache;
 - :mod:`~featdenoise.accel.onednn`: the only caller of PyTorch's private oneDNN operators;
@@ -20,6 +21,7 @@ Modules, each readable alone:
 
 from __future__ import annotations
 
-from featdenoise.accel.layer import caches, inference_grad
+from featdenoise.accel.layer import inference_grad
+from featdenoise.accel.state import caches
 
 __all__ = ["caches", "inference_grad"]

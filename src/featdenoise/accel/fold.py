@@ -14,13 +14,15 @@ torchvision's ``conv1, bn1, ...``); because that order need not be the forward o
 
 from __future__ import annotations
 
+from typing import TypeGuard
+
 import torch
 from torch import nn
 
 from featdenoise.accel.unchanged import Unchanged
 
 
-def plain_conv(module: nn.Module) -> bool:
+def plain_conv(module: nn.Module) -> TypeGuard[nn.Conv2d]:
     """A ``Conv2d`` computing PyTorch's own convolution: its class keeps ``Conv2d``'s
     ``forward`` and ``_conv_forward`` (a subclass that overrides either may compute anything)."""
     return (isinstance(module, nn.Conv2d) and type(module).forward is nn.Conv2d.forward
@@ -31,7 +33,7 @@ def foldable_pairs(model: nn.Module) -> list[tuple[nn.Conv2d, nn.BatchNorm2d]]:
     """``(conv, bn)`` for every plain Conv2d child followed by a foldable BatchNorm2d child
     (``BatchNorm2d``'s own ``forward``, running statistics tracked, channels matching), each
     module in at most one pair."""
-    pairs = []
+    pairs: list[tuple[nn.Conv2d, nn.BatchNorm2d]] = []
     for parent in model.modules():
         children = list(parent.children())
         for conv, bn in zip(children, children[1:], strict=False):
@@ -58,6 +60,7 @@ def sources(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple:
 def fold(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
     """The folded ``(weight, bias)`` of one pair, computed in float64 and rounded once."""
     f64 = torch.float64
+    assert bn.running_var is not None and bn.running_mean is not None  # foldable_pairs checks
     scale = bn.running_var.to(f64).add(bn.eps).rsqrt_()  # [C_out]
     if bn.weight is not None:
         scale.mul_(bn.weight.to(f64))
@@ -76,9 +79,9 @@ class FoldCache:
 
     An entry is reused only while the conv's and BN's tensors are the same objects at the same
     in-place version, and equal to a snapshot taken when they were folded (compared once per
-    ``epoch``, so even ``p.data`` writes between two uses refold). Folding a ResNet-50 in float64
-    is ~10% of a 10-step PGD on a CPU. Memory: two extra copies of the conv weights (the folded
-    ones and the snapshot) for the cache's lifetime.
+    ``epoch``, so even ``p.data`` writes between two uses refold): folding in float64 at every
+    call would be a noticeable share of a short attack. Memory: two extra copies of the conv
+    weights (the folded ones and the snapshot) for the cache's lifetime.
     """
 
     def __init__(self):

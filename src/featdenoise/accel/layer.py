@@ -30,151 +30,30 @@ any weight or BatchNorm statistic changes (identity, version and ``requires_grad
 values once per block; a train-mode forward through ``num_batches_tracked``, since the kernel
 leaves the statistics' versions alone) or a BatchNorm's ``eps``. While none changes, each conv
 call reuses what it resolved to at its first call in the block, and passes that need no graph
-call oneDNN directly. (The fixed cost per call, measured on the small 28-px net with one 4x4
-image, one thread: 1.1 ms per forward with the checks at every call, 0.57 ms with the lookups;
-PyTorch's own path 0.36 ms.)
+call oneDNN directly. The per-model caches and the routing state of a block live in
+:mod:`featdenoise.accel.state`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 import weakref
 from collections.abc import Iterator
 
 import torch
 from torch import nn
-from torch.nn.modules import module as torch_module
-from torch.nn.utils import parametrize
-from torch.utils.hooks import RemovableHandle
 
-from featdenoise.accel import onednn
-from featdenoise.accel.fold import FoldCache, foldable_pairs, sources
-from featdenoise.accel.pack import ConvPacker
+from featdenoise.accel.fold import sources
+from featdenoise.accel.state import BlockState, global_hooks
+from featdenoise.runtime.backends import tf32_enabled
+from featdenoise.runtime.modes import frozen, restored_modes
 
 _VERIFY_IMAGES = 8  # images of the first batch of a shape on which folding is verified
 _MISSING = object()
-# Hooks PyTorch runs around every module's call (torch.nn.modules.module.register_module_*).
-_GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
-                 "_global_backward_pre_hooks")
 
-
-@dataclasses.dataclass
-class Caches:
-    """What the accelerator keeps for one model across blocks: folded weights, packed
-    convolutions, and per input kind (shape without batch, dtype, device) the set of
-    BatchNorm pairs whose folding was verified; ``token`` invalidates those verifications when
-    a folded tensor changes. ``epoch`` counts blocks (values are compared once per block)."""
-
-    folds: FoldCache = dataclasses.field(default_factory=FoldCache)
-    packer: ConvPacker = dataclasses.field(default_factory=ConvPacker)
-    verified: dict = dataclasses.field(default_factory=dict)
-    token: tuple | None = None
-    epoch: int = 0
-
-
-# Weak keys: the caches go with the model; they hold no strong reference to any module.
-_CACHES: weakref.WeakKeyDictionary[nn.Module, Caches] = weakref.WeakKeyDictionary()
-_ACTIVE: weakref.WeakKeyDictionary[nn.Module, _Block] = weakref.WeakKeyDictionary()
-
-
-def caches(model: nn.Module) -> Caches:
-    """The accelerator's caches of ``model`` (created on first use)."""
-    found = _CACHES.get(model)
-    if found is None:
-        found = _CACHES[model] = Caches()
-    return found
-
-
-class _Block:
-    """The routing state of one active block on one model, read by the installed functions.
-
-    ``mode``: None (normal path), ``"record"`` (normal path, noting which conv output each paired
-    BatchNorm receives) or ``"fast"`` (folded pairs in ``fold``, packing if ``pack``)."""
-
-    def __init__(self, model: nn.Module):
-        self.model = model
-        self.caches = caches(model)
-        self.pairs = foldable_pairs(model)
-        self.modules = list(model.modules())
-        self.enabled = [True]  # a stack: a nested block may switch the fast path off
-        self.pack_available = onednn.available()
-        self.mode: str | None = None
-        self.fold: frozenset[int] = frozenset()
-        self.pack = False
-        self.last_out: dict[int, torch.Tensor] = {}  # pair -> its conv's latest output
-        self.counts: dict[str, list[int]] = {}
-        # A subclass's own _conv_forward is left alone (routing would bypass it).
-        self.convs = [m for m in self.modules if isinstance(m, nn.Conv2d)
-                      and type(m)._conv_forward is nn.Conv2d._conv_forward]
-        # Modules with hooks (as of hook registration serial number ``hook_serial``), and the
-        # convs and BatchNorms that therefore run the normal path (ids; pairs by index).
-        self.hook_serial: int | None = None
-        self.hooked: frozenset[int] = frozenset()
-        self.excluded: frozenset[int] = frozenset()
-        self.excluded_pairs: frozenset[int] = frozenset()
-        # Every tensor the fast path derives from, and what each conv call resolved to while
-        # they are unchanged (a forward then costs a lookup per conv, not the checks).
-        self.slots: list[tuple[dict, str]] = []  # (the dict that holds it, name)
-        self.plans: dict[tuple, tuple] = {}
-        self.planned_from: list = []  # the slot tensors the plans were made from (held)
-        self.planned_marks: tuple | None = None
-        _refresh(self)
-
-
-def _has_hooks(module: nn.Module) -> bool:
-    """Any forward (pre-)hook or backward (pre-)hook, full or not, on ``module`` itself."""
-    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
-                or module._backward_pre_hooks)
-
-
-def _global_hooks() -> bool:
-    return any(getattr(torch_module, name, None) for name in _GLOBAL_HOOKS)
-
-
-def _hooks_changed(block: _Block) -> bool:
-    """Whether the set of hooked modules changed since the last call. Every registration draws
-    a new ``RemovableHandle`` serial number, so while no module is hooked and the serial is
-    unchanged nothing was added; once some module is, each call looks for removals."""
-    serial = RemovableHandle.next_id
-    if serial == block.hook_serial and not block.hooked:
-        return False
-    block.hook_serial = serial
-    hooked = frozenset(id(m) for m in block.modules if _has_hooks(m))
-    if hooked == block.hooked:
-        return False
-    block.hooked = hooked
-    return True
-
-
-def _refresh(block: _Block) -> None:
-    """Which convs and BatchNorms take the fast path (a hook must see PyTorch's own tensors:
-    a hooked conv is neither folded nor packed, a hooked BatchNorm not folded into its conv;
-    a parametrized module's weights are recomputed at every access, so nothing derived from
-    them could be kept), and the tensors those derive from; the plans are made again."""
-    excluded = frozenset(id(m) for m in (*block.convs, *(bn for _, bn in block.pairs))
-                         if id(m) in block.hooked or parametrize.is_parametrized(m))
-    block.excluded = excluded
-    block.excluded_pairs = frozenset(i for i, (conv, bn) in enumerate(block.pairs)
-                                     if id(conv) in excluded or id(bn) in excluded)
-    slots = [(m, name) for m in block.convs if id(m) not in excluded
-             for name in ("weight", "bias")]
-    slots += [(bn, name) for i, (_, bn) in enumerate(block.pairs)
-              if i not in block.excluded_pairs
-              for name in ("weight", "bias", "running_mean", "running_var",
-                           "num_batches_tracked")]
-    block.slots = [(_table(m, name), name) for m, name in slots]
-    block.planned_marks = None
-
-
-def _table(module: nn.Module, name: str) -> dict:
-    """The dict that holds ``module``'s tensor ``name``: read at every call, a tensor moved to
-    another dict reads None there, which is a change (and the slots are made again)."""
-    for table in (module._parameters, module._buffers, module.__dict__):
-        if name in table:
-            return table
-    return {}
+# The block now active on each model (weak keys: it goes with the model).
+_ACTIVE: weakref.WeakKeyDictionary[nn.Module, BlockState] = weakref.WeakKeyDictionary()
 
 
 def _compiling() -> bool:
@@ -186,7 +65,7 @@ def _frozen(tensors) -> bool:
     return not any(t is not None and t.requires_grad for t in tensors)
 
 
-def _conv_forward(block: _Block, i: int | None, conv: nn.Conv2d, x: torch.Tensor,
+def _conv_forward(block: BlockState, i: int | None, conv: nn.Conv2d, x: torch.Tensor,
                   weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """``conv._conv_forward`` inside a block: pair ``i`` folded and/or packed, or normal."""
     mode = block.mode
@@ -211,12 +90,12 @@ def _conv_forward(block: _Block, i: int | None, conv: nn.Conv2d, x: torch.Tensor
         out = block.caches.packer.run(entry, conv, x, weight, bias)
     else:
         out = nn.Conv2d._conv_forward(conv, x, weight, bias)
-    if folded:
+    if folded and i is not None:
         block.last_out[i] = out  # the BatchNorm that receives exactly this tensor passes it on
     return out
 
 
-def _plan(block: _Block, i: int | None, conv: nn.Conv2d, x: torch.Tensor,
+def _plan(block: BlockState, i: int | None, conv: nn.Conv2d, x: torch.Tensor,
           weight: torch.Tensor, bias: torch.Tensor | None) -> tuple:
     """What a fast-mode call of ``conv`` on inputs like ``x`` runs: ``(weight, bias as called,
     weight, bias to use, folded, verified pack entry or None)``."""
@@ -234,7 +113,7 @@ def _plan(block: _Block, i: int | None, conv: nn.Conv2d, x: torch.Tensor,
     return (*given, weight, bias, folded, entry)
 
 
-def _bn_forward(block: _Block, i: int, bn: nn.BatchNorm2d, forward, x: torch.Tensor):
+def _bn_forward(block: BlockState, i: int, bn: nn.BatchNorm2d, forward, x: torch.Tensor):
     """A paired BatchNorm's ``forward`` inside a block: identity on its folded conv's output."""
     if block.mode == "record":
         block.counts["bn"][i] += 1
@@ -245,23 +124,23 @@ def _bn_forward(block: _Block, i: int, bn: nn.BatchNorm2d, forward, x: torch.Ten
     return forward(x)
 
 
-def _model_forward(block: _Block, forward, *args, **kwargs):
+def _model_forward(block: BlockState, forward, *args, **kwargs):
     """The model's ``forward`` inside a block: fast when verified for inputs like ``args[0]``."""
     if (not block.enabled[-1] or block.mode is not None or len(args) != 1 or kwargs
             or not isinstance(args[0], torch.Tensor) or args[0].numel() == 0 or _compiling()
             or torch.is_autocast_enabled(args[0].device.type)
-            or any(m.training for m in block.modules) or _global_hooks()):
+            or any(m.training for m in block.modules) or global_hooks()):
         return forward(*args, **kwargs)
     x = args[0]
     c = block.caches
-    if _hooks_changed(block):
-        _refresh(block)
-    tensors, marks = _marks(block)
+    if block.hooks_changed():
+        block.refresh()
+    tensors, marks = block.marks()
     if marks != block.planned_marks or any(
             a is not b for a, b in zip(tensors, block.planned_from, strict=True)):
         # A tensor was replaced (also by a parametrization), written in place or unfrozen.
-        _refresh(block)
-        tensors, marks = _marks(block)
+        block.refresh()
+        tensors, marks = block.marks()
         block.plans.clear()
         block.planned_from, block.planned_marks = tensors, marks
         # The fold checks outlive the block: they hold while the same tensors are unchanged
@@ -282,15 +161,7 @@ def _model_forward(block: _Block, forward, *args, **kwargs):
     return _run(block, forward, x, "fast", fold - block.excluded_pairs, block.pack_available)
 
 
-def _marks(block: _Block) -> tuple[list, tuple]:
-    """The slot tensors and their versions, ``requires_grad`` flags and the BatchNorms' eps (a
-    train-mode BatchNorm forward bumps ``num_batches_tracked``, a slot)."""
-    tensors = [table.get(name) for table, name in block.slots]
-    marks = tuple(None if t is None else (t._version, t.requires_grad) for t in tensors)
-    return tensors, marks + tuple(bn.eps for _, bn in block.pairs)
-
-
-def _run(block: _Block, forward, x: torch.Tensor, mode: str, fold: frozenset[int],
+def _run(block: BlockState, forward, x: torch.Tensor, mode: str, fold: frozenset[int],
          pack: bool):
     block.mode, block.fold, block.pack = mode, fold, pack
     try:
@@ -308,7 +179,7 @@ def fold_tolerance(device_type: str, tf32: bool, rtol: float = 1e-4) -> float:
 
 
 @torch.no_grad()
-def _verify_fold(block: _Block, forward, x: torch.Tensor, rtol: float = 1e-4) -> frozenset[int]:
+def _verify_fold(block: BlockState, forward, x: torch.Tensor, rtol: float = 1e-4) -> frozenset[int]:
     """The pairs that may be folded for inputs like ``x``: wiring (each paired BatchNorm receives
     exactly its conv's output, as often as the conv runs, so a BN registered after its conv but
     applied elsewhere is caught whatever its statistics) and numbers (folded logits equal
@@ -337,16 +208,12 @@ def _verify_fold(block: _Block, forward, x: torch.Tensor, rtol: float = 1e-4) ->
     if not isinstance(out, torch.Tensor) or out.shape != ref.shape:
         return frozenset()
     ref, out = ref.float(), out.float()
-    tf32 = False
-    if x.device.type == "cuda":
-        from featdenoise.runtime.backends import tf32_enabled
-
-        tf32 = any(tf32_enabled().values())
+    tf32 = x.device.type == "cuda" and any(tf32_enabled().values())
     tol = fold_tolerance(x.device.type, tf32, rtol) * float(ref.abs().max()) + 1e-6
     return wired if bool(((out - ref).abs().max() <= tol).item()) else frozenset()
 
 
-def _install(block: _Block, installed: list) -> None:
+def _install(block: BlockState, installed: list) -> None:
     """Route the model's forward, every conv (but one with its own ``_conv_forward``) and every
     paired BatchNorm through ``block``."""
 
@@ -364,6 +231,15 @@ def _install(block: _Block, installed: list) -> None:
     put(model, "forward", functools.partial(_model_forward, block, model.forward))
 
 
+def _uninstall(installed: list) -> None:
+    """Undo :func:`_install`: each routed attribute back as it was (or absent), last first."""
+    for module, name, prior in reversed(installed):
+        if prior is _MISSING:
+            module.__dict__.pop(name, None)
+        else:
+            module.__dict__[name] = prior
+
+
 @contextlib.contextmanager
 def inference_grad(model: nn.Module, *, enabled: bool = True) -> Iterator[nn.Module]:
     """Fast forward and input-gradient passes of ``model`` inside the block, for any attack.
@@ -373,9 +249,9 @@ def inference_grad(model: nn.Module, *, enabled: bool = True) -> Iterator[nn.Mod
     float32 every convolution runs on weights packed once for oneDNN, forward and input
     gradient. Each is verified once per model and input kind against PyTorch's own result and
     refreshed when any weight changes; whatever is not verified, and any conv or BatchNorm with a
-    hook, runs PyTorch's normal path. The result is the same function up to float rounding (~1e-7
-    relative on logits, ~5e-7 on input gradients), so a gradient sign near zero can flip: use
-    ``enabled=False`` (attacks: ``exact=True``) for bit-for-bit work.
+    hook, runs PyTorch's normal path. The result is the same function up to float rounding, so a
+    gradient sign near zero can flip: use ``enabled=False`` (attacks: ``exact=True``) for
+    bit-for-bit work.
 
     Inside the block the parameters do not require gradients (input gradients only, as an
     attack needs: ``torch.autograd.grad(loss, x)``); a training step belongs outside. On exit,
@@ -407,26 +283,16 @@ def inference_grad(model: nn.Module, *, enabled: bool = True) -> Iterator[nn.Mod
     if not enabled or hasattr(model, "_orig_mod"):
         yield model
         return
-    modes = [(m, m.training) for m in model.modules()]
-    params = [p for p in model.parameters() if p.requires_grad]
     installed: list = []
-    try:
-        for p in params:
-            p.requires_grad_(False)
-        block = _Block(model)
-        block.caches.epoch += 1
-        block.caches.packer.epoch = block.caches.epoch
-        _install(block, installed)
-        _ACTIVE[model] = block
-        yield model
-    finally:
-        _ACTIVE.pop(model, None)
-        for module, name, prior in reversed(installed):
-            if prior is _MISSING:
-                module.__dict__.pop(name, None)
-            else:
-                module.__dict__[name] = prior
-        for p in params:
-            p.requires_grad_(True)
-        for m, training in modes:
-            m.training = training
+    # Code inside may switch modes (an attack library calling model.eval()): all put back.
+    with restored_modes(model), frozen(model):
+        try:
+            block = BlockState(model)
+            block.caches.epoch += 1
+            block.caches.packer.epoch = block.caches.epoch
+            _install(block, installed)
+            _ACTIVE[model] = block
+            yield model
+        finally:
+            _ACTIVE.pop(model, None)
+            _uninstall(installed)

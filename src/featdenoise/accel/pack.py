@@ -4,19 +4,19 @@ While only input gradients are computed the weights are frozen, yet PyTorch's CP
 reorders each weight into oneDNN's blocked layout at every call, in the forward and again in the
 backward. At small batches the deep layers are bound by reading weights, so this copy is a
 sizeable share of a step. Packed weights also make oneDNN return NHWC activations, on which its
-kernels run faster (ResNet-50 at 64x64, 2 CPU threads, batches 8-32: a 10-step PGD takes 14-17%
-less time than with BN folding alone). :meth:`ConvPacker.resolve` finds (or packs and verifies)
-the packs of a conv for an input kind, and :meth:`ConvPacker.run` runs
+kernels run faster (``featdenoise bench attacks`` measures the gain). :meth:`ConvPacker.resolve`
+finds (or packs and verifies) the packs of a conv for an input kind, and :meth:`ConvPacker.run`
+runs
 
 * forward: the convolution on the packed weight (:func:`featdenoise.accel.onednn.conv`);
 * backward (input gradient only; the weights are frozen): the transposed convolution on the same
   weight, packed for that direction (:func:`featdenoise.accel.onednn.conv_transposed`).
 
-The result is the same function up to float rounding (about 5e-7 relative on the input gradient
-of a ResNet-50). Eligible: a dense float32 CPU input (NCHW or NHWC) outside autocast; zero padding
-given as numbers; frozen weight and bias; the operators present. Each (conv, input kind) is
-checked once against ``F.conv2d`` and ``aten.convolution_backward`` on the real input before it is
-used; anything ineligible, refused by an operator or failing that check runs the normal path.
+The result is the same function up to float rounding. Eligible: a dense float32 CPU input
+(NCHW or NHWC) outside autocast; zero padding given as numbers; frozen weight and bias; the
+operators present. Each (conv, input kind) is checked once against ``F.conv2d`` and
+``aten.convolution_backward`` on the real input before it is used; anything ineligible, refused
+by an operator or failing that check runs the normal path.
 
 An input kind is the input's shape without the batch size, and its layout: packs and checks are
 shared by every batch size, since attacks that drop broken images from the batch (APGD, FAB,

@@ -46,7 +46,7 @@ class Unchanged:
                 and _versions(tensors) == self.versions)
         if not same or (epoch is not None and epoch == self.compared_at):
             return same
-        if not all(c is None or torch.equal(c, t)
+        if not all(c is None or (t is not None and torch.equal(c, t))
                    for c, t in zip(self.copies, tensors, strict=True)):
             return False
         if epoch is not None:

@@ -243,7 +243,7 @@ class SeededDataset(Dataset):
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return len(self.dataset)
+        return len(self.dataset)  # type: ignore[arg-type]  # Dataset does not declare __len__
 
     def __getitem__(self, i: int):
         with torch.random.fork_rng(devices=[]):
@@ -300,14 +300,15 @@ def build_dataset(name: str, root: str | None = None, split: str = "train",
     split = "val" if split == "test" else split
     root = root or DEFAULT_ROOTS[name]
     augment = (split == "train") if augment is None else augment
+    ds: ArrayDataset | ImageFolderDataset
     if name == "fashion_mnist":
         ds = fashion_mnist(root, split, augment)
     elif name == "cifar10":
         ds = cifar10(root, split, augment)
     else:
         ds = imagenet(root, split, augment, image_size, strict)
-    if subset:
-        classes = ds.classes
-        ds = Subset(ds, subset_indices(len(ds), subset, subset_seed))
-        ds.classes = classes
-    return ds
+    if not subset:
+        return ds
+    picked = Subset(ds, subset_indices(len(ds), subset, subset_seed))
+    picked.classes = ds.classes  # type: ignore[attr-defined]  # the subset keeps the names
+    return picked

@@ -18,7 +18,8 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from PIL import Image
+from torch.utils.data import Dataset, Subset
 
 from featdenoise.data.datasets import image_size, load_rgb
 from featdenoise.data.transforms import check_resize_method, resize_uint8
@@ -100,10 +101,8 @@ def load_image(path: str, size: int | None = None, channels: int = 3,
 
 def save_image(x: torch.Tensor, path: str) -> None:
     """Write ``x`` (``[C, H, W]`` in [0, 1], C = 1 or 3) as an 8-bit image (PNG: lossless)."""
-    from PIL import Image
-
-    arr = (x.detach().clamp(0, 1).cpu() * 255).round().to(torch.uint8)  # [C, H, W]
-    arr = arr.permute(1, 2, 0).numpy()  # [C, H, W] -> [H, W, C]
+    pixels = (x.detach().clamp(0, 1).cpu() * 255).round().to(torch.uint8)  # [C, H, W]
+    arr = pixels.permute(1, 2, 0).numpy()  # [C, H, W] -> [H, W, C]
     if arr.shape[2] == 1:
         arr = arr[:, :, 0]
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -264,21 +263,20 @@ def dataset_image_ids(dataset: Dataset) -> list[str]:
     Understands :class:`ImageFiles` (``names``), torchvision folder datasets (``samples`` /
     ``imgs``), and ``torch.utils.data.Subset`` of those.
     """
-    from torch.utils.data import Subset
-
     if isinstance(dataset, Subset):
         inner = dataset_image_ids(dataset.dataset)
         return [inner[int(i)] for i in dataset.indices]
     if isinstance(dataset, ImageFiles):
         return [stem(n) for n in dataset.names]
+    n = len(dataset)  # type: ignore[arg-type]  # torch's Dataset type does not declare __len__
     samples = getattr(dataset, "samples", None) or getattr(dataset, "imgs", None)
-    if isinstance(samples, (list, tuple)) and len(samples) == len(dataset):
+    if isinstance(samples, (list, tuple)) and len(samples) == n:
         first = samples[0] if samples else None
         if isinstance(first, (list, tuple)) and first and isinstance(first[0], str):
             ids = [stem(s[0]) for s in samples]
             if len(set(ids)) == len(ids):
                 return ids
-    return [str(i) for i in range(len(dataset))]
+    return [str(i) for i in range(n)]
 
 
 def match_files(ids: Sequence[str], folder: str) -> dict[str, str]:

@@ -70,7 +70,7 @@ def resize_uint8(arr: np.ndarray, width: int, height: int, method: str = "cv2") 
         out = cv2.resize(arr, (int(width), int(height)), interpolation=cv2.INTER_CUBIC)
         return out.reshape(int(height), int(width), *arr.shape[2:])  # cv2 drops a 1-channel dim
     img = Image.fromarray(arr[:, :, 0] if arr.ndim == 3 and arr.shape[2] == 1 else arr)
-    out = np.asarray(img.resize((int(width), int(height)), Image.BICUBIC))
+    out = np.asarray(img.resize((int(width), int(height)), Image.Resampling.BICUBIC))
     return out.reshape(int(height), int(width), *arr.shape[2:])
 
 

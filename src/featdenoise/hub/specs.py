@@ -29,10 +29,15 @@ import re
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
+import torchvision
 from torch import nn
 
 from featdenoise.models.normalize import STATS
+from featdenoise.runtime import optional
+
+_T = TypeVar("_T")  # what a builder returns
 
 LIBRARIES = ("torchvision", "timm", "robustbench")
 _MODULE = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
@@ -73,8 +78,6 @@ def _refuse_download(spec: str, kwargs: dict, keys: tuple[str, ...]) -> None:
 
 
 def _torchvision(name: str, kwargs: dict) -> Built:
-    import torchvision
-
     spec = f"torchvision:{name}"
     _refuse_download(spec, kwargs, ("weights", "pretrained"))
     names = torchvision.models.list_models()
@@ -88,11 +91,7 @@ def _torchvision(name: str, kwargs: dict) -> Built:
 
 def _timm(name: str, kwargs: dict) -> Built:
     spec = f"timm:{name}"
-    try:
-        import timm
-    except ImportError:
-        raise ValueError(f"{spec}: timm is not installed; pip install 'featdenoise[timm]'") \
-            from None
+    timm = optional.timm(spec)
     _refuse_download(spec, kwargs, ("pretrained", "pretrained_cfg_overlay", "checkpoint_path"))
     names = timm.list_models()
     if name not in names:
@@ -107,19 +106,14 @@ def _timm(name: str, kwargs: dict) -> Built:
 
 def _robustbench(name: str, kwargs: dict, model_dir: str | None) -> Built:
     spec = f"robustbench:{name}"
-    try:
-        from robustbench.model_zoo import model_dicts
-        from robustbench.model_zoo.enums import BenchmarkDataset, ThreatModel
-    except ImportError:
-        raise ValueError(f"{spec}: robustbench is not installed (pip install robustbench; it "
-                         "pins its own timm, see the README)") from None
+    zoo_module, enums = optional.robustbench_zoo(spec)
     if not model_dir:
         raise ValueError(f"{spec} needs --model-dir DIR holding the checkpoint you downloaded "
                          "(DIR/DATASET/THREAT/NAME.pt); featdenoise never downloads it")
     dataset = kwargs.get("dataset", "cifar10")
     threat = kwargs.get("threat_model", "Linf")
     try:
-        zoo = model_dicts[BenchmarkDataset(dataset)][ThreatModel(threat)]
+        zoo = zoo_module.model_dicts[enums.BenchmarkDataset(dataset)][enums.ThreatModel(threat)]
     except (ValueError, KeyError):
         raise ValueError(f"{spec}: unknown dataset {dataset!r} or threat_model {threat!r} "
                          "(--model-kwargs '{\"dataset\": \"cifar10\", \"threat_model\": "
@@ -137,11 +131,13 @@ def _import_function(spec: str) -> Callable:
         if not os.path.isfile(where):
             raise ValueError(f"{spec}: no such file {where}")
         module_name = "featdenoise_user_" + re.sub(r"\W", "_", os.path.abspath(where))
-        loader = importlib.util.spec_from_file_location(module_name, where)
-        module = importlib.util.module_from_spec(loader)
+        found = importlib.util.spec_from_file_location(module_name, where)
+        if found is None or found.loader is None:
+            raise ValueError(f"{spec}: {where} cannot be imported as a Python module")
+        module = importlib.util.module_from_spec(found)
         sys.path.insert(0, os.path.dirname(os.path.abspath(where)))  # its sibling modules
         try:
-            loader.loader.exec_module(module)
+            found.loader.exec_module(module)
         except Exception as err:  # the user's code: any error is theirs, named in one line
             raise ValueError(f"{spec}: importing {where} failed: {type(err).__name__}: "
                              f"{str(err).splitlines()[0] if str(err) else ''}") from None
@@ -160,7 +156,7 @@ def _import_function(spec: str) -> Callable:
     return fn
 
 
-def _call_builder(spec: str, kwargs: dict, build: Callable[[], object]) -> object:
+def _call_builder(spec: str, kwargs: dict, build: Callable[[], _T]) -> _T:
     """``build()``; a builder that refuses its kwargs (wrong name, type or value) is one line
     naming the spec and the kwargs."""
     try:

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import save
 from torch import nn
 
 from featdenoise.models.denoise import DenoisingBlock
@@ -263,7 +264,7 @@ def load_tensorpack(path: str | os.PathLike, arch: str, depth: int | None = None
                  for tf_name, (key, kind) in names.items()}
     model = create_model(name, blocks=blocks, num_classes=num_classes)
     model.load_state_dict(converted, strict=False)  # num_batches_tracked keeps its default
-    model.source_file = str(path)
+    model.source_file = str(path)  # type: ignore[assignment]  # a plain str attribute
     return model.eval()
 
 
@@ -280,8 +281,6 @@ def convert_tensorpack(in_npz: str | os.PathLike, out_safetensors: str | os.Path
     spelling, symlink or hard link), a folder, a read-only file, or an existing file that is not a
     featdenoise safetensors file (``ValueError``, one line; nothing is written).
     """
-    from safetensors.torch import save
-
     check_output(out_safetensors, inputs=[in_npz], ours=is_converted)
     model = load_tensorpack(in_npz, arch, depth=depth, blocks=blocks)
     meta = model_metadata(model)
@@ -332,5 +331,5 @@ def load_converted(path: str | os.PathLike) -> nn.Module:
     check_finite_tensors(state, str(path))
     model = build()
     model.load_state_dict(state, strict=True)
-    model.source_file = str(path)
+    model.source_file = str(path)  # type: ignore[assignment]  # a plain str attribute
     return model.eval()

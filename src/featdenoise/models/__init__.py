@@ -4,7 +4,7 @@
 float RGB (or gray) pixels in [0, 1], NCHW, and returns logits ``[N, num_classes]``.
 """
 
-from featdenoise.models.denoise import DenoisingBlock
+from featdenoise.models.denoise import DenoiseOptions, DenoisingBlock
 from featdenoise.models.registry import (
     create_model,
     list_models,
@@ -16,6 +16,6 @@ from featdenoise.models.registry import (
 )
 from featdenoise.models.surgery import add_denoising, feature_modules
 
-__all__ = ["DenoisingBlock", "add_denoising", "create_model", "feature_modules", "list_models",
-           "model_from_metadata", "model_in_channels", "model_label", "model_metadata",
-           "model_num_classes"]
+__all__ = ["DenoiseOptions", "DenoisingBlock", "add_denoising", "create_model", "feature_modules",
+           "list_models", "model_from_metadata", "model_in_channels", "model_label",
+           "model_metadata", "model_num_classes"]

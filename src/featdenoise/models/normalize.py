@@ -57,6 +57,9 @@ class Normalized(nn.Module):
     ``in_channels`` of ``inner`` are visible on the wrapper.
     """
 
+    mean: torch.Tensor  # buffers [1, C, 1, 1]
+    std: torch.Tensor
+
     def __init__(self, inner: nn.Module, mean: Sequence[float], std: Sequence[float]):
         super().__init__()
         self.inner = inner

@@ -27,15 +27,17 @@ Variants of each ImageNet backbone (``resnet50``, ``resnet101``, ``resnet152``,
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import inspect
 import json
 import math
 from collections.abc import Callable
+from typing import overload
 
 from torch import nn
 
-from featdenoise.models.denoise import OP_NAMES
+from featdenoise.models.denoise import OP_NAMES, DenoiseOptions
 from featdenoise.models.resnet import NUM_BLOCKS, ResNet
 from featdenoise.models.small import SmallResNet
 from featdenoise.runtime.finite import finite_float
@@ -49,7 +51,7 @@ _BACKBONES: dict[str, tuple[Callable[..., nn.Module], dict]] = {
                                        blocks=[1, 1, 1])),
 }
 
-_VARIANTS = {
+_VARIANTS: dict[str, dict] = {
     "": dict(placement="none"),
     "_denoise": dict(placement="stages", denoise="nonlocal_gaussian"),
     "_denoise_all": dict(placement="all", denoise="nonlocal_dot"),
@@ -62,6 +64,10 @@ _MODELS: dict[str, tuple[Callable[..., nn.Module], dict]] = {
     for base, (builder, args) in _BACKBONES.items()
     for suffix, variant in _VARIANTS.items()
 }
+
+# The block options a network's ``denoise`` groups (DenoiseOptions but ``op``, which is
+# ``denoise`` itself): create_model and the saved ``model_kwargs`` name them one by one.
+_BLOCK_OPTIONS = tuple(f.name for f in dataclasses.fields(DenoiseOptions) if f.name != "op")
 
 
 def list_models() -> list[str]:
@@ -86,13 +92,15 @@ def create_model(name: str, **kwargs) -> nn.Module:
     """Build the model called ``name`` (see :func:`list_models`) with kwargs overriding defaults.
 
     Common kwargs: ``num_classes``, ``blocks`` (4 counts for ImageNet nets, 3 for small nets),
-    ``denoise`` (op name), ``placement`` (none/stages/all/bottleneck); small nets also take
-    ``in_channels`` and ``width``. Every model takes float RGB (or gray) in [0, 1], NCHW, and
+    ``denoise`` (op name) and the block options ``use_conv``, ``residual``, ``subsample``,
+    ``embed``, ``backend`` (one :class:`~featdenoise.models.denoise.DenoiseOptions` for the
+    network), ``placement`` (none/stages/all/bottleneck); small nets also take ``in_channels``
+    and ``width``. Every model takes float RGB (or gray) in [0, 1], NCHW, and
     returns logits ``[N, num_classes]``; it has ``num_classes``, ``feature_modules()``, and
     ``model_name`` / ``model_kwargs`` (what rebuilds it: ``create_model(name, **kwargs)``).
     """
     builder, defaults = _lookup(name)
-    accepted = inspect.signature(builder).parameters
+    accepted = _keywords(builder)
     unknown = sorted(set(kwargs) - set(accepted))
     if unknown:
         raise ValueError(f"model {name!r} does not take {', '.join(unknown)}; it takes "
@@ -104,10 +112,30 @@ def create_model(name: str, **kwargs) -> nn.Module:
     if args.get("denoise") is not None and args["denoise"] not in OP_NAMES:  # even if unused
         raise ValueError(f"unknown denoising op {args['denoise']!r}; choose one of "
                          f"{', '.join(OP_NAMES)}")
-    model = builder(**args)
-    model.model_name = name
-    model.model_kwargs = {k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()}
+    model = builder(**_grouped(args))
+    # nn.Module types unknown attributes as submodules; these two are plain values
+    model.model_name = name  # type: ignore[assignment]
+    model.model_kwargs = {  # type: ignore[assignment]
+        k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()}
     return model
+
+
+def _keywords(builder: Callable[..., nn.Module]) -> list[str]:
+    """What :func:`create_model` takes for ``builder``: its parameters, ``denoise`` followed by
+    the block options it groups (:data:`_BLOCK_OPTIONS`)."""
+    names: list[str] = []
+    for name in inspect.signature(builder).parameters:
+        names += [name, *_BLOCK_OPTIONS] if name == "denoise" else [name]
+    return names
+
+
+def _grouped(args: dict) -> dict:
+    """The builder's arguments: ``denoise`` (an op name) and the block options given one by one
+    become one :class:`~featdenoise.models.denoise.DenoiseOptions`."""
+    options = {k: args.pop(k) for k in _BLOCK_OPTIONS if k in args}
+    if "denoise" in args:
+        options["op"] = args.pop("denoise")
+    return {**args, "denoise": DenoiseOptions(**options)}
 
 
 def model_metadata(model: nn.Module) -> dict[str, str]:
@@ -117,7 +145,7 @@ def model_metadata(model: nn.Module) -> dict[str, str]:
     """
     if not hasattr(model, "model_name"):
         raise ValueError("model was not built by create_model, so its name/kwargs are unknown")
-    return {"model": model.model_name, "model_kwargs": json.dumps(model.model_kwargs)}
+    return {"model": str(model.model_name), "model_kwargs": json.dumps(model.model_kwargs)}
 
 
 def model_from_metadata(meta: dict[str, str]) -> nn.Module:
@@ -125,6 +153,14 @@ def model_from_metadata(meta: dict[str, str]) -> nn.Module:
     if "model" not in meta:
         raise ValueError(f"metadata has no 'model' entry (keys: {', '.join(sorted(meta))})")
     return create_model(meta["model"], **json.loads(meta.get("model_kwargs", "{}")))
+
+
+@overload
+def model_in_channels(model: nn.Module, default: int = 3) -> int: ...
+
+
+@overload
+def model_in_channels(model: nn.Module, default: None) -> int | None: ...
 
 
 def model_in_channels(model: nn.Module, default: int | None = 3) -> int | None:

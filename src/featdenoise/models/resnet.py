@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from featdenoise.models.denoise import DenoisingBlock
+from featdenoise.models.denoise import DenoiseOptions, DenoisingBlock
 
 PLACEMENTS = ("none", "stages", "all", "bottleneck")
 """Where denoising blocks go: nowhere, after the last block of each stage (paper Sec. 6, "+4"),
@@ -137,6 +137,7 @@ class ConvBN(nn.Module):
                  groups: int = 1, relu: bool = True, zero_init: bool = False,
                  tf_same: bool = True):
         super().__init__()
+        self.conv: nn.Conv2d
         if tf_same:
             self.conv = SameConv2d(in_channels, out_channels, kernel_size, stride, groups)
         else:
@@ -153,9 +154,11 @@ class ConvBN(nn.Module):
         return F.relu(x) if self.relu else x
 
 
-def _denoise_block(channels: int, denoise: str, denoise_kwargs: dict) -> DenoisingBlock:
-    block = DenoisingBlock(channels, op=denoise, **denoise_kwargs)
-    if isinstance(block.conv, nn.Conv2d):  # inside the official argscope: fan-out init
+def denoise_block(channels: int, options: DenoiseOptions) -> DenoisingBlock:
+    """``options.block(channels)`` with its 1x1 conv drawn as inside the official argscope (TF
+    variance scaling, fan-out), as every network of the package builds its blocks."""
+    block = options.block(channels)
+    if isinstance(block.conv, nn.Conv2d):
         tf_variance_scaling_(block.conv.weight)
     return block
 
@@ -199,19 +202,21 @@ class ResNet(nn.Module):
         groups: groups of the 3x3 conv (32 for ResNeXt 32x8d, 1 for ResNet).
         res2_bottleneck: channels per group of the res2 bottleneck (8 for 32x8d, 64 for ResNet).
         placement: one of :data:`PLACEMENTS` (paper Sec. 6 "+4", Sec. 6.2 "all", Fig. 7 control).
-        denoise: denoising op name (:data:`featdenoise.models.denoise.OP_NAMES`).
-        use_conv, residual, subsample, embed: passed to each :class:`DenoisingBlock`
-            (Table 1 ablations, Sec. 6.2 sub-sampling, theta/phi embedding; ``None`` = op default).
-        backend: Gaussian non-local softmax implementation: ``auto`` (default: chosen per
-            shape by :func:`featdenoise.models.denoise.resolve_backend`), ``chunked``, ``sdpa``
-            or ``materialise`` (see :func:`featdenoise.models.denoise.softmax_attention`).
+        denoise: how each denoising block is built: an op name
+            (:data:`featdenoise.models.denoise.OP_NAMES`, the other options default) or
+            :class:`~featdenoise.models.denoise.DenoiseOptions`: ``op``, ``use_conv``,
+            ``residual`` (Table 1 ablations), ``subsample`` (Sec. 6.2), ``embed`` (theta/phi
+            embedding; ``None`` = op default) and ``backend``, the Gaussian non-local softmax
+            implementation: ``auto`` (default: chosen per shape by
+            :func:`featdenoise.models.attention.resolve_backend`), ``chunked``, ``sdpa`` or
+            ``materialise`` (see :func:`featdenoise.models.attention.softmax_attention`).
+            :func:`~featdenoise.models.registry.create_model` takes these options as keywords
+            of their own (``denoise="mean", use_conv=False``).
     """
 
     def __init__(self, blocks: Sequence[int] = (3, 4, 6, 3), num_classes: int = 1000,
                  groups: int = 1, res2_bottleneck: int = 64, placement: str = "none",
-                 denoise: str = "nonlocal_gaussian", use_conv: bool = True,
-                 residual: bool = True, subsample: bool = False, embed: bool | None = None,
-                 backend: str = "auto"):
+                 denoise: DenoiseOptions | str = "nonlocal_gaussian"):
         super().__init__()
         blocks = [int(b) for b in blocks]
         if len(blocks) != 4 or min(blocks) < 1:
@@ -221,8 +226,7 @@ class ResNet(nn.Module):
                              f"{', '.join(PLACEMENTS)}")
         self.num_classes = num_classes
         self.placement = placement
-        dkw = dict(use_conv=use_conv, residual=residual, subsample=subsample, embed=embed,
-                   backend=backend)
+        options = DenoiseOptions.of(denoise)
 
         self.normalize = OfficialNormalize()
         self.conv0 = ConvBN(3, 64, 7, 2)
@@ -230,17 +234,17 @@ class ResNet(nn.Module):
         self._forward_names: list[list[str]] = []
         in_ch = 64
         for i, (count, ch) in enumerate(zip(blocks, STAGE_WIDTHS, strict=True)):
-            layers = OrderedDict()
+            layers: OrderedDict[str, nn.Module] = OrderedDict()
             for j in range(count):
                 stride = (1 if i == 0 else 2) if j == 0 else 1
-                nl = _denoise_block(ch * 4, denoise, dkw) if placement == "all" else None
+                nl = denoise_block(ch * 4, options) if placement == "all" else None
                 layers[f"block{j}"] = Bottleneck(in_ch, ch, stride, groups, res2_bottleneck, nl)
                 in_ch = ch * 4
             self.add_module(f"group{i}", nn.Sequential(layers))
             names = [f"group{i}"]
             if placement == "stages":
                 names.append(f"group{i}_denoise")
-                self.add_module(names[-1], _denoise_block(in_ch, denoise, dkw))
+                self.add_module(names[-1], denoise_block(in_ch, options))
             elif placement == "bottleneck":
                 names.append(f"group{i}_bottleneck")
                 self.add_module(names[-1], Bottleneck(in_ch, ch, 1, groups, res2_bottleneck))

@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from featdenoise.models.resnet import PLACEMENTS, ConvBN, _denoise_block
+from featdenoise.models.denoise import DenoiseOptions
+from featdenoise.models.resnet import PLACEMENTS, ConvBN, denoise_block
 
 
 class Scale(nn.Module):
@@ -64,15 +65,13 @@ class SmallResNet(nn.Module):
         placement: ``none``, ``stages`` (one denoising block after each stage, the paper's
             "+4" scaled to 3 stages), ``all`` (after every block), ``bottleneck`` (control: one
             extra basic block at the ``stages`` places).
-        denoise, use_conv, residual, subsample, embed, backend: as in
+        denoise: an op name or :class:`~featdenoise.models.denoise.DenoiseOptions`, as in
             :class:`~featdenoise.models.resnet.ResNet`.
     """
 
     def __init__(self, in_channels: int = 3, num_classes: int = 10, width: int = 16,
                  blocks: Sequence[int] = (1, 1, 1), placement: str = "none",
-                 denoise: str = "nonlocal_gaussian", use_conv: bool = True,
-                 residual: bool = True, subsample: bool = False, embed: bool | None = None,
-                 backend: str = "auto"):
+                 denoise: DenoiseOptions | str = "nonlocal_gaussian"):
         super().__init__()
         blocks = [int(b) for b in blocks]
         if len(blocks) != 3 or min(blocks) < 1:
@@ -84,8 +83,7 @@ class SmallResNet(nn.Module):
             raise ValueError(f"width must be >= 2, got {width}")
         self.num_classes = num_classes
         self.placement = placement
-        dkw = dict(use_conv=use_conv, residual=residual, subsample=subsample, embed=embed,
-                   backend=backend)
+        options = DenoiseOptions.of(denoise)
 
         self.normalize = Scale()
         self.stem = ConvBN(in_channels, width, 3, tf_same=False)
@@ -93,17 +91,17 @@ class SmallResNet(nn.Module):
         in_ch = width
         for i, count in enumerate(blocks):
             ch = width * 2 ** i
-            layers = OrderedDict()
+            layers: OrderedDict[str, nn.Module] = OrderedDict()
             for j in range(count):
                 stride = 2 if (i > 0 and j == 0) else 1
-                nl = _denoise_block(ch, denoise, dkw) if placement == "all" else None
+                nl = denoise_block(ch, options) if placement == "all" else None
                 layers[f"block{j}"] = BasicBlock(in_ch, ch, stride, nl)
                 in_ch = ch
             name = f"stage{i + 1}"
             self.add_module(name, nn.Sequential(layers))
             self._forward_names.append(name)
             if placement == "stages":
-                self.add_module(f"{name}_denoise", _denoise_block(ch, denoise, dkw))
+                self.add_module(f"{name}_denoise", denoise_block(ch, options))
                 self._forward_names.append(f"{name}_denoise")
             elif placement == "bottleneck":
                 self.add_module(f"{name}_bottleneck", BasicBlock(ch, ch))
@@ -126,7 +124,7 @@ class SmallResNet(nn.Module):
             if not name.startswith("stage") or not isinstance(module, nn.Sequential):
                 continue
             for j, block in enumerate(module):
-                if block.non_local is not None:
+                if isinstance(block.non_local, nn.Module):
                     out[f"{name}_block{j}_denoise"] = block.non_local
             out[name] = module
             if self.placement == "stages":

@@ -26,9 +26,10 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from featdenoise.models.denoise import DenoisingBlock
+from featdenoise.models.denoise import DenoiseOptions, DenoisingBlock
 from featdenoise.models.registry import model_in_channels
-from featdenoise.models.resnet import tf_variance_scaling_
+from featdenoise.models.resnet import denoise_block
+from featdenoise.runtime.modes import eval_mode
 
 STAGES = ("layer1", "layer2", "layer3", "layer4")
 """The residual stages res2..res5 of torchvision and timm ResNets (``after="stages"``)."""
@@ -41,6 +42,9 @@ class Denoised(nn.Sequential):
     code that iterates stages (timm's gradient checkpointing) runs both. Extra arguments of a
     call go to ``inner``. Shapes: whatever ``inner`` takes -> ``[N, C, H, W]``.
     """
+
+    inner: nn.Module
+    denoise: DenoisingBlock
 
     def __init__(self, inner: nn.Module, denoise: DenoisingBlock):
         super().__init__(OrderedDict(inner=inner, denoise=denoise))
@@ -91,9 +95,10 @@ def add_denoising(model: nn.Module, after: Sequence[str] | str = "stages",
         torch.Size([1, 1000])
     """
     names = _resolve_after(model, after)
-    _check_options(op, block_kwargs)
+    options = _check_options(op, block_kwargs)
     shape = _example_input(model, example_input)
     shapes = _output_shapes(model, names, shape)
+    channels: dict[str, int] = {}
     for name in names:
         out = shapes.get(name, "nothing (it is not called)")
         if not isinstance(out, tuple) or len(out) != 4:
@@ -101,8 +106,9 @@ def add_denoising(model: nn.Module, after: Sequence[str] | str = "stages",
             raise ValueError(f"add_denoising: {name!r} outputs {out} on an example input of shape "
                              f"{shape}, not a 4-D [N, C, H, W] feature map ({kind}); name another "
                              "module")
+        channels[name] = out[1]
     for name in sorted(names, key=lambda n: -n.count(".")):  # inner first: outer names stay
-        _insert(model, name, shapes[name][1], op, block_kwargs)
+        _insert(model, name, denoise_block(channels[name], options))
     return model
 
 
@@ -131,15 +137,18 @@ def _resolve_after(model: nn.Module, after: Sequence[str] | str) -> list[str]:
     return after
 
 
-def _check_options(op: str, block_kwargs: dict) -> None:
-    """A bad op or block option fails before the model is touched (build_op's one line)."""
+def _check_options(op: str, block_kwargs: dict) -> DenoiseOptions:
+    """The blocks' options; a bad op or option fails before the model is touched (build_op's
+    one line)."""
     accepted = [p for p in inspect.signature(DenoisingBlock).parameters if p not in
                 ("channels", "op")]
     unknown = sorted(set(block_kwargs) - set(accepted))
     if unknown:
         raise ValueError(f"add_denoising: DenoisingBlock does not take {', '.join(unknown)}; "
                          f"it takes op, {', '.join(accepted)}")
-    DenoisingBlock(4, op=op, **block_kwargs)
+    options = DenoiseOptions(op, **block_kwargs)
+    options.block(4)  # a bad op or option value raises here
+    return options
 
 
 def _example_input(model: nn.Module, example_input: tuple[int, ...] | None) -> tuple[int, ...]:
@@ -166,10 +175,8 @@ def _output_shapes(model: nn.Module, names: list[str],
     meta = {k: torch.empty_like(v, device="meta")
             for k, v in (*model.named_parameters(), *model.named_buffers())}
     ref = _reference(model)
-    modes = [(m, m.training) for m in model.modules()]
     try:
-        model.eval()
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             x = torch.empty(shape, device="meta", dtype=ref.dtype if ref is not None else None)
             functional_call(model, meta, (x,))
     except Exception as err:  # the network's own error, told in one line
@@ -178,8 +185,6 @@ def _output_shapes(model: nn.Module, names: list[str],
                          f"shape {shape} failed ({first}); pass example_input=(N, C, H, W)"
                          ) from err
     finally:
-        for m, training in modes:
-            m.training = training
         for h in handles:
             h.remove()
     return out
@@ -191,13 +196,12 @@ def _reference(*modules: nn.Module) -> torch.Tensor | None:
     return next(found, None)
 
 
-def _insert(model: nn.Module, name: str, channels: int, op: str, block_kwargs: dict) -> None:
+def _insert(model: nn.Module, name: str, block: DenoisingBlock) -> None:
+    """Replace the module ``name`` by ``Denoised(it, block)``, the block moved to its device and
+    dtype and put in its training mode."""
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name)
     target = parent.get_submodule(child)
-    block = DenoisingBlock(channels, op=op, **block_kwargs)
-    if isinstance(block.conv, nn.Conv2d):  # the official argscope: TF fan-out variance scaling
-        tf_variance_scaling_(block.conv.weight)
     ref = _reference(target, model)
     if ref is not None:
         block = block.to(device=ref.device, dtype=ref.dtype)
@@ -206,11 +210,11 @@ def _insert(model: nn.Module, name: str, channels: int, op: str, block_kwargs: d
 
 
 def feature_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """Feature maps of ``model`` for :mod:`featdenoise.analysis.viz`: its own ``feature_modules()`` if it
-    has one (featdenoise networks), then for each :class:`Denoised` at path ``P`` the module
-    before the block as ``P`` and the block as ``P_denoise`` (a block's ``.op`` input and output
-    are the maps right before and after denoising, paper Figs. 2, 3). Each module outputs
-    ``[N, C, H, W]``; empty for a network with neither."""
+    """Feature maps of ``model`` for :mod:`featdenoise.analysis.viz`: its own
+    ``feature_modules()`` if it has one (featdenoise networks), then for each :class:`Denoised`
+    at path ``P`` the module before the block as ``P`` and the block as ``P_denoise`` (a block's
+    ``.op`` input and output are the maps right before and after denoising, paper Figs. 2, 3).
+    Each module outputs ``[N, C, H, W]``; empty for a network with neither."""
     own = getattr(model, "feature_modules", None)
     out = dict(own()) if callable(own) else {}
     for name, module in model.named_modules():

@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import filecmp
+import json
 import os
 import stat
 from collections.abc import Callable, Iterable, Iterator
@@ -50,9 +51,9 @@ def command_inputs(paths: Iterable[str | os.PathLike] = ()) -> Iterator[None]:
     command's inputs: :func:`atomic_write` refuses to replace the files among them, and
     :func:`featdenoise.runtime.outdir.output_dir` refuses the folders among them as output
     folders. Paths that do not exist are ignored (a name that is created later is not an input)."""
-    paths = [os.fspath(p) for p in paths]
-    token = _INPUTS.set(tuple(p for p in paths if os.path.isfile(p)))
-    dirs = _INPUT_DIRS.set(tuple(p for p in paths if os.path.isdir(p)))
+    names: list[str] = [os.fspath(p) for p in paths]
+    token = _INPUTS.set(tuple(p for p in names if os.path.isfile(p)))
+    dirs = _INPUT_DIRS.set(tuple(p for p in names if os.path.isdir(p)))
     try:
         yield
     finally:
@@ -261,8 +262,6 @@ def own_json(*keys: str) -> Callable[[str], bool]:
     """Recognises a JSON object holding every one of ``keys`` (a record file of ours)."""
 
     def ours(path: str) -> bool:
-        import json
-
         try:
             with open(path, encoding="utf-8") as f:
                 obj = json.load(f)

@@ -4,14 +4,14 @@
 ``run.deterministic``). On a CPU it changes nothing, so CPU results never depend on these keys.
 
 * TF32 (on by default for CUDA): float32 matmuls and convolutions on Ampere and newer GPUs
-  round their inputs to a 10-bit mantissa and accumulate in float32, about 8x the strict-FP32
-  throughput on A100/H100. The non-local ``bmm``s are about 40% of a denoising network's FLOPs,
-  so strict FP32 there costs more than anywhere else. Relative error per product is ~1e-3.
+  round their inputs to a 10-bit mantissa and accumulate in float32, several times the
+  strict-FP32 throughput. The non-local ``bmm``s are a large share of a denoising network's
+  FLOPs, so strict FP32 there costs more than anywhere else. Relative error per product is ~1e-3.
 * ``cudnn.benchmark``: cuDNN times its convolution algorithms for each new shape once and keeps
   the fastest (a training run sees one or two shapes).
 * Deterministic mode: ``torch.use_deterministic_algorithms(True)``, ``cudnn.deterministic``,
   no autotuning, TF32 off, and the median's backward gathers instead of scattering with atomics
-  (:mod:`featdenoise.models.denoise`). Bit-exact resume on a GPU needs this mode; on a CPU every
+  (:mod:`featdenoise.models.kernels`). Bit-exact resume on a GPU needs this mode; on a CPU every
   run is deterministic already. Some CUDA kernels have no deterministic version and then raise
   an error naming the op.
 """

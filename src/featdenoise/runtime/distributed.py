@@ -12,6 +12,7 @@ import datetime
 import hashlib
 import os
 import re
+from typing import cast
 
 import torch
 import torch.distributed as dist
@@ -276,7 +277,7 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
         if isinstance(model, torch.nn.parallel.DistributedDataParallel):
             model = model.module
         elif hasattr(model, "_orig_mod"):
-            model = model._orig_mod
+            model = cast(torch.nn.Module, model._orig_mod)
         else:
             return model
 

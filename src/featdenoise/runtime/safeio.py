@@ -31,6 +31,8 @@ from typing import Any
 
 import numpy as np
 import torch
+from numpy.lib import format as npy
+from safetensors import SafetensorError, safe_open
 
 # What a truncated or foreign archive raises from inside numpy / zipfile.
 _BROKEN = (OSError, EOFError, zipfile.BadZipFile, zlib.error, KeyError, struct.error)
@@ -104,8 +106,6 @@ def safe_torch_load(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
 
 def _npy_header(f, path: str, name: str) -> tuple[tuple[int, ...], np.dtype, int]:
     """``(shape, dtype, header bytes)`` of the ``.npy`` stream ``f``, read without its data."""
-    from numpy.lib import format as npy
-
     try:
         version = npy.read_magic(f)
         if version == (1, 0):
@@ -246,9 +246,8 @@ class _PlainUnpickler(pickle.Unpickler):
         )
 
 
-def restricted_pickle_load(
-    file: str | os.PathLike | io.BufferedIOBase, encoding: str = "bytes"
-) -> Any:
+def restricted_pickle_load(file: str | os.PathLike | io.BufferedIOBase,
+                           encoding: str = "bytes") -> Any:
     """Unpickle plain data (dict, list, str, bytes, numbers, numpy arrays) and nothing else.
 
     For data formats that are pickles by definition (CIFAR-10 ``cifar-10-batches-py``); a file
@@ -284,8 +283,6 @@ def _read_safetensors(path: str | os.PathLike, device: str,
                       each: Callable[[Any, str], Any]) -> tuple[dict[str, Any], dict[str, str]]:
     """``({key: each(file, key)}, metadata)`` of a ``.safetensors`` file; one line naming the
     file when it is missing, truncated or not a safetensors file."""
-    from safetensors import SafetensorError, safe_open
-
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} not found; check the path")
@@ -299,9 +296,8 @@ def _read_safetensors(path: str | os.PathLike, device: str,
         ) from None
 
 
-def read_safetensors(
-    path: str | os.PathLike, device: str = "cpu"
-) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def read_safetensors(path: str | os.PathLike,
+                     device: str = "cpu") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """``(tensors, metadata)`` of a ``.safetensors`` file.
 
     Raises:
