@@ -106,8 +106,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "(run folders, FILE.npz:ARCH[:DEPTH], torchvision:NAME, timm:NAME, "
                         "PATH.py:FUNCTION, registry names), each optionally SPEC@WEIGHTS "
                         "(torchvision and timm sources get num_classes of the target)")
-    a.add_argument("--source-attacks", type=str_list, default=["pgd", "fgsm", "ifgsm", "mifgsm"],
-                   metavar="A[,A...]", help="attacks run on each source (default all four)")
+    a.add_argument("--source-attacks", type=str_list, default=list(bb.TRANSFER_ATTACKS),
+                   metavar="A[,A...]", help="attacks run on each source (default: all of "
+                        f"{','.join(bb.TRANSFER_ATTACKS)})")
     a.add_argument("--source-steps", type=positive_int, default=10, help="iterations (default 10)")
     a.add_argument("--source-step-size", action=Pixels255, default=1 / 255,
                    help="step on the 0..255 scale; max(step, eps/steps) is used (default 1)")

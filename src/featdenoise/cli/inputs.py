@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from featdenoise.attacks.registry import ATTACKS, AUTOATTACK_ATTACKS
 from featdenoise.cli.common import (
     int_list,
     json_object,
@@ -120,8 +121,8 @@ def resolve_device(name: str) -> torch.device:
     return distributed.init(name, what="--device")
 
 
-SWEEPS = ("pgd", "fgsm", "ifgsm", "mifgsm")
-AUTOATTACK = ("apgd-ce", "apgd-dlr", "apgd-t", "fab-t", "square")
+SWEEPS = tuple(ATTACKS)  # the attacks' registry names every choice of --attack
+AUTOATTACK = tuple(AUTOATTACK_ATTACKS)
 
 
 def split_attacks(args: argparse.Namespace) -> tuple[str | None, dict | None]:

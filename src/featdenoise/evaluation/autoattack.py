@@ -24,12 +24,13 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from featdenoise.attacks.autoattack import ATTACK_NAMES, AutoAttack
-from featdenoise.attacks.autoattack import VERSIONS as CHAINS
+from featdenoise.attacks.autoattack import AutoAttack
+from featdenoise.attacks.registry import AUTOATTACK_ATTACKS as ATTACK_NAMES
+from featdenoise.attacks.registry import AUTOATTACK_VERSIONS as CHAINS
 from featdenoise.evaluation import engine
 from featdenoise.evaluation.metrics import kept, robust_after_each
 
-VERSIONS = ("standard", "rand")
+VERSIONS = tuple(CHAINS)
 
 
 def chain_names(version: str = "standard", attacks: Sequence[str] | None = None) -> list[str]:

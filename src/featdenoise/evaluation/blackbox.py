@@ -45,12 +45,12 @@ from featdenoise.evaluation import engine, report
 from featdenoise.evaluation.evaluate import Job, evaluate
 from featdenoise.evaluation.metrics import all_or_nothing, kept
 from featdenoise.evaluation.options import RunOptions, split_settings
-from featdenoise.evaluation.whitebox import attack_column, make_attack
+from featdenoise.evaluation.whitebox import ATTACKS, attack_column, make_attack
 from featdenoise.models import model_num_classes
 from featdenoise.runtime import outdir
 from featdenoise.runtime.atomic import atomic_write
 
-TRANSFER_ATTACKS = ("pgd", "fgsm", "ifgsm", "mifgsm")
+TRANSFER_ATTACKS = ATTACKS  # every sweep attack of the registry transfers
 
 
 @dataclass

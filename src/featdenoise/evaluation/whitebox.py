@@ -31,12 +31,13 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from featdenoise.attacks import Attack, build_attack
+from featdenoise.attacks.registry import ATTACKS as _SWEEPS
 from featdenoise.evaluation import engine, metrics, report
 from featdenoise.evaluation.autoattack import autoattack_columns, summarize_autoattack
 from featdenoise.evaluation.evaluate import Job, evaluate
 from featdenoise.evaluation.options import RunOptions, split_settings
 
-ATTACKS = ("pgd", "fgsm", "ifgsm", "mifgsm")
+ATTACKS = tuple(_SWEEPS)  # the sweep attacks of the registry
 STEP_DEFAULTS = {"step_size": 1 / 255, "steps": 10, "restarts": 1, "step_rule": "paper"}
 """The iterative attacks' settings :func:`make_attack` fills in when not given."""
 
