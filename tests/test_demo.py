@@ -12,6 +12,7 @@ import pytest
 from idx_files import write_idx
 
 from featdenoise.analysis import demo
+from featdenoise.analysis.demo_report import results_table
 
 FMNIST = "/usr/share/datasets/fashion-mnist"
 
@@ -82,10 +83,10 @@ def test_results_table_layout():
         return {"num_images": 10, "clean": {"top1": 0.9},
                 "attacks": [{"steps": 10, "accuracy": acc, "success_rate": 0.25}]}
 
-    table = demo.results_table({"net": {"targeted": summ(0.5), "untargeted": summ(0.125)}}, (10,))
+    table = results_table({"net": {"targeted": summ(0.5), "untargeted": summ(0.125)}}, (10,))
     assert table.splitlines()[2] == "| net | 10 | 90.0 | 50.0 / 25.0 | 12.5 |"
     aa = {"autoattack": {"final": 0.375, "n": 8}}
-    table = demo.results_table({"net": {"targeted": summ(0.5), "untargeted": summ(0.125),
+    table = results_table({"net": {"targeted": summ(0.5), "untargeted": summ(0.125),
                                         "autoattack": aa}}, (10,))
     assert "AutoAttack acc (8 images)" in table.splitlines()[0]
     assert table.splitlines()[2].endswith("| 12.5 | 37.5 |")

@@ -69,7 +69,8 @@ def test_pick_channel_finds_the_changed_channel():
 def test_visualize_writes_pictures_and_finite_distances(tmp_path):
     model = _tiny_denoise_net()
     x, y = torch.rand(2, 1, 28, 28), torch.tensor([3, 7])
-    res = viz.visualize(model, x, y, str(tmp_path), eps=0.1, steps=2, step_size=0.05)
+    res = viz.visualize(model, x, y, str(tmp_path),
+                        attack=viz.NoiseAttack(eps=0.1, steps=2, step_size=0.05))
     assert res["stage"] == "stage2"
     names = sorted(os.path.basename(p) for p in res["pictures"])
     assert names == ["stage1_denoise.png", "stage2.png", "stage2_denoise.png",
@@ -84,11 +85,12 @@ def test_visualize_writes_pictures_and_finite_distances(tmp_path):
     assert saved["distances"]["stage2"]["mean"] == pytest.approx(d["stage2"]["mean"])
     assert "stage2_denoise (after op)" in (tmp_path / "distances.md").read_text()
     with pytest.raises(ValueError, match="unknown stage"):
-        viz.visualize(model, x, y, str(tmp_path), stage="res9", steps=1)
+        viz.visualize(model, x, y, str(tmp_path), stage="res9", attack=viz.NoiseAttack(steps=1))
     with pytest.raises(ValueError, match="out of range"):
-        viz.visualize(model, x, y, str(tmp_path), channel=99, steps=1)
+        viz.visualize(model, x, y, str(tmp_path), channel=99, attack=viz.NoiseAttack(steps=1))
     # A second run replaces its own files ...
-    viz.visualize(model, x, y, str(tmp_path), eps=0.1, steps=1, step_size=0.05)
+    viz.visualize(model, x, y, str(tmp_path),
+                  attack=viz.NoiseAttack(eps=0.1, steps=1, step_size=0.05))
 
 
 @pytest.mark.parametrize("theirs", ["distances.md", "stage2.png", "distances.json"])
@@ -99,7 +101,8 @@ def test_visualize_never_replaces_a_file_it_did_not_write(tmp_path, theirs):
     mine = b"\x89PNG not drawn here" if theirs.endswith(".png") else b"my notes\n"
     (tmp_path / theirs).write_bytes(mine)
     with pytest.raises(ValueError, match=theirs):
-        viz.visualize(model, x, y, str(tmp_path), eps=0.1, steps=1, step_size=0.05)
+        viz.visualize(model, x, y, str(tmp_path),
+                      attack=viz.NoiseAttack(eps=0.1, steps=1, step_size=0.05))
     assert (tmp_path / theirs).read_bytes() == mine
 
 

@@ -158,8 +158,8 @@ def test_attacks(setting, report, tmp_path):
     assert a.device == x.device, f"adversarial images on {a.device}"
     assert same >= 0.999, f"seeded PGD twice: only {same:.4%} identical pixels"
     assert float((a - x).abs().max()) <= eps + 1e-6 and 0 <= float(a.min()) <= float(a.max()) <= 1
-    res = viz.visualize(model, x[:2], y[:2], os.path.join(tmp_path, "viz"), eps=eps,
-                        step_size=2 / 255, steps=2)
+    res = viz.visualize(model, x[:2], y[:2], os.path.join(tmp_path, "viz"),
+                        attack=viz.NoiseAttack(eps=eps, step_size=2 / 255, steps=2))
     assert res["pictures"], "visualize wrote no picture"
     report(f"seeded PGD-5 repeatable ({same:.2%} pixels), inside eps-box and [0, 1]; "
            f"visualize ok")

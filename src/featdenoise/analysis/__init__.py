@@ -1,2 +1,4 @@
-"""Experiments that compose training and evaluation: the Fashion-MNIST demo (:mod:`.demo`) and the
-paper's ablations (:mod:`.ablate`, Fig. 7 and Table 1)."""
+"""Experiments that compose training and evaluation: the feature-noise pictures and distances
+(:mod:`.viz`, paper Sec. 3), the Fashion-MNIST demo (:mod:`.demo`, with its budget
+:mod:`.demo_budget` and report :mod:`.demo_report`) and the paper's ablations (:mod:`.ablate`,
+Fig. 7 and Table 1)."""

@@ -24,11 +24,25 @@ Layout of ``out_dir``: ``runs/<variant>-seed<S>/`` (training run directories, re
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 
+import torch
+from torch.utils.data import Dataset
+
+from featdenoise.data.datasets import build_dataset
+from featdenoise.evaluation import whitebox
+from featdenoise.evaluation.report import save_figure
+from featdenoise.runtime import distributed as dist
+from featdenoise.runtime import optional
 from featdenoise.runtime.atomic import atomic_write, own_json, own_text
+from featdenoise.training import NonFiniteLossError, load_model, train
+from featdenoise.training.config import Config, load_config
+
+log = logging.getLogger(__name__)
 
 VARIANTS: dict[str, dict] = {
     "baseline": dict(placement="none"),
@@ -123,8 +137,8 @@ def ablation_table(agg: dict[str, dict], steps: Sequence[int], note: str = "") -
              "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
     for v, a in agg.items():
         n = a["seeds"]
-        row = [LABELS.get(v, v), str(n), _cell(*a["clean"], n)]
-        row += [_cell(*a["accuracy"][int(s)], n) for s in steps]
+        cells = [a["clean"]] + [a["accuracy"][int(s)] for s in steps]  # (mean, std) each
+        row = [LABELS.get(v, v), str(n)] + [_cell(mean, std, n) for mean, std in cells]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n" + (f"\n{note}\n" if note else "")
 
@@ -133,10 +147,7 @@ def plot_ablation(agg: dict[str, dict], steps: Sequence[int], path: str,
                   title: str | None = None) -> str:
     """Grouped bar plot like Fig. 7: accuracy (%) of every variant under each PGD strength, error
     bars = std over seeds. Diverged variants get no bar. Returns ``path`` (PNG, Agg backend)."""
-    from featdenoise.evaluation.report import pyplot, save_figure
-
-    plt = pyplot()
-
+    plt = optional.pyplot()
     names = list(agg)
     k = len(steps)
     width = 0.8 / max(k, 1)
@@ -165,11 +176,43 @@ def plot_ablation(agg: dict[str, dict], steps: Sequence[int], path: str,
     return save_figure(fig, path)
 
 
+@dataclass(frozen=True)
+class EvalSettings:
+    """How every variant is evaluated: white-box PGD (:func:`~featdenoise.evaluation.whitebox.
+    evaluate_whitebox`) on a fixed random subset of the validation images.
+
+    ``eps``: budget on the [0, 1] scale (None: the config's training eps, ``attack.eps / 255``);
+    ``step_size``: step on the [0, 1] scale, paper rule ``max(step, eps / steps)``; ``targeted``:
+    the paper's targeted PGD (else untargeted); ``limit``: images per evaluation (None: all);
+    ``batch_size``: evaluation batch size.
+    """
+
+    eps: float | None = None
+    step_size: float = 1 / 255
+    targeted: bool = True
+    limit: int | None = 1000
+    batch_size: int = 100
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """One ablation, checked: the base config, the runs, and the evaluation with its eps resolved
+    (``eps``, [0, 1] scale)."""
+
+    base: Config
+    out_dir: str
+    variants: list[str]
+    seeds: list[int]
+    steps: list[int]
+    evaluation: EvalSettings
+    eps: float
+    progress: bool
+
+
 def run_ablation(config: str | None, out_dir: str, *, variants: Sequence[str] = DEFAULT_VARIANTS,
                  seeds: Sequence[int] = (0,), steps: Sequence[int] = (10, 100),
-                 overrides: Sequence[str] = (), eps: float | None = None,
-                 step_size: float = 1 / 255, targeted: bool = True, limit: int | None = 1000,
-                 batch_size: int = 100, progress: bool = True) -> dict:
+                 overrides: Sequence[str] = (), evaluation: EvalSettings | None = None,
+                 progress: bool = True) -> dict:
     """Train and evaluate every variant with every seed; write table, plot and JSON.
 
     Args:
@@ -180,11 +223,9 @@ def run_ablation(config: str | None, out_dir: str, *, variants: Sequence[str] = 
         seeds: one training + evaluation per seed (``run.seed``); the spread is their std.
         steps: PGD iteration counts of the evaluation (Fig. 7: up to 100).
         overrides: ``key=value`` config overrides applied to every variant (same budget).
-        eps: evaluation eps on the [0, 1] scale (default: the training eps, ``attack.eps/255``).
-        step_size: evaluation step on the [0, 1] scale, paper rule ``max(step, eps/steps)``.
-        targeted: the paper's targeted PGD (default) or untargeted.
-        limit: evaluate a fixed random subset of this many validation images (None: all).
-        batch_size: evaluation batch size.
+        evaluation: eps, step, targeted or not, images and batch size of the evaluation
+            (default :class:`EvalSettings`: the training eps, step 1/255, targeted, 1000 images).
+        progress: progress bars.
     Returns:
         ``{"table": path, "plot": path, "json": path, "results": [...], "aggregate": {...}}``
         (rank 0's, on every process).
@@ -192,12 +233,31 @@ def run_ablation(config: str | None, out_dir: str, *, variants: Sequence[str] = 
     Under ``torchrun`` the process group is joined once here: every variant trains with all
     processes (``train`` leaves a group it did not create) and is evaluated by all of them
     through the rank-aware evaluation (each process a share of the batches, rank 0 merges);
-    only rank 0 prints and writes the table, plot and JSON.
+    only rank 0 logs and writes the table, plot and JSON.
     """
-    from featdenoise.data.datasets import build_dataset
-    from featdenoise.runtime import distributed as dist
-    from featdenoise.training.config import load_config
+    plan = _make_plan(config, out_dir, variants, seeds, steps, overrides,
+                      evaluation or EvalSettings(), progress)
+    os.makedirs(out_dir, exist_ok=True)
+    d = plan.base.data
+    val_set = build_dataset(d.name, d.root, "val", augment=False, image_size=d.image_size,
+                            strict=d.strict)
 
+    created = not dist.is_dist()
+    device = dist.init(plan.base.run.device, what="run.device")
+    try:
+        results = _train_and_evaluate(plan, val_set, device)
+        out = _write_outputs(plan, results) if dist.is_main() else None
+        return dist.broadcast_object(out)
+    finally:
+        if created:
+            dist.shutdown()
+
+
+def _make_plan(config: str | None, out_dir: str, variants: Sequence[str], seeds: Sequence[int],
+               steps: Sequence[int], overrides: Sequence[str], evaluation: EvalSettings,
+               progress: bool) -> _Plan:
+    """Check the arguments of :func:`run_ablation` (one line naming the first bad one) and load
+    the base config."""
     variants = list(variants)
     if not variants:
         raise ValueError("give at least one ablation variant")
@@ -209,79 +269,64 @@ def run_ablation(config: str | None, out_dir: str, *, variants: Sequence[str] = 
     if not steps or steps[0] < 1:
         raise ValueError(f"--steps must be positive iteration counts, got {steps}")
     base = load_config(config, list(overrides))
-    eval_eps = base.attack.eps / 255 if eps is None else eps
-    os.makedirs(out_dir, exist_ok=True)
-    d = base.data
-    val_set = build_dataset(d.name, d.root, "val", augment=False, image_size=d.image_size,
-                            strict=d.strict)
-
-    created = not dist.is_dist()
-    device = dist.init(base.run.device, what="run.device")
-    try:
-        results = _train_and_evaluate(base, out_dir, variants, seeds, steps, val_set, eval_eps,
-                                      step_size, targeted, limit, batch_size, progress, device)
-        out = None
-        if dist.is_main():
-            out = _write_outputs(base, out_dir, results, seeds, steps, eval_eps, targeted)
-        return dist.broadcast_object(out)
-    finally:
-        if created:
-            dist.shutdown()
+    eps = base.attack.eps / 255 if evaluation.eps is None else evaluation.eps
+    return _Plan(base, out_dir, variants, list(seeds), steps, evaluation, eps, progress)
 
 
-def _say(text: str) -> None:
-    from featdenoise.runtime import distributed as dist
-
+def _say(msg: str, *args: object) -> None:
+    """Log ``msg % args`` (INFO) on rank 0 only."""
     if dist.is_main():
-        print(text, flush=True)
+        log.info(msg, *args)
 
 
-def _train_and_evaluate(base, out_dir, variants, seeds, steps, val_set, eval_eps, step_size,
-                        targeted, limit, batch_size, progress, device) -> list[dict]:
+def _train_and_evaluate(plan: _Plan, val_set: Dataset, device: torch.device) -> list[dict]:
     """Train and evaluate every (seed, variant) with all processes; rank 0's records (the other
     processes' evaluation shares are merged by rank 0, so they return fewer records)."""
-    from featdenoise.evaluation.whitebox import evaluate_whitebox
-    from featdenoise.runtime import distributed as dist
-    from featdenoise.training import NonFiniteLossError, load_model, train
-    from featdenoise.training.config import load_config
-
-    d = base.data
     results = []
-    for seed in seeds:
-        for v in variants:
-            tag = f"{v}-seed{seed}"
-            name, kwargs = variant_model(base.model.name, base.model.kwargs, v)
-            tree = base.to_dict()
-            tree["model"] = {"name": name, "kwargs": kwargs}
-            tree["run"].update(out_dir=os.path.join(out_dir, "runs", tag), seed=int(seed))
-            _say(f"[ablate] {tag}: {name} {kwargs}")
-            record = {"variant": v, "seed": int(seed), "model": name, "kwargs": kwargs}
-            try:
-                run_dir = train(load_config(base=tree))
-            except NonFiniteLossError as err:
-                _say(f"[ablate] {tag}: training diverged ({err})")
-                results.append({**record, "status": "diverged", "clean": float("nan"),
-                                "accuracy": {s: float("nan") for s in steps}})
-                continue
-            dist.barrier()  # rank 0 has written the weights
-            model = load_model(run_dir).eval()
-            summary = evaluate_whitebox(
-                model, val_set, os.path.join(out_dir, "eval", tag), steps=steps, attack="pgd",
-                eps=eval_eps, step_size=step_size, targeted=targeted, seed=int(seed),
-                batch_size=batch_size, limit=limit, name=tag, progress=progress,
-                device=device, extra={"variant": v, "dataset": d.name})
-            if summary is None:  # another rank merged this evaluation
-                continue
-            results.append({**record, "status": "ok", "run_dir": run_dir,
-                            "clean": summary["clean"]["top1"],
-                            "accuracy": {a["steps"]: a["accuracy"]
-                                         for a in summary["attacks"]},
-                            "num_images": summary["num_images"]})
+    for seed in plan.seeds:
+        for v in plan.variants:
+            record = _train_and_evaluate_one(plan, v, int(seed), val_set, device)
+            if record is not None:
+                results.append(record)
     return results
 
 
-def _write_outputs(base, out_dir, results, seeds, steps, eval_eps, targeted) -> dict:
+def _train_and_evaluate_one(plan: _Plan, v: str, seed: int, val_set: Dataset,
+                            device: torch.device) -> dict | None:
+    """Variant ``v`` with ``seed``: its record (``status`` ``ok`` or ``diverged``), or None on a
+    process whose evaluation share rank 0 merged."""
+    base, ev = plan.base, plan.evaluation
+    tag = f"{v}-seed{seed}"
+    name, kwargs = variant_model(base.model.name, base.model.kwargs, v)
+    tree = base.to_dict()
+    tree["model"] = {"name": name, "kwargs": kwargs}
+    tree["run"].update(out_dir=os.path.join(plan.out_dir, "runs", tag), seed=seed)
+    _say("[ablate] %s: %s %s", tag, name, kwargs)
+    record = {"variant": v, "seed": seed, "model": name, "kwargs": kwargs}
+    try:
+        run_dir = train(load_config(base=tree))
+    except NonFiniteLossError as err:
+        _say("[ablate] %s: training diverged (%s)", tag, err)
+        return {**record, "status": "diverged", "clean": float("nan"),
+                "accuracy": {s: float("nan") for s in plan.steps}}
+    dist.barrier()  # rank 0 has written the weights
+    model = load_model(run_dir).eval()
+    summary = whitebox.evaluate_whitebox(
+        model, val_set, os.path.join(plan.out_dir, "eval", tag), steps=plan.steps, attack="pgd",
+        eps=plan.eps, step_size=ev.step_size, targeted=ev.targeted, seed=seed,
+        batch_size=ev.batch_size, limit=ev.limit, name=tag, progress=plan.progress,
+        device=device, extra={"variant": v, "dataset": base.data.name})
+    if summary is None:  # another rank merged this evaluation
+        return None
+    return {**record, "status": "ok", "run_dir": run_dir, "clean": summary["clean"]["top1"],
+            "accuracy": {a["steps"]: a["accuracy"] for a in summary["attacks"]},
+            "num_images": summary["num_images"]}
+
+
+def _write_outputs(plan: _Plan, results: list[dict]) -> dict:
     """Table, plot and JSON of the ablation (rank 0 only)."""
+    base, out_dir, seeds, steps = plan.base, plan.out_dir, plan.seeds, plan.steps
+    eval_eps, targeted = plan.eps, plan.evaluation.targeted
     agg = aggregate(results, steps)
     n_img = next((r["num_images"] for r in results if "num_images" in r), 0)
     note = (f"{base.data.name}, backbone {backbone(base.model.name)}; "

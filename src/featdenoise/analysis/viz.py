@@ -11,9 +11,10 @@ shows that and measures it:
   denoising operation (``<block>.before`` / ``<block>.after``: input and output of ``block.op``);
 * :func:`relative_l2` gives ``||f(x_adv) - f(x)||_2 / ||f(x)||_2`` per image;
 * :func:`feature_noise` computes it for every recorded map;
-* :func:`visualize` attacks a few images with PGD and writes PNG grids (clean image, adversarial
-  image, one channel of a chosen stage for both; and per denoising block, the channel before and
-  after the op for both), plus ``distances.json`` and ``distances.md``.
+* :func:`visualize` attacks a few images with PGD (:class:`NoiseAttack`) and writes PNG grids
+  (clean image, adversarial image, one channel of a chosen stage for both; and per denoising
+  block, the channel before and after the op for both), plus ``distances.json`` and
+  ``distances.md``.
 """
 
 from __future__ import annotations
@@ -21,11 +22,18 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from featdenoise.models.surgery import feature_modules
+from featdenoise.attacks import PGD, draw_targets
+from featdenoise.evaluation.report import save_figure
+from featdenoise.models import DenoisingBlock, feature_modules, model_num_classes
+from featdenoise.runtime import optional
+from featdenoise.runtime.atomic import atomic_write, own_json, own_text
+from featdenoise.runtime.modes import eval_mode
 
 BEFORE, AFTER = ".before", ".after"
 
@@ -49,8 +57,6 @@ def relative_l2(clean: torch.Tensor, adv: torch.Tensor, eps: float = 1e-12) -> t
 
 def _denoise_ops(model: nn.Module) -> dict[str, nn.Module]:
     """``{feature name: block.op}`` for every denoising block among the feature modules."""
-    from featdenoise.models.denoise import DenoisingBlock
-
     return {name: m.op for name, m in feature_modules(model).items()
             if isinstance(m, DenoisingBlock)}
 
@@ -87,12 +93,8 @@ def capture_features(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tenso
             handles.append(module.register_forward_hook(out_hook(name)))
         for name, op in _denoise_ops(model).items():
             handles.append(op.register_forward_hook(op_hook(name)))
-        was_training = model.training
-        model.eval()
-        try:
+        with eval_mode(model):
             model(x)
-        finally:
-            model.train(was_training)
     finally:
         for h in handles:
             h.remove()
@@ -159,25 +161,22 @@ def _image_panel(img: torch.Tensor) -> torch.Tensor:
 def _map_pair(clean: torch.Tensor, adv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Two ``[H, W]`` maps -> two ``[H, W, 3]`` viridis images with one shared colour scale, so
     that only their difference shows."""
-    from matplotlib import colormaps
-
     lo = float(torch.minimum(clean.min(), adv.min()))
     hi = float(torch.maximum(clean.max(), adv.max()))
     span = hi - lo if hi > lo else 1.0
-    cmap = colormaps["viridis"]
-    return tuple(torch.from_numpy(cmap(((m.float() - lo) / span).clamp(0, 1).numpy())[..., :3])
-                 .float() for m in (clean, adv))
+    cmap = optional.pyplot().colormaps["viridis"]
+
+    def paint(m: torch.Tensor) -> torch.Tensor:  # [H, W] -> [H, W, 3]
+        rgba = cmap(((m.float() - lo) / span).clamp(0, 1).numpy())  # [H, W, 4]
+        return torch.from_numpy(rgba[..., :3]).float()
+
+    return paint(clean), paint(adv)
 
 
 def _mosaic(rows: list[list[tuple[torch.Tensor, str]]], path: str, title: str | None) -> str:
     """Tile ``[H, W, 3]`` panels (any sizes, upscaled to one size) into one PNG with a caption
     above each panel: one axes and one image, so that drawing stays fast."""
-    import torch.nn.functional as F
-
-    from featdenoise.evaluation.report import pyplot, save_figure
-
-    plt = pyplot()
-
+    plt = optional.pyplot()
     n_rows, n_cols = len(rows), max(len(r) for r in rows)
     cell_h, cell_w = _PANEL + _GAP + 14, _PANEL + _GAP  # 14 px of caption room above a panel
     canvas = torch.ones(n_rows * cell_h + _GAP, n_cols * cell_w + _GAP, 3)
@@ -202,12 +201,15 @@ def _mosaic(rows: list[list[tuple[torch.Tensor, str]]], path: str, title: str | 
     return save_figure(fig, path, dpi=dpi)
 
 
-def plot_stage(x: torch.Tensor, x_adv: torch.Tensor, clean: torch.Tensor, adv: torch.Tensor,
+def plot_stage(images: tuple[torch.Tensor, torch.Tensor], maps: tuple[torch.Tensor, torch.Tensor],
                channel: int, stage: str, path: str, distances: Sequence[float] | None = None,
                title: str | None = None) -> str:
     """PNG grid, one row per image: clean image, adversarial image, channel ``channel`` of
-    ``stage`` for both (shared colour scale). Shapes: images ``[N, C, H, W]``, maps
-    ``[N, C', H', W']``. Returns ``path``."""
+    ``stage`` for both (shared colour scale). ``images``: (clean, adversarial) ``[N, C, H, W]`` in
+    [0, 1]; ``maps``: their ``stage`` maps (clean, adversarial) ``[N, C', H', W']``;
+    ``distances``: per image, written beside the adversarial map. Returns ``path``."""
+    x, x_adv = images
+    clean, adv = maps
     rows = []
     for i in range(x.shape[0]):
         d = f" d={distances[i]:.2f}" if distances is not None else ""
@@ -217,7 +219,7 @@ def plot_stage(x: torch.Tensor, x_adv: torch.Tensor, clean: torch.Tensor, adv: t
     return _mosaic(rows, path, title)
 
 
-def plot_denoise(maps: dict[str, torch.Tensor], name: str, channel: int, path: str,
+def plot_denoise(maps: dict[str, dict[str, torch.Tensor]], name: str, channel: int, path: str,
                  noise: dict | None = None, title: str | None = None) -> str:
     """PNG grid for denoising block ``name``, one row per image: channel ``channel`` right before
     the op (clean, adversarial) and right after it (clean, adversarial). ``maps`` holds
@@ -238,80 +240,114 @@ def plot_denoise(maps: dict[str, torch.Tensor], name: str, channel: int, path: s
     return _mosaic(rows, path, (f"{title}: " if title else "") + f"{name} ch{channel}")
 
 
+@dataclass(frozen=True)
+class NoiseAttack:
+    """The PGD attack whose feature noise :func:`visualize` shows (Sec. 3; the attack of Sec. 6.1).
+
+    ``eps`` and ``step_size`` are on the [0, 1] pixel scale (paper: 16/255 and 1/255, its 16 and
+    1); the step rule is the paper's ``max(step_size, eps / steps)``. ``steps``: PGD iterations;
+    ``targeted``: the paper's random-target attack (else untargeted); ``seed`` seeds the targets
+    and the random start.
+    """
+
+    eps: float = 16 / 255
+    steps: int = 10
+    step_size: float = 1 / 255
+    targeted: bool = True
+    seed: int = 0
+
+
 def visualize(model: nn.Module, x: torch.Tensor, y: torch.Tensor, out_dir: str, *,
-              stage: str | None = None, channel: int | None = None, eps: float = 16 / 255,
-              steps: int = 10, step_size: float = 1 / 255, targeted: bool = True, seed: int = 0,
-              title: str | None = None) -> dict:
+              stage: str | None = None, channel: int | None = None,
+              attack: NoiseAttack | None = None, title: str | None = None) -> dict:
     """Attack ``x`` with PGD and write the feature-noise pictures and numbers (Sec. 3, Figs. 1-3).
 
     Args:
         model: a featdenoise model or one with :func:`~featdenoise.models.add_denoising` blocks
             (:func:`~featdenoise.models.surgery.feature_modules`), taking ``[N, C, H, W]`` in
-            [0, 1].
+            [0, 1]; it runs in eval mode, and its modes are restored afterwards.
         x, y: images ``[N, C, H, W]`` in [0, 1] and labels ``[N]``.
         out_dir: output folder (created).
         stage: feature map to picture (default :func:`default_stage`: ``res3`` / ``stage2``).
         channel: channel to picture; default: :func:`pick_channel` (largest relative change),
             chosen separately for the stage and for each denoising block.
-        eps, step_size: PGD budget and step on the [0, 1] scale (paper: 16/255, 1/255; the step
-            rule is the paper's ``max(step_size, eps / steps)``).
-        steps: PGD iterations; targeted: the paper's random-target attack (else untargeted).
-        seed: seeds the targets and the random start.
+        attack: the PGD attack (default :class:`NoiseAttack`: the paper's targeted PGD-10 at
+            eps 16/255, step 1/255).
+        title: caption above every picture.
     Returns:
         ``{"pictures": [png paths], "distances": feature_noise dict, "table": markdown,
         "stage": str, "channels": {map: channel}, "clean_pred", "adv_pred", "labels"}``;
         ``distances.json`` and ``distances.md`` are written beside the pictures.
     """
-    from featdenoise.attacks import PGD, draw_targets
-
+    attack = attack or NoiseAttack()
     features = feature_modules(model)
     stage = stage or default_stage(model)
     if stage not in features:
         raise ValueError(f"unknown stage {stage!r} for this model; choose one of "
                          f"{', '.join(features)}")
     os.makedirs(out_dir, exist_ok=True)
-    model.eval()
     x, y = x.float(), y.long()
-    # Targets drawn on the CPU (a CPU generator cannot draw on a GPU, and the CPU stream gives
-    # the same targets on every device), then moved to the labels' device.
-    g = torch.Generator().manual_seed(seed)
-    target = draw_targets(y.cpu(), model.num_classes, g).to(y.device) if targeted else None
-    attack = PGD(model, eps=eps, step_size=step_size, steps=steps, targeted=targeted,
-                 random_start=True, seed=seed)
-    x_adv = attack.attack(x, y, target=target).detach()
-    clean, adv = capture_features(model, x), capture_features(model, x_adv)
-    with torch.no_grad():
-        clean_pred, adv_pred = model(x).argmax(1), model(x_adv).argmax(1)
+    with eval_mode(model):
+        x_adv = _attack(model, x, y, attack)
+        clean, adv = capture_features(model, x), capture_features(model, x_adv)
+        with torch.no_grad():
+            clean_pred, adv_pred = model(x).argmax(1), model(x_adv).argmax(1)
     noise = feature_noise(clean, adv)
 
-    channels: dict[str, int] = {}
-    pictures = []
     c = clean[stage].shape[1]
     if channel is not None and not 0 <= channel < c:
         raise ValueError(f"--channel {channel} is out of range: {stage} has {c} channels")
-    channels[stage] = pick_channel(clean[stage], adv[stage]) if channel is None else channel
-    pictures.append(plot_stage(
-        x, x_adv, clean[stage], adv[stage], channels[stage], stage,
-        os.path.join(out_dir, f"{stage}.png"), noise[stage]["per_image"], title))
-    for name in _denoise_ops(model):
-        b_c, b_a = clean[name + BEFORE], adv[name + BEFORE]
-        k = channel if channel is not None and channel < b_c.shape[1] else pick_channel(b_c, b_a)
-        channels[name] = k
-        pictures.append(plot_denoise({"clean": clean, "adv": adv}, name, k,
-                                     os.path.join(out_dir, f"{name}.png"), noise, title))
+    blocks = _block_channels(clean, adv, list(_denoise_ops(model)), channel)
+    channels = {stage: pick_channel(clean[stage], adv[stage]) if channel is None else channel,
+                **blocks}
+    pictures = [plot_stage((x, x_adv), (clean[stage], adv[stage]), channels[stage], stage,
+                           os.path.join(out_dir, f"{stage}.png"), noise[stage]["per_image"],
+                           title)]
+    pictures += [plot_denoise({"clean": clean, "adv": adv}, name, k,
+                              os.path.join(out_dir, f"{name}.png"), noise, title)
+                 for name, k in blocks.items()]
 
     table = distances_markdown(noise)
-    facts = {"stage": stage, "channels": channels, "eps": eps, "steps": steps,
-             "targeted": targeted, "labels": y.tolist(), "clean_pred": clean_pred.tolist(),
+    facts = {"stage": stage, "channels": channels, "eps": attack.eps, "steps": attack.steps,
+             "targeted": attack.targeted, "labels": y.tolist(), "clean_pred": clean_pred.tolist(),
              "adv_pred": adv_pred.tolist(), "distances": noise}
-    from featdenoise.runtime.atomic import atomic_write, own_json, own_text
+    _write_distances(out_dir, facts, table)
+    return {"pictures": pictures, "distances": noise, "table": table, "stage": stage,
+            "channels": channels, "clean_pred": clean_pred.tolist(),
+            "adv_pred": adv_pred.tolist(), "labels": y.tolist()}
 
+
+def _attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+            attack: NoiseAttack) -> torch.Tensor:
+    """Adversarial images ``[N, C, H, W]`` of ``x`` under ``attack`` (random start)."""
+    # Targets drawn on the CPU (a CPU generator cannot draw on a GPU, and the CPU stream gives
+    # the same targets on every device), then moved to the labels' device.
+    g = torch.Generator().manual_seed(attack.seed)
+    target = (draw_targets(y.cpu(), model_num_classes(model), g).to(y.device)
+              if attack.targeted else None)
+    pgd = PGD(model, eps=attack.eps, step_size=attack.step_size, steps=attack.steps,
+              targeted=attack.targeted, random_start=True, seed=attack.seed)
+    return pgd.attack(x, y, target=target).detach()
+
+
+def _block_channels(clean: dict[str, torch.Tensor], adv: dict[str, torch.Tensor],
+                    blocks: list[str], channel: int | None) -> dict[str, int]:
+    """The channel pictured for each denoising block: ``channel`` where the block has it, else
+    the one the attack changes most right before the op."""
+    out = {}
+    for name in blocks:
+        b_c, b_a = clean[name + BEFORE], adv[name + BEFORE]
+        out[name] = (channel if channel is not None and channel < b_c.shape[1]
+                     else pick_channel(b_c, b_a))
+    return out
+
+
+def _write_distances(out_dir: str, facts: dict, table: str) -> None:
+    """``distances.json`` (``facts``) and ``distances.md`` (``table``), each replacing only a
+    file this module wrote."""
     with atomic_write(os.path.join(out_dir, "distances.json"),
                       ours=own_json("distances", "channels")) as f:
         json.dump(facts, f, indent=2)
     with atomic_write(os.path.join(out_dir, "distances.md"),
                       ours=own_text(table.splitlines()[0])) as f:
         f.write(table)
-    return {"pictures": pictures, "distances": noise, "table": table, "stage": stage,
-            "channels": channels, "clean_pred": clean_pred.tolist(),
-            "adv_pred": adv_pred.tolist(), "labels": y.tolist()}

@@ -28,15 +28,18 @@ from __future__ import annotations
 
 import argparse
 import statistics
+from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from featdenoise import accel
 from featdenoise.attacks import PGD
 from featdenoise.benchmarks import autoattack
 from featdenoise.benchmarks.common import prepare, timed_both
 from featdenoise.models import create_model
+from featdenoise.runtime import optional
 
 EPS = 16 / 255
 STEPS = 10
@@ -58,8 +61,6 @@ def matmul_gflops(device: torch.device, n: int, repeats: int = 5) -> float:
 
 def forward_flops(model: nn.Module, x: torch.Tensor) -> int:
     """FLOPs of one forward pass on ``x`` (FlopCounterMode: 2 per multiply-add)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         model(x)
     return int(counter.get_total_flops())
@@ -81,8 +82,10 @@ def convbn_cnn(num_classes: int = 10, widths: tuple[int, ...] = (32, 64, 128)) -
     with torch.no_grad():  # trained-looking BatchNorm statistics
         for m in model.modules():
             if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.1, 0.1)
-                m.running_var.uniform_(0.5, 2.0)
+                mean, var = m.running_mean, m.running_var
+                assert mean is not None and var is not None  # track_running_stats (the default)
+                mean.uniform_(-0.1, 0.1)
+                var.uniform_(0.5, 2.0)
                 m.weight.uniform_(0.5, 1.5)
                 m.bias.uniform_(-0.1, 0.1)
     return model
@@ -105,14 +108,23 @@ def _agree(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs() <= 1e-5).float().mean().item()
 
 
+@dataclass(frozen=True)
+class CaseResult:
+    """One case of the bench: the lines it prints and the ratios the summary line takes the
+    minimum of (CPU time on a CPU, wall-clock on a GPU)."""
+
+    lines: list[str]
+    speedup: float  # torchattacks' time / ours
+    accel_speedup: float  # torchattacks' time / torchattacks' inside accel.inference_grad
+    agreement: float  # share of identical adversarial pixels, ours vs torchattacks
+
+
 def bench_case(name: str, model: nn.Module, shape: tuple[int, ...], num_classes: int,
                device: torch.device, repeats: int, peak: float,
-               steps: int = STEPS) -> tuple[float, float, float]:
-    """Time the four attacks on one model/batch, print their lines; return the CPU-time (GPU:
-    wall-clock) ratios ``(ours / torchattacks, torchattacks in accel / torchattacks,
-    pixel agreement of ours with torchattacks)``."""
-    import torchattacks
-
+               steps: int = STEPS) -> CaseResult:
+    """Time the four attacks on one model/batch ``shape``; ``peak`` is the matmul GFLOP/s the
+    achieved rate is compared with."""
+    torchattacks = optional.torchattacks()
     model = model.to(device).eval()
     g = torch.Generator().manual_seed(0)
     x = torch.rand(shape, generator=g).to(device)
@@ -132,34 +144,47 @@ def bench_case(name: str, model: nn.Module, shape: tuple[int, ...], num_classes:
     for _ in range(repeats):  # alternate, so machine load hits all alike
         for k, fn in runs.items():
             times[k].append(timed_both(fn, device))
-    n = shape[0]
     total = 2 * forward_flops(model, x) * steps  # forward + input-gradient backward
     med = {}
     for i, clock in enumerate(("wall", "cpu")):
         # CPU time of all threads / threads: the time the work would take on idle cores.
         scale = torch.get_num_threads() if clock == "cpu" else 1
         med[clock] = {k: statistics.median(t[i] for t in v) / scale for k, v in times.items()}
-        m = med[clock]
-        print(f"{name:18s} b{n:<4d} {clock:4s}  ours {n / m['ours']:7.1f} img/s  torchattacks "
-              f"{n / m['theirs']:7.1f} img/s  ratio {m['theirs'] / m['ours']:5.2f}x  |  GFLOP/s "
-              f"ours {total / m['ours'] / 1e9:6.1f} ({100 * total / m['ours'] / 1e9 / peak:4.1f}%"
-              f" of matmul), torchattacks {total / m['theirs'] / 1e9:6.1f}")
+    lines = _case_lines(name, shape[0], med, total, peak, device)
+    agree = _agree(adv["ours"], adv["theirs"])
+    lines.append(f"{name:18s} same adversarial pixels (|diff| <= 1e-5): ours vs torchattacks "
+                 f"{agree:.2%}, torchattacks in accel vs plain "
+                 f"{_agree(adv['theirs_accel'], adv['theirs']):.2%}, ours exact vs torchattacks "
+                 f"{_agree(adv['exact'], adv['theirs']):.2%}")
+    m = med["cpu" if device.type == "cpu" else "wall"]
+    return CaseResult(lines, m["theirs"] / m["ours"], m["theirs"] / m["theirs_accel"], agree)
+
+
+def _case_lines(name: str, n: int, med: dict[str, dict[str, float]], total: float, peak: float,
+                device: torch.device) -> list[str]:
+    """Per clock the rates of ours and torchattacks, then torchattacks in accel and ours exact,
+    for case ``name`` at batch size ``n``; ``med``: clock -> attack -> median seconds;
+    ``total``: FLOPs of the attack; ``peak``: the matmul GFLOP/s."""
+    label = f"{name:18s} b{n:<4d}"
+    lines = []
+    for clock, m in med.items():
+        lines.append(
+            f"{label} {clock:4s}  ours {n / m['ours']:7.1f} img/s  torchattacks "
+            f"{n / m['theirs']:7.1f} img/s  ratio {m['theirs'] / m['ours']:5.2f}x  |  GFLOP/s "
+            f"ours {total / m['ours'] / 1e9:6.1f} ({100 * total / m['ours'] / 1e9 / peak:4.1f}%"
+            f" of matmul), torchattacks {total / m['theirs'] / 1e9:6.1f}")
     clock = "cpu" if device.type == "cpu" else "wall"
     m = med[clock]
-    print(f"{name:18s} b{n:<4d} {clock:4s}  torchattacks inside accel.inference_grad "
-          f"{n / m['theirs_accel']:7.1f} img/s  speed-up {m['theirs'] / m['theirs_accel']:5.2f}x"
-          f"  |  ours exact=True {n / m['exact']:7.1f} img/s, {m['theirs'] / m['exact']:5.2f}x "
-          f"torchattacks")
-    agree = _agree(adv["ours"], adv["theirs"])
-    print(f"{name:18s} same adversarial pixels (|diff| <= 1e-5): ours vs torchattacks "
-          f"{agree:.2%}, torchattacks in accel vs plain "
-          f"{_agree(adv['theirs_accel'], adv['theirs']):.2%}, ours exact vs torchattacks "
-          f"{_agree(adv['exact'], adv['theirs']):.2%}")
-    return m["theirs"] / m["ours"], m["theirs"] / m["theirs_accel"], agree
+    lines.append(f"{label} {clock:4s}  torchattacks inside accel.inference_grad "
+                 f"{n / m['theirs_accel']:7.1f} img/s  speed-up "
+                 f"{m['theirs'] / m['theirs_accel']:5.2f}x  |  ours exact=True "
+                 f"{n / m['exact']:7.1f} img/s, {m['theirs'] / m['exact']:5.2f}x torchattacks")
+    return lines
 
 
 def run(args: argparse.Namespace) -> int:
-    """Entry point of ``featdenoise bench attacks`` (args: quick, repeats, threads, device)."""
+    """Entry point of ``featdenoise bench attacks`` (args: quick, repeats, threads, device); the
+    one place that prints (then the AutoAttack bench's own lines)."""
     device = prepare(args, "bench attacks")
     quick = bool(args.quick)
     repeats = args.repeats or (1 if quick else 5)
@@ -169,14 +194,16 @@ def run(args: argparse.Namespace) -> int:
           f"start, ours as PGD(model, ...) with no options; device {device}, "
           f"{torch.get_num_threads()} threads, {repeats} repeats (median); "
           f"matmul {peak:.1f} GFLOP/s")
-    results = [bench_case(name, model, shape, num_classes, device, repeats, peak, steps)
-               for name, model, shape, num_classes in _cases(quick)]
+    results = []
+    for name, model, shape, num_classes in _cases(quick):
+        results.append(bench_case(name, model, shape, num_classes, device, repeats, peak, steps))
+        print("\n".join(results[-1].lines))
     clock = "CPU-time" if device.type == "cpu" else "wall-clock"
-    print(f"speed-up over torchattacks ({clock}): min {min(r[0] for r in results):.2f}x "
-          f"(target >= 1.50x), identical pixels min {min(r[2] for r in results):.2%} "
+    print(f"speed-up over torchattacks ({clock}): min {min(r.speedup for r in results):.2f}x "
+          f"(target >= 1.50x), identical pixels min {min(r.agreement for r in results):.2%} "
           "(target >= 99.90%)")
     print(f"torchattacks inside accel.inference_grad ({clock}): min "
-          f"{min(r[1] for r in results):.2f}x faster than plain")
+          f"{min(r.accel_speedup for r in results):.2f}x faster than plain")
     if getattr(args, "autoattack", True):
         print()
         autoattack.run(argparse.Namespace(full=getattr(args, "full", False), images=8,

@@ -7,6 +7,8 @@ import time
 
 import torch
 
+from featdenoise.runtime import optional
+
 
 def sync(device: torch.device) -> None:
     """Wait for the GPU's queued work (nothing to wait for on a CPU)."""
@@ -33,8 +35,8 @@ def prepare(args: argparse.Namespace, what: str) -> torch.device:
     """Check torchattacks is installed (one line naming ``what`` if not), set ``args.threads``
     torch threads, and return ``args.device``: the start of every bench against torchattacks."""
     try:
-        import torchattacks  # noqa: F401
-    except ImportError:
+        optional.torchattacks(what)
+    except ValueError:
         raise ValueError(f"{what} compares against torchattacks; install it with "
                          "`pip install torchattacks==3.5.1` (a dev dependency)") from None
     if args.threads:

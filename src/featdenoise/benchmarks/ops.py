@@ -33,9 +33,11 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.profiler import ProfilerActivity, profile
 from tqdm import tqdm
 
-from featdenoise.models.denoise import NonLocal, build_op, resolve_backend
+from featdenoise.benchmarks.common import sync
+from featdenoise.models.denoise import Bilateral, NonLocal, build_op, resolve_backend
 
 PAPER_SHAPES = [(8, 256, 56), (8, 512, 28), (8, 1024, 14), (8, 2048, 7)]
 SMALL_SHAPES = [(128, 16, 28), (128, 32, 14), (128, 64, 7), (128, 16, 32)]
@@ -52,7 +54,7 @@ SAME_CODE = ("materialise", "pairwise")  # "ours via" values that run the straig
 class _UnfoldBilateral(nn.Module):
     """Eq. (2) with ``F.unfold``: ``[N, C, 9, HW]`` copies of keys and values."""
 
-    def __init__(self, ours: nn.Module):
+    def __init__(self, ours: Bilateral):
         super().__init__()
         self.ours = ours  # shares theta/phi with our op
 
@@ -101,10 +103,11 @@ def method(name: str, shape: tuple[int, int, int], device_type: str = "cpu") -> 
 def make_pair(name: str, channels: int) -> tuple[nn.Module, nn.Module]:
     """(our op, the straightforward op) computing the same function with shared weights."""
     ours = build_op(name, channels)
-    if name.startswith("nonlocal"):
+    base: nn.Module
+    if isinstance(ours, NonLocal):  # the nonlocal_* ops
         base = NonLocal(channels, softmax=ours.softmax, embed=ours.embed, backend="materialise")
         base.load_state_dict(ours.state_dict())
-    elif name.startswith("bilateral"):
+    elif isinstance(ours, Bilateral):  # the bilateral_* ops
         base = _UnfoldBilateral(ours)
     elif name == "median":
         base = _UnfoldMedian()
@@ -118,11 +121,6 @@ def make_pair(name: str, channels: int) -> tuple[nn.Module, nn.Module]:
 # ---------------------------------------------------------------- measurement
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _step(op: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> None:
     """One forward + backward (input and parameter gradients)."""
     for p in op.parameters():
@@ -133,25 +131,23 @@ def _step(op: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> None:
 
 def time_step(op: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> float:
     """Wall-clock milliseconds of one forward + backward."""
-    _sync(x.device)
+    sync(x.device)
     start = time.perf_counter()
     _step(op, x, grad)
-    _sync(x.device)
+    sync(x.device)
     return (time.perf_counter() - start) * 1e3
 
 
 def peak_memory_mib(fn: Callable[[], None], device: torch.device) -> float:
     """Peak MiB held during ``fn()`` beyond what was held before it (see module docstring)."""
     if device.type == "cuda":
-        _sync(device)
+        sync(device)
         before = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
         fn()
-        _sync(device)
+        sync(device)
         return (torch.cuda.max_memory_allocated(device) - before) / 2**20
     os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # keep the profiler's start-up lines quiet
-    from torch.profiler import ProfilerActivity, profile
-
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]

@@ -1,7 +1,8 @@
 """``featdenoise bench train``: the cost of adversarial training, as ratios measured side by side.
 
 1. Overhead of the training loop: one adversarial training step with ``n`` PGD steps
-   (:func:`featdenoise.training.loop.train_step`: attack with BN in inference mode, update, SGD)
+   (:func:`featdenoise.training.recipes.pgd.train_step`: attack with BN in inference mode,
+   update, SGD)
    against ``n + 1`` times one clean forward+backward on the same model and batch.
    Goal: ratio <= 1.10 (the attack's passes need no weight gradients, so <= 1 is possible).
 2. Cost of denoising: one adversarial training step of ResNet-50 + 4 non-local Gaussian denoising
@@ -14,25 +15,28 @@ slows both alike.
 
 from __future__ import annotations
 
+import argparse
 import statistics
-import time
+from collections.abc import Callable
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from featdenoise.benchmarks.common import timed
+from featdenoise.models import create_model, model_num_classes
+from featdenoise.training import recipe
+from featdenoise.training.config import load_config
+from featdenoise.training.recipes.pgd import train_step
+from featdenoise.training.step import State, StepContext
 
 GOALS = {"loop": 1.10, "denoise": 1.15}
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _setup(name: str, kwargs: dict, steps: int, batch: int, size: int, channels: int,
-           device: torch.device):
-    from featdenoise.models import create_model
-    from featdenoise.training import loop, recipe
-    from featdenoise.training.config import load_config
-
+           device: torch.device) -> tuple[Callable[[], None], Callable[[], None]]:
+    """``(adversarial_step, clean_step)`` of model ``name`` on one random batch ``[batch,
+    channels, size, size]``: one adversarial training step with PGD-``steps`` (eps 16/255, step
+    1/255) and one clean forward+backward."""
     torch.manual_seed(0)
     model = create_model(name, **kwargs).to(device).train()
     cfg = load_config(None, [f"attack.steps={steps}", "run.progress=false",
@@ -42,11 +46,12 @@ def _setup(name: str, kwargs: dict, steps: int, batch: int, size: int, channels:
     criterion = recipe.loss_fn(cfg.optim.label_smoothing)
     attack = recipe.TrainAttack(model, steps, 16 / 255, 1 / 255, 0.2)
     x = torch.rand(batch, channels, size, size, device=device)
-    y = torch.randint(0, model.num_classes, (batch,), device=device)
-    state = loop.State()
+    y = torch.randint(0, model_num_classes(model), (batch,), device=device)
+    state = State()
+    ctx = StepContext(cfg, device, criterion, optimizer, schedule)
 
     def adversarial_step():
-        loop.train_step(model, attack, criterion, optimizer, schedule, x, y, state, cfg, device)
+        train_step(model, attack, x, y, state, ctx)
 
     def clean_step():
         model.train()
@@ -57,30 +62,24 @@ def _setup(name: str, kwargs: dict, steps: int, batch: int, size: int, channels:
     return adversarial_step, clean_step
 
 
-def _time(fn, device) -> float:
-    _sync(device)
-    t0 = time.perf_counter()
-    fn()
-    _sync(device)
-    return time.perf_counter() - t0
-
-
-def _side_by_side(a, b, repeats: int, device) -> tuple[float, float]:
-    """Median seconds of ``a()`` and ``b()``, alternating, after one warm-up call each."""
-    a(), b()
+def _side_by_side(a: Callable[[], None], b: Callable[[], None], repeats: int,
+                  device: torch.device) -> tuple[float, float]:
+    """Median wall-clock seconds of ``a()`` and ``b()``, alternating, after one warm-up call
+    each."""
+    a()
+    b()
     ta, tb = [], []
     for _ in range(repeats):
-        ta.append(_time(a, device))
-        tb.append(_time(b, device))
+        ta.append(timed(a, device))
+        tb.append(timed(b, device))
     return statistics.median(ta), statistics.median(tb)
 
 
-def bench_loop(device, repeats: int, quick: bool) -> dict:
+def bench_loop(device: torch.device, repeats: int, quick: bool) -> dict:
     """Case 1: adversarial step vs (n + 1) clean forward+backward passes."""
-    if quick:
-        name, kw, steps, batch, size = "small_resnet", dict(width=16), 3, 32, 32
-    else:
-        name, kw, steps, batch, size = "small_resnet", dict(width=32, blocks=[2, 2, 2]), 5, 64, 32
+    name, size = "small_resnet", 32
+    kw: dict = dict(width=16) if quick else dict(width=32, blocks=[2, 2, 2])
+    steps, batch = (3, 32) if quick else (5, 64)
     adv, clean = _setup(name, kw, steps, batch, size, 3, device)
     t_adv, t_clean = _side_by_side(adv, clean, repeats, device)
     return {"case": f"loop: {name} {kw} batch {batch} {size}px, PGD-{steps}",
@@ -92,10 +91,6 @@ def bench_loop(device, repeats: int, quick: bool) -> dict:
 def flop_ratio(size: int = 112) -> float:
     """Forward FLOPs of ResNet-50 +4 non-local Gaussian over ResNet-50 at ``size`` px (counted by
     ``torch.utils.flop_counter``; a machine-independent lower bound on the time ratio)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from featdenoise.models import create_model
-
     flops = []
     for name in ("resnet50_denoise", "resnet50"):
         model = create_model(name, num_classes=1000).eval()
@@ -105,7 +100,7 @@ def flop_ratio(size: int = 112) -> float:
     return flops[0] / flops[1]
 
 
-def bench_denoise(device, repeats: int, quick: bool) -> dict:
+def bench_denoise(device: torch.device, repeats: int, quick: bool) -> dict:
     """Case 2: adversarial step of ResNet-50 + 4 non-local Gaussian vs ResNet-50 at 112 px."""
     steps = 1 if quick else 2
     batch = 2 if device.type == "cpu" else 32
@@ -120,7 +115,7 @@ def bench_denoise(device, repeats: int, quick: bool) -> dict:
             "labels": ("ResNet-50 +4 denoise step", "ResNet-50 step")}
 
 
-def run(args) -> int:
+def run(args: argparse.Namespace) -> int:
     """Entry point of ``featdenoise bench train`` (args: quick, repeats, threads, device)."""
     if args.threads:
         torch.set_num_threads(args.threads)

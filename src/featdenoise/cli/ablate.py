@@ -4,26 +4,27 @@ from __future__ import annotations
 
 import argparse
 
-from featdenoise.cli.common import FiniteFloat, int_list, output_folder, positive_int, str_list
+from featdenoise.analysis import ablate
+from featdenoise.cli.common import Pixels255, int_list, output_folder, positive_int, str_list
+from featdenoise.runtime.distributed import launched_as_main
 
 
 def _run(args: argparse.Namespace) -> int:
-    from featdenoise.analysis.ablate import run_ablation
-
-    if args.eps is not None and not 0 < args.eps <= 255:
-        raise ValueError(f"--eps {args.eps:g} is outside (0, 255]; eps is on the 0..255 scale")
+    # --eps and --step-size arrive on the [0, 1] scale (Pixels255); messages quote the 0..255 value.
+    if args.eps is not None and not 0 < args.eps <= 1:
+        raise ValueError(f"--eps {args.eps * 255:g} is outside (0, 255]; eps is on the 0..255 "
+                         "scale")
     if args.step_size <= 0:
-        raise ValueError(f"--step-size {args.step_size:g} must be > 0 (0..255 scale)")
+        raise ValueError(f"--step-size {args.step_size * 255:g} must be > 0 (0..255 scale)")
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit {args.limit} must be >= 1")
     output_folder(args.out, "--out")
-    out = run_ablation(
+    evaluation = ablate.EvalSettings(eps=args.eps, step_size=args.step_size,
+                                     targeted=not args.untargeted, limit=args.limit,
+                                     batch_size=args.batch_size)
+    out = ablate.run_ablation(
         args.config, args.out, variants=args.variants, seeds=args.seeds, steps=args.steps,
-        overrides=args.overrides, eps=None if args.eps is None else args.eps / 255,
-        step_size=args.step_size / 255, targeted=not args.untargeted, limit=args.limit,
-        batch_size=args.batch_size, progress=not args.no_progress)
-    from featdenoise.runtime.distributed import launched_as_main
-
+        overrides=args.overrides, evaluation=evaluation, progress=not args.no_progress)
     if launched_as_main():  # under torchrun every rank returns the same tables
         print(out["markdown"], end="")
         print(f"table: {out['table']}\nplot: {out['plot']}")
@@ -31,16 +32,14 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from featdenoise.analysis.ablate import DEFAULT_VARIANTS, VARIANTS
-
     p = sub.add_parser(
         "ablate", help="train + evaluate denoising variants with one budget (Fig. 7, Table 1)",
         description="Trains every variant with the same config, data, budget and seed(s), "
                     "evaluates each with white-box PGD, and writes ablation.md and ablation.png "
                     "(mean ± std over seeds when several are given). Re-running resumes. "
-                    f"Variants: {', '.join(VARIANTS)}.")
+                    f"Variants: {', '.join(ablate.VARIANTS)}.")
     p.add_argument("--config", required=True, help="training config YAML (configs/*.yaml)")
-    p.add_argument("--variants", type=str_list, default=list(DEFAULT_VARIANTS),
+    p.add_argument("--variants", type=str_list, default=list(ablate.DEFAULT_VARIANTS),
                    metavar="A,B,...",
                    help="variants to run (default: the nine of Fig. 7; Table 1 adds no_1x1, "
                         "no_residual)")
@@ -48,9 +47,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="training/evaluation seeds (default 0)")
     p.add_argument("--steps", type=int_list, default=[10, 100], metavar="N,M",
                    help="PGD iterations of the evaluation (default 10,100)")
-    p.add_argument("--eps", action=FiniteFloat, default=None,
+    p.add_argument("--eps", action=Pixels255, default=None,
                    help="evaluation eps, 0..255 scale (default: the config's training eps)")
-    p.add_argument("--step-size", action=FiniteFloat, default=1.0,
+    p.add_argument("--step-size", action=Pixels255, default=1 / 255,
                    help="evaluation PGD step, 0..255 scale (rule max(step, eps/steps); default 1)")
     p.add_argument("--untargeted", action="store_true", help="untargeted evaluation attack")
     p.add_argument("--limit", type=positive_int, default=1000,

@@ -1,13 +1,16 @@
 """The ``featdenoise`` command: parses arguments and calls the library; no logic lives here.
 
 Each sub-command is a module of :mod:`featdenoise.cli` with ``register(subparsers)``, which
-adds its parser and sets ``func(args) -> int``.
+adds its parser and sets ``func(args) -> int``. The library's progress messages (the
+``featdenoise`` loggers, level INFO) are written to standard error as plain lines; what a command
+produces (tables, report paths) goes to standard output.
 """
 
 from __future__ import annotations
 
 import argparse
 import errno
+import logging
 import os
 import sys
 
@@ -53,6 +56,28 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+class _StderrLines(logging.Handler):
+    """Writes each record's message as one line to ``sys.stderr`` as it is when the record is
+    emitted (not the stream of when the handler was made), so a redirected or captured standard
+    error receives it."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            sys.stderr.write(record.getMessage() + "\n")
+            sys.stderr.flush()
+        except Exception:  # a broken stream must not stop the command (logging's own rule)
+            self.handleError(record)
+
+
+def configure_logging() -> None:
+    """Show the library's INFO messages (logger ``featdenoise`` and below) on standard error, one
+    plain line each; calling it again adds no second handler. Other loggers are left alone."""
+    logger = logging.getLogger("featdenoise")
+    logger.setLevel(logging.INFO)
+    if not any(isinstance(h, _StderrLines) for h in logger.handlers):
+        logger.addHandler(_StderrLines())
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="featdenoise",
@@ -92,6 +117,7 @@ def describe_os_error(err: OSError) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    configure_logging()
     try:
         with command_inputs(input_files(args)):
             return int(args.func(args) or 0)

@@ -6,35 +6,26 @@ ResNet-152-denoise on a GPU (:mod:`featdenoise.benchmarks.gpu`)."""
 from __future__ import annotations
 
 import argparse
+from types import ModuleType
 
+from featdenoise.benchmarks import agreement, attacks, gpu, ops, recipes
+from featdenoise.benchmarks import train as train_bench
 from featdenoise.cli.common import positive_int
+
+BENCHES: dict[str, ModuleType] = {"ops": ops, "attacks": attacks, "train": train_bench,
+                                  "recipes": recipes, "agreement": agreement, "gpu": gpu}
+"""Each ``featdenoise bench TARGET`` and its module, whose ``run(args) -> int`` runs it."""
 
 
 def _run(args: argparse.Namespace) -> int:
-    # Imported lazily: each benchmark pulls in its own dependencies.
-    if args.target == "gpu":
-        from featdenoise.benchmarks import gpu
-
-        return gpu.run(args)
-    args.device = args.device or "cpu"
-    if args.target == "ops":
-        from featdenoise.benchmarks import ops as bench
-    elif args.target == "attacks":
-        from featdenoise.benchmarks import attacks as bench
-    elif args.target == "recipes":
-        from featdenoise.benchmarks import recipes as bench
-    elif args.target == "agreement":
-        from featdenoise.benchmarks import agreement as bench
-    else:
-        from featdenoise.benchmarks import train as bench
-    return bench.run(args)
+    if args.target != "gpu":  # bench gpu defaults to cuda itself
+        args.device = args.device or "cpu"
+    return BENCHES[args.target].run(args)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from featdenoise.benchmarks import agreement
-
     p = sub.add_parser("bench", help="benchmarks that print ratios measured side by side")
-    p.add_argument("target", choices=["ops", "attacks", "train", "recipes", "agreement", "gpu"],
+    p.add_argument("target", choices=list(BENCHES),
                    help="what to benchmark (agreement: default vs exact=True attacks, paired, "
                         "over models, seeds and CPU kernel sets; gpu: one PGD iteration on "
                         "ResNet-152-denoise, time and peak memory)")
@@ -46,7 +37,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="cpu or cuda (default: cpu; gpu: cuda)")
     a = p.add_argument_group("attacks")
     a.add_argument("--no-autoattack", dest="autoattack", action="store_false",
-                   help="skip the AutoAttack rows (ours vs torchattacks.AutoAttack)")
+                   help="skip the AutoAttack rows (ours vs the authors' AutoAttack)")
     a.add_argument("--full", action="store_true",
                    help="AutoAttack rows with the standard budget (100 iterations, 5000 "
                         "queries; about half an hour on one CPU thread)")

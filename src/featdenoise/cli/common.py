@@ -6,6 +6,9 @@ import argparse
 import json
 import math
 
+from featdenoise.runtime.atomic import check_output
+from featdenoise.runtime.outdir import output_dir
+
 
 def str_list(text: str) -> list[str]:
     """``"a, b,,c"`` -> ``["a", "b", "c"]`` (comma-separated, blanks dropped)."""
@@ -88,8 +91,6 @@ class Pixels255(FiniteFloat):
 def output_folder(path: str, flag: str = "--out") -> str:
     """Create the output folder ``path``; an existing *file* there, or an input of the command,
     is one line naming ``flag`` (:func:`featdenoise.runtime.outdir.output_dir`)."""
-    from featdenoise.runtime.outdir import output_dir
-
     return output_dir(path, flag)
 
 
@@ -97,7 +98,5 @@ def output_file(path: str, flag: str = "--out", ours=None) -> str:
     """Refuse an output file that would destroy something (an existing folder, an input of the
     command, a read-only file, a file ``ours`` does not recognise); see
     :func:`featdenoise.runtime.atomic.check_output`. Returns ``path``."""
-    from featdenoise.runtime.atomic import check_output
-
     check_output(path, ours=ours, what=flag)
     return path

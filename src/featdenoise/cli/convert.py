@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 
+import torch
+
 from featdenoise.cli.common import positive_int
+from featdenoise.hub.tensorpack import convert_tensorpack, load_converted
 
 
 def _parse_blocks(text: str) -> list[int]:
@@ -18,14 +21,12 @@ def _parse_blocks(text: str) -> list[int]:
 
 
 def _run(args: argparse.Namespace) -> int:
-    import torch
-
-    from featdenoise.hub.tensorpack import convert_tensorpack, load_converted
-
     model = convert_tensorpack(args.input, args.output, args.arch, depth=args.depth,
                                blocks=args.blocks)
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"wrote {args.output}: {model.model_name} blocks={model.model_kwargs['blocks']} "
+    # Set by create_model; nn.Module types an attribute it does not know as Tensor | Module.
+    kwargs: dict = model.model_kwargs  # type: ignore[assignment]
+    print(f"wrote {args.output}: {model.model_name} blocks={kwargs['blocks']} "
           f"({n_params / 1e6:.1f}M parameters)")
     if args.check:
         # Run both the npz-loaded and the re-read model once on the same image.

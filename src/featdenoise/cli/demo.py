@@ -6,15 +6,14 @@ from __future__ import annotations
 
 import argparse
 
+from featdenoise.analysis import demo
 from featdenoise.cli.common import output_folder, positive_int
 
 
 def _run(args: argparse.Namespace) -> int:
-    from featdenoise.analysis.demo import run_demo
-
     output_folder(args.out, "--out")
-    run_demo(out_dir=args.out, quick=args.quick, data_root=args.data_root, threads=args.threads,
-             seed=args.seed, progress=not args.no_progress)
+    demo.run_demo(out_dir=args.out, quick=args.quick, data_root=args.data_root,
+                  threads=args.threads, seed=args.seed, progress=not args.no_progress)
     return 0
 
 

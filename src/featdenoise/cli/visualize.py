@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import argparse
 
+import torch
+
+from featdenoise.analysis import viz
 from featdenoise.cli.common import (
-    FiniteFloat,
+    Pixels255,
     int_list,
     nonnegative_int,
     output_folder,
@@ -17,22 +20,21 @@ from featdenoise.cli.inputs import (
     dataset_from_args,
     models_from_args,
 )
+from featdenoise.hub.loading import check_compatible
+from featdenoise.models import model_in_channels
 
 
 def _run(args: argparse.Namespace) -> int:
-    import torch
-
-    from featdenoise.analysis import viz
-    from featdenoise.hub.loading import check_compatible
-    from featdenoise.models import model_in_channels
-
-    if not 0 < args.eps <= 255:
-        raise ValueError(f"--eps {args.eps:g} is outside (0, 255]; eps is on the 0..255 scale")
+    # --eps and --step-size arrive on the [0, 1] scale (Pixels255); messages quote the 0..255 value.
+    if not 0 < args.eps <= 1:
+        raise ValueError(f"--eps {args.eps * 255:g} is outside (0, 255]; eps is on the 0..255 "
+                         "scale")
     if args.steps < 1:
         raise ValueError(f"--steps {args.steps} must be >= 1")
     output_folder(args.out, "--out")
     (name, model, _), *rest = models_from_args(args)
-    dataset = dataset_from_args(args, channels=model_in_channels(model))
+    # model_in_channels falls back to 3 (RGB) itself; `or 3` only tells the type checker so.
+    dataset = dataset_from_args(args, channels=model_in_channels(model) or 3)
     check_compatible(model, dataset, f"--data {args.data}")
     bad = [i for i in args.images if not 0 <= i < len(dataset)]
     if bad:
@@ -41,9 +43,10 @@ def _run(args: argparse.Namespace) -> int:
     items = [dataset[i] for i in args.images]
     x = torch.stack([a for a, _ in items])  # [N, C, H, W]
     y = torch.tensor([int(b) for _, b in items])  # [N]
+    attack = viz.NoiseAttack(eps=args.eps, steps=args.steps, step_size=args.step_size,
+                             targeted=not args.untargeted, seed=args.seed)
     res = viz.visualize(model, x, y, args.out, stage=args.stage, channel=args.channel,
-                        eps=args.eps / 255, steps=args.steps, step_size=args.step_size / 255,
-                        targeted=not args.untargeted, seed=args.seed, title=name)
+                        attack=attack, title=name)
     print(res["table"], end="")
     print(f"labels {res['labels']}, clean predictions {res['clean_pred']}, "
           f"adversarial predictions {res['adv_pred']}")
@@ -67,10 +70,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="feature map to show (default res3 for ImageNet nets, stage2 for small)")
     p.add_argument("--channel", type=nonnegative_int, default=None,
                    help="channel to show (default: the one the attack changes most)")
-    p.add_argument("--eps", action=FiniteFloat, default=16.0,
+    p.add_argument("--eps", action=Pixels255, default=16 / 255,
                    help="L-inf eps, 0..255 scale (default 16)")
     p.add_argument("--steps", type=positive_int, default=10, help="PGD iterations (default 10)")
-    p.add_argument("--step-size", action=FiniteFloat, default=1.0,
+    p.add_argument("--step-size", action=Pixels255, default=1 / 255,
                    help="PGD step, 0..255 scale (paper rule max(step, eps/steps); default 1)")
     p.add_argument("--untargeted", action="store_true",
                    help="untargeted PGD (default: the paper's random-target attack)")
