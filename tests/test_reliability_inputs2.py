@@ -109,7 +109,7 @@ def test_refused_train_leaves_a_finished_run_byte_for_byte(finished_run, tmp_pat
 def test_failed_train_leaves_the_config_of_the_finished_run(finished_run, tmp_path, capsys,
                                                              monkeypatch):
     """A failure after the checks (here the data set cannot be read) changes nothing either."""
-    from featdenoise.training import loop
+    from featdenoise.training import setup
 
     run, cfg = _copy_run(finished_run, tmp_path)
     before = _snapshot(run)
@@ -117,7 +117,7 @@ def test_failed_train_leaves_the_config_of_the_finished_run(finished_run, tmp_pa
     def unreadable(cfg):
         raise OSError(5, "Input/output error")
 
-    monkeypatch.setattr(loop, "_build_data", unreadable)
+    monkeypatch.setattr(setup, "_build_data", unreadable)
     line = _one_error(capsys, "train", "--config", cfg, "run.resume=never")
     assert "Input/output error" in line
     assert _snapshot(run) == before
@@ -461,9 +461,9 @@ def test_label_minus_one_through_eval_is_not_called_missing(tmp_path, capsys):
 def _interrupting_train_step(monkeypatch, at_call: int, after_update: bool):
     """Make the ``at_call``-th training step raise KeyboardInterrupt (before it runs, or after
     its SGD update but before the step is counted)."""
-    from featdenoise.training import loop
+    from featdenoise.training.recipes import pgd
 
-    real, calls = loop.train_step, {"n": 0}
+    real, calls = pgd.train_step, {"n": 0}
 
     def step(*args, **kwargs):
         calls["n"] += 1
@@ -473,7 +473,7 @@ def _interrupting_train_step(monkeypatch, at_call: int, after_update: bool):
         if calls["n"] == at_call:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(loop, "train_step", step)
+    monkeypatch.setattr(pgd, "train_step", step)
 
 
 def test_ctrl_c_with_checkpoint_every_0_saves_the_position(tmp_path, capsys, monkeypatch):

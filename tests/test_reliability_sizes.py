@@ -22,7 +22,7 @@ import torch
 from numpy.lib import format as npy
 
 from featdenoise.cli import main
-from featdenoise.hub.checkpoints import load_model, save_checkpoint, save_weights
+from featdenoise.hub.checkpoints import Position, load_model, save_checkpoint, save_weights
 from featdenoise.models import create_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -79,7 +79,8 @@ def test_checkpoint_pt_naming_a_huge_network_is_refused_before_it_is_built(tmp_p
     opt = torch.optim.SGD(m.parameters(), lr=0.1)
     save_checkpoint(str(path), model=m, model_name=m.model_name,
                     model_kwargs={**m.model_kwargs, "width": 1_000_000}, optimizer=opt,
-                    schedule_step=0, epoch=0, step_in_epoch=0, step=0, config={})
+                    position=Position(epoch=0, step_in_epoch=0, step=0, schedule_step=0),
+                    config={})
     with _Cheap(), pytest.raises(ValueError, match="do not fit") as err:
         load_model(tmp_path)  # the run folder
     assert str(path) in _one_line(err.value)
