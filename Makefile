@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 FMNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: install data demo test lint bench docs clean
+.PHONY: install data demo test lint typecheck bench docs clean
 
 install: $(STAMP)
 
@@ -28,14 +28,20 @@ data:
 demo: install data
 	$(BIN)/featdenoise demo
 
-# The whole suite, the numerics tests again under another CPU's kernels, the docs built strictly.
+# The whole suite (with the layout rules: sizes, ruff, the import-linter layer contracts), the
+# numerics tests again under another CPU's kernels, the type check, the docs built strictly.
 test: install data
 	$(BIN)/python -m pytest -q
 	PY=$(BIN)/python scripts/test_other_kernels.sh
-	$(MAKE) --no-print-directory docs
+	$(MAKE) --no-print-directory typecheck docs
 
 lint: install
-	$(BIN)/ruff check src tests
+	$(BIN)/ruff check src tests scripts
+	$(BIN)/lint-imports --no-cache
+	$(MAKE) --no-print-directory typecheck
+
+typecheck: install
+	$(BIN)/mypy
 
 bench: install
 	$(BIN)/featdenoise bench ops

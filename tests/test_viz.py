@@ -1,4 +1,5 @@
-"""Feature-noise pictures and distances (paper Sec. 3): featdenoise.analysis.viz, `featdenoise visualize`."""
+"""Feature-noise pictures and distances (paper Sec. 3): featdenoise.analysis.viz and
+`featdenoise visualize`."""
 
 from __future__ import annotations
 

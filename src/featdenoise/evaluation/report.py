@@ -15,7 +15,7 @@ import os
 from collections.abc import Sequence
 
 from featdenoise.runtime.atomic import PNG_STAMP, atomic_write, own_json, own_png, own_text
-from featdenoise.runtime.optional import pyplot  # other modules import it from here, for now
+from featdenoise.runtime.optional import pyplot
 
 TABLE_FILE = "table.md"
 PLOT_FILE = "accuracy_vs_iterations.png"
