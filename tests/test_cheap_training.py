@@ -13,9 +13,9 @@ from test_training import _weights, tiny_config
 
 from featdenoise.hub import checkpoints as ckpt
 from featdenoise.models import create_model
-from featdenoise.training import loop, recipe, resume, setup
+from featdenoise.training import loop, parts, resume, setup
 from featdenoise.training.config import Config, load_config
-from featdenoise.training.logging import read_metrics
+from featdenoise.training.metrics import read_metrics
 from featdenoise.training.recipes import fast
 from featdenoise.training.recipes import free as free_at
 from featdenoise.training.step import State, StepContext
@@ -31,7 +31,7 @@ def _reference_free(model, batches, *, m, eps, lr, targeted, num_classes, seed_o
     """Shafahi et al. Alg. 1 written out: for each minibatch, m times: g_x, g_w from one loss;
     w <- SGD(w, g_w); delta <- clip(delta + eps sign(g_x), -eps, eps); delta carried over."""
     cfg = load_config(None, [f"optim.lr={lr}", "optim.base_batch=8", "optim.milestones=[100]"])
-    opt = recipe.build_optimizer(model, cfg.optim)
+    opt = parts.build_optimizer(model, cfg.optim)
     for g in opt.param_groups:
         g["lr"] = lr
     params = [p for p in model.parameters()]
@@ -70,12 +70,12 @@ def test_free_step_equals_a_literal_alg1_loop(tmp_path, m, targeted):
     init = create_model("small_resnet", in_channels=1, width=4, blocks=[1, 1, 1]).state_dict()
     model = create_model("small_resnet", in_channels=1, width=4, blocks=[1, 1, 1])
     model.load_state_dict(init)
-    opt = recipe.build_optimizer(model, cfg.optim)
-    sched = recipe.LRSchedule(opt, 6, cfg.optim, 8)
+    opt = parts.build_optimizer(model, cfg.optim)
+    sched = parts.LRSchedule(opt, 6, cfg.optim, 8)
     state, free = State(targeted=targeted), free_at.FreeState()
     for x, y in batches:
         free_at.free_step(model, free, x, y, state, StepContext(
-            cfg, torch.device("cpu"), recipe.loss_fn(0.1), opt, sched), 10)
+            cfg, torch.device("cpu"), parts.loss_fn(0.1), opt, sched), 10)
         state.step += 1
     ref = create_model("small_resnet", in_channels=1, width=4, blocks=[1, 1, 1])
     ref.load_state_dict(init)
@@ -99,10 +99,10 @@ def test_free_m1_first_minibatch_is_a_clean_step(tmp_path):
     a = create_model("small_resnet", in_channels=1, width=4, blocks=[1, 1, 1])
     b = create_model("small_resnet", in_channels=1, width=4, blocks=[1, 1, 1])
     b.load_state_dict(a.state_dict())
-    opt_a, opt_b = recipe.build_optimizer(a, cfg.optim), recipe.build_optimizer(b, cfg.optim)
-    sched = recipe.LRSchedule(opt_a, 6, cfg.optim, 8)
+    opt_a, opt_b = parts.build_optimizer(a, cfg.optim), parts.build_optimizer(b, cfg.optim)
+    sched = parts.LRSchedule(opt_a, 6, cfg.optim, 8)
     free_at.free_step(a, free_at.FreeState(), x, y, State(targeted=False), StepContext(
-        cfg, torch.device("cpu"), recipe.loss_fn(0.1), opt_a, sched), 10)
+        cfg, torch.device("cpu"), parts.loss_fn(0.1), opt_a, sched), 10)
     for g in opt_b.param_groups:
         g["lr"] = 0.1
     b.train()
@@ -119,15 +119,15 @@ def test_free_m1_first_minibatch_is_a_clean_step(tmp_path):
 def test_cyclic_rate_rises_to_the_peak_then_falls_to_zero():
     cfg = load_config(None, ["optim.schedule=cyclic", "optim.lr=0.2", "optim.base_batch=128",
                              "optim.epochs=15"])
-    opt = recipe.build_optimizer(torch.nn.Linear(2, 2), cfg.optim)
-    s = recipe.LRSchedule(opt, 100, cfg.optim, 128)  # 1500 steps, peak at 750 (default 0.5)
+    opt = parts.build_optimizer(torch.nn.Linear(2, 2), cfg.optim)
+    s = parts.LRSchedule(opt, 100, cfg.optim, 128)  # 1500 steps, peak at 750 (default 0.5)
     assert s.lr(0) == 0.0
     assert math.isclose(s.lr(375), 0.1) and math.isclose(s.lr(750), 0.2)
     assert math.isclose(s.lr(1125), 0.1) and s.lr(1500) == 0.0
-    assert math.isclose(recipe.LRSchedule(opt, 100, cfg.optim, 256).lr(750), 0.4)  # scaled
+    assert math.isclose(parts.LRSchedule(opt, 100, cfg.optim, 256).lr(750), 0.4)  # scaled
     early = load_config(None, ["optim.schedule=cyclic", "optim.epochs=15",
                                "optim.cycle_peak=0.4"]).optim
-    assert math.isclose(recipe.LRSchedule(opt, 100, early, 256).lr(600), 0.1)
+    assert math.isclose(parts.LRSchedule(opt, 100, early, 256).lr(600), 0.1)
 
 
 def test_fast_attack_is_fgsm_from_a_random_start_in_the_box():

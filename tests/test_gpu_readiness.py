@@ -62,7 +62,7 @@ _CPU_ON_PURPOSE = {
         "oneDNN packing runs on CPUs only",
     ("accel/pack.py", "torch.empty(x_shape, dtype=grad_y.dtype)"):
         "oneDNN packing runs on CPUs only",
-    ("training/recipe.py", "torch.rand((), generator=generator)"): "a host-side coin (a bool)",
+    ("training/parts.py", "torch.rand((), generator=generator)"): "a host-side coin (a bool)",
     ("analysis/viz.py", "torch.Generator()"): "targets drawn on the CPU, then moved to the labels",
     ("analysis/viz.py", "torch.ones(n_rows * cell_h + _GAP, n_cols * cell_w + _GAP, 3)"):
         "the picture's canvas",
@@ -74,7 +74,7 @@ _FACTORIES = {"Generator", "rand", "randn", "randint", "randperm", "zeros", "one
 def test_random_draws_and_new_tensors_name_their_device():
     files = [*(SRC / "attacks").glob("*.py"), *(SRC / "accel").glob("*.py"),
              *(SRC / "models").glob("*.py"), SRC / "evaluation" / "engine.py",
-             SRC / "training" / "recipe.py", SRC / "analysis" / "viz.py"]
+             SRC / "training" / "parts.py", SRC / "analysis" / "viz.py"]
     found = []
     for path in sorted(files):
         rel = path.relative_to(SRC).as_posix()

@@ -49,9 +49,9 @@ def _small_state(seed: int) -> dict:
 def test_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(
         tmp_path, monkeypatch, bad):
     from featdenoise.hub.checkpoints import CHECKPOINT, load_checkpoint
-    from featdenoise.training import recipe, train
+    from featdenoise.training import parts, train
 
-    real_loss_fn = recipe.loss_fn
+    real_loss_fn = parts.loss_fn
     run = tmp_path / "run"
     ckpt_path = run / CHECKPOINT
     seen = {}
@@ -70,7 +70,7 @@ def test_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(
 
         return loss
 
-    monkeypatch.setattr(recipe, "loss_fn", poisoned_loss_fn)
+    monkeypatch.setattr(parts, "loss_fn", poisoned_loss_fn)
     with pytest.raises(ValueError) as err:
         train(_tiny_config(run))
     text = str(err.value)

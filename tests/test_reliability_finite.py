@@ -256,7 +256,7 @@ def test_a_finite_model_is_untouched_and_a_guarded_caller_may_opt_out():
 
 
 def test_training_attack_leaves_non_finite_numbers_to_the_training_guard():
-    from featdenoise.training.recipe import TrainAttack
+    from featdenoise.training.parts import TrainAttack
 
     attack = TrainAttack(_tiny(), steps=1, eps=8 / 255, step_size=1 / 255)
     assert attack.random_start.check_finite is False and attack.clean_start.check_finite is False

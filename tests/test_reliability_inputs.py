@@ -109,7 +109,7 @@ def test_corrupt_images_are_skipped_counted_and_reported_at_the_end_of_the_epoch
     ``data.strict=true`` the first one stops the run with an error naming it."""
     from featdenoise.training import train
     from featdenoise.training.config import load_config
-    from featdenoise.training.logging import read_metrics
+    from featdenoise.training.metrics import read_metrics
 
     data = tmp_path / "data"
     bad = _imagenet_folder(data)

@@ -17,9 +17,9 @@ from torch import nn
 from featdenoise.hub import checkpoints as ckpt
 from featdenoise.models import create_model
 from featdenoise.runtime import distributed as dist
-from featdenoise.training import NonFiniteLossError, loop, recipe
+from featdenoise.training import NonFiniteLossError, loop, parts
 from featdenoise.training.config import load_config
-from featdenoise.training.logging import read_metrics
+from featdenoise.training.metrics import read_metrics
 from featdenoise.training.recipes import pgd
 from featdenoise.training.step import State, StepContext
 
@@ -57,7 +57,7 @@ def tiny_config(tmp_path, *extra):
 
 def test_weight_decay_only_on_conv_and_linear_weights():
     model = create_model("small_resnet_denoise", in_channels=1, width=4)
-    decay, no_decay = recipe.param_groups(model, 1e-4)
+    decay, no_decay = parts.param_groups(model, 1e-4)
     assert decay["weight_decay"] == 1e-4 and no_decay["weight_decay"] == 0.0
     names = {id(p): n for n, p in model.named_parameters()}
     decayed = {names[id(p)] for p in decay["params"]}
@@ -90,22 +90,22 @@ LR = dict(lr=0.1, base_batch=256, warmup_epochs=5, milestones=[35, 70, 95], lr_d
     (10999, 0.0016),
 ])
 def test_lr_schedule_corners_global_batch_4096(step, expected):
-    got = recipe.lr_at(step, 100, global_batch=4096, **LR)
+    got = parts.lr_at(step, 100, global_batch=4096, **LR)
     assert math.isclose(got, expected, rel_tol=1e-12)
 
 
 @pytest.mark.parametrize("batch, expected", [(256, 0.1), (128, 0.05), (512, 0.1), (64, 0.025)])
 def test_lr_batch_scaling_and_no_warmup_at_or_below_0_1(batch, expected):
-    assert math.isclose(recipe.lr_at(0, 100, global_batch=batch, **LR), expected)
+    assert math.isclose(parts.lr_at(0, 100, global_batch=batch, **LR), expected)
     peak = 0.1 * batch / 256
-    assert math.isclose(recipe.lr_at(600, 100, global_batch=batch, **LR), peak)
+    assert math.isclose(parts.lr_at(600, 100, global_batch=batch, **LR), peak)
 
 
 def test_lr_schedule_sets_optimizer_groups():
     model = nn.Linear(2, 2)
-    opt = recipe.build_optimizer(model, load_config(None).optim)
+    opt = parts.build_optimizer(model, load_config(None).optim)
     assert opt.defaults["nesterov"] and opt.defaults["momentum"] == 0.9
-    sched = recipe.LRSchedule(opt, 10, load_config(None, ["optim.milestones=[1]"]).optim, 256)
+    sched = parts.LRSchedule(opt, 10, load_config(None, ["optim.milestones=[1]"]).optim, 256)
     sched.apply(10)
     assert all(math.isclose(g["lr"], 0.01) for g in opt.param_groups)
     assert sched.state_dict() == {"step": 10}
@@ -121,7 +121,7 @@ def test_label_smoothing_matches_hand_computation():
                 for j in range(k)]
         q = [(1 - s) * (j == y[i].item()) + s / k for j in range(k)]
         expected += -sum(qj * lj for qj, lj in zip(q, logp, strict=True)) / 2
-    assert math.isclose(recipe.loss_fn(0.1)(logits, y).item(), expected, rel_tol=1e-6)
+    assert math.isclose(parts.loss_fn(0.1)(logits, y).item(), expected, rel_tol=1e-6)
 
 
 class _Flat(nn.Module):
@@ -138,7 +138,7 @@ class _Flat(nn.Module):
 
 
 def test_clean_start_is_one_coin_per_batch_with_probability_0_2():
-    attack = recipe.TrainAttack(_Flat(), steps=1, eps=16 / 255, step_size=1 / 255,
+    attack = parts.TrainAttack(_Flat(), steps=1, eps=16 / 255, step_size=1 / 255,
                                 clean_start_prob=0.2)
     torch.manual_seed(0)
     x, y = torch.rand(4, 1, 6, 6) * 0.5 + 0.25, torch.zeros(4, dtype=torch.long)
@@ -151,7 +151,7 @@ def test_clean_start_is_one_coin_per_batch_with_probability_0_2():
         clean += flag
     # Binomial(300, 0.2): mean 60, sd 6.9.
     assert 35 <= clean <= 85
-    assert recipe.TrainAttack(_Flat(), 0, 0.1, 0.1)(x, y)[0] is x  # steps 0: clean training
+    assert parts.TrainAttack(_Flat(), 0, 0.1, 0.1)(x, y)[0] is x  # steps 0: clean training
 
 
 def test_bn_inference_mode_during_attack_and_training_mode_for_update(tmp_path):
@@ -161,7 +161,7 @@ def test_bn_inference_mode_during_attack_and_training_mode_for_update(tmp_path):
     stats = lambda: [(b.running_mean.clone(), b.running_var.clone(),  # noqa: E731
                       int(b.num_batches_tracked)) for b in bns]
     x, y = torch.rand(8, 1, 28, 28), torch.randint(0, 10, (8,))
-    attack = recipe.TrainAttack(model, 3, 16 / 255, 4 / 255, 0.2)
+    attack = parts.TrainAttack(model, 3, 16 / 255, 4 / 255, 0.2)
     # The attack alone: a training-mode BN pass would move the running statistics.
     before = stats()
     attack(x, y)
@@ -169,10 +169,10 @@ def test_bn_inference_mode_during_attack_and_training_mode_for_update(tmp_path):
     for (m0, v0, n0), (m1, v1, n1) in zip(before, stats(), strict=True):
         assert torch.equal(m0, m1) and torch.equal(v0, v1) and n0 == n1
     # A whole step: exactly one training-mode pass (the update on the adversarial batch).
-    opt = recipe.build_optimizer(model, cfg.optim)
-    sched = recipe.LRSchedule(opt, 10, cfg.optim, 8)
+    opt = parts.build_optimizer(model, cfg.optim)
+    sched = parts.LRSchedule(opt, 10, cfg.optim, 8)
     pgd.train_step(model, attack, x, y, State(), StepContext(cfg, torch.device("cpu"),
-                                                             recipe.loss_fn(0.1), opt, sched))
+                                                             parts.loss_fn(0.1), opt, sched))
     after = stats()
     assert all(n1 == n0 + 1 for (_, _, n0), (_, _, n1) in zip(before, after, strict=True))
     assert not torch.equal(after[0][0], before[0][0])

@@ -52,17 +52,17 @@ def count_syncs(device: torch.device, fn: Callable[[], None]) -> tuple[int, str]
 
 def train_parts(model: nn.Module, device: torch.device, steps: int = 2, bf16: bool = False):
     """A training step on ``model`` with synthetic settings: ``(step(x, y), its attack)``."""
-    from featdenoise.training import recipe
+    from featdenoise.training import parts
     from featdenoise.training.config import load_config
     from featdenoise.training.recipes import pgd
     from featdenoise.training.step import State, StepContext
 
     cfg = load_config(None, [f"attack.steps={steps}", "attack.step_size=4", "run.log_every=1000",
                              "run.checkpoint_every=0", f"run.bf16={str(bf16).lower()}"])
-    optimizer = recipe.build_optimizer(model, cfg.optim)
-    schedule = recipe.LRSchedule(optimizer, 100, cfg.optim, 32)
-    attack = recipe.TrainAttack(model, steps, 16 / 255, 4 / 255, 0.2, True)
-    criterion = recipe.loss_fn(0.1)
+    optimizer = parts.build_optimizer(model, cfg.optim)
+    schedule = parts.LRSchedule(optimizer, 100, cfg.optim, 32)
+    attack = parts.TrainAttack(model, steps, 16 / 255, 4 / 255, 0.2, True)
+    criterion = parts.loss_fn(0.1)
     state, ctx = State(), StepContext(cfg, device, criterion, optimizer, schedule)
 
     def step(x, y):

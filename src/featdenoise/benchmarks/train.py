@@ -24,7 +24,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from featdenoise.benchmarks.common import timed
 from featdenoise.models import create_model, model_num_classes
-from featdenoise.training import recipe
+from featdenoise.training import parts
 from featdenoise.training.config import load_config
 from featdenoise.training.recipes.pgd import train_step
 from featdenoise.training.step import State, StepContext
@@ -41,10 +41,10 @@ def _setup(name: str, kwargs: dict, steps: int, batch: int, size: int, channels:
     model = create_model(name, **kwargs).to(device).train()
     cfg = load_config(None, [f"attack.steps={steps}", "run.progress=false",
                              "run.tensorboard=false"])
-    optimizer = recipe.build_optimizer(model, cfg.optim)
-    schedule = recipe.LRSchedule(optimizer, 100, cfg.optim, batch)
-    criterion = recipe.loss_fn(cfg.optim.label_smoothing)
-    attack = recipe.TrainAttack(model, steps, 16 / 255, 1 / 255, 0.2)
+    optimizer = parts.build_optimizer(model, cfg.optim)
+    schedule = parts.LRSchedule(optimizer, 100, cfg.optim, batch)
+    criterion = parts.loss_fn(cfg.optim.label_smoothing)
+    attack = parts.TrainAttack(model, steps, 16 / 255, 1 / 255, 0.2)
     x = torch.rand(batch, channels, size, size, device=device)
     y = torch.randint(0, model_num_classes(model), (batch,), device=device)
     state = State()

@@ -27,8 +27,8 @@ from featdenoise.hub import checkpoints as ckpt
 from featdenoise.runtime import distributed as dist
 from featdenoise.training import rundir
 from featdenoise.training.config import Config, load_config
-from featdenoise.training.logging import MetricsLogger
-from featdenoise.training.recipe import LRSchedule
+from featdenoise.training.metrics import MetricsLogger
+from featdenoise.training.parts import LRSchedule
 from featdenoise.training.setup import Job, TrainData, build_job
 from featdenoise.training.step import State
 

@@ -22,9 +22,9 @@ from featdenoise.hub.build import build_model, check_model
 from featdenoise.models import model_in_channels
 from featdenoise.runtime import backends
 from featdenoise.runtime import distributed as dist
-from featdenoise.training import recipe, resume, rundir
+from featdenoise.training import parts, resume, rundir
 from featdenoise.training.config import Config
-from featdenoise.training.logging import MetricsLogger
+from featdenoise.training.metrics import MetricsLogger
 from featdenoise.training.recipes import Recipe, recipe_class
 from featdenoise.training.step import State, StepContext
 
@@ -114,7 +114,7 @@ def _data(cfg: Config, device: torch.device) -> TrainData:
     loader = DataLoader(train_set, batch_size=d.batch_size, sampler=sampler, drop_last=True,
                         generator=gen, num_workers=d.workers, pin_memory=device.type == "cuda",
                         persistent_workers=d.workers > 0)
-    steps = recipe.steps_per_epoch_for(sampler.num_samples, d.batch_size)
+    steps = parts.steps_per_epoch_for(sampler.num_samples, d.batch_size)
     return TrainData(train_set, loader, sampler, val_set, steps)
 
 
@@ -159,10 +159,10 @@ def _training_parts(cfg: Config, device: torch.device,
     schedule (scaled by the global batch) and loss."""
     model = _build_model(cfg, device)
     _check_model_fits_data(cfg, model, data.val_set)
-    optimizer = recipe.build_optimizer(model, cfg.optim)
+    optimizer = parts.build_optimizer(model, cfg.optim)
     global_batch = cfg.data.batch_size * dist.world_size()
-    schedule = recipe.LRSchedule(optimizer, data.steps_per_epoch, cfg.optim, global_batch)
-    criterion = recipe.loss_fn(cfg.optim.label_smoothing)
+    schedule = parts.LRSchedule(optimizer, data.steps_per_epoch, cfg.optim, global_batch)
+    criterion = parts.loss_fn(cfg.optim.label_smoothing)
     return model, StepContext(cfg, device, criterion, optimizer, schedule)
 
 

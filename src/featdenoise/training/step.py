@@ -16,7 +16,7 @@ from featdenoise.hub import checkpoints as ckpt
 from featdenoise.runtime import distributed as dist
 from featdenoise.runtime.seeds import derive_seed
 from featdenoise.training.config import Config
-from featdenoise.training.recipe import LRSchedule
+from featdenoise.training.parts import LRSchedule
 
 
 class NonFiniteLossError(ValueError):
@@ -80,7 +80,7 @@ def check_finite(state: State, cfg: Config) -> None:
 
     Non-finite gradients (a NaN or infinite loss on any process: DDP's all-reduce spreads it to
     every process's gradients, so all processes agree without an extra collective) are zeroed on
-    the device before the update (:func:`featdenoise.training.recipe.zero_nonfinite_grads`), so
+    the device before the update (:func:`featdenoise.training.parts.zero_nonfinite_grads`), so
     they never reach the weights, and the step is remembered; the host reads that flag only on
     steps followed by a log line, a ``checkpoint_every`` checkpoint or ``stop_after``. Trade-off:
     between the bad step and that check (at most ``run.log_every - 1`` steps) updates carry no

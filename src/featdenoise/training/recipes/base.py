@@ -11,7 +11,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from featdenoise.training.config import Config
-from featdenoise.training.logging import MetricsLogger
+from featdenoise.training.metrics import MetricsLogger
 from featdenoise.training.step import State, StepContext
 
 

@@ -22,7 +22,7 @@ from featdenoise.runtime import distributed as dist
 from featdenoise.runtime.modes import bf16_autocast, eval_mode
 from featdenoise.runtime.seeds import derive_seed
 from featdenoise.training.config import Config
-from featdenoise.training.logging import MetricsLogger
+from featdenoise.training.metrics import MetricsLogger
 from featdenoise.training.recipes.base import Recipe
 from featdenoise.training.recipes.pgd import PGDRecipe
 

@@ -22,7 +22,7 @@ from featdenoise.models import model_num_classes
 from featdenoise.runtime import distributed as dist
 from featdenoise.runtime.modes import bf16_autocast
 from featdenoise.training.config import Config
-from featdenoise.training.recipe import add_running_metrics, zero_nonfinite_grads
+from featdenoise.training.parts import add_running_metrics, zero_nonfinite_grads
 from featdenoise.training.recipes.base import Recipe
 from featdenoise.training.step import State, StepContext, begin_step, check_finite
 

@@ -1,5 +1,5 @@
 """The paper's recipe (``attack.mode: pgd``, Sec. 5): every minibatch is replaced by its
-adversarial version (targeted PGD-``attack.steps``, :class:`featdenoise.training.recipe.
+adversarial version (targeted PGD-``attack.steps``, :class:`featdenoise.training.parts.
 TrainAttack`) and the network is updated on those images only (:func:`train_step`)."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from torch.utils.data import Dataset
 
 from featdenoise.runtime.modes import bf16_autocast
 from featdenoise.training.config import Config
-from featdenoise.training.recipe import TrainAttack, add_running_metrics, zero_nonfinite_grads
+from featdenoise.training.parts import TrainAttack, add_running_metrics, zero_nonfinite_grads
 from featdenoise.training.recipes.base import Recipe
 from featdenoise.training.step import State, StepContext, begin_step, check_finite
 
