@@ -5,11 +5,11 @@ format and what the official ``nets.py`` / ``adv_model.py`` computed with it) an
 fixture, float32 on this machine's CPU:
 
 * logits error: ``max|ours - official| / max|official|`` on the clean input and on the official
-  one-step PGD image (acceptance 1e-4, ``tests/test_pretrained.py``);
+  one-step PGD image (acceptance 1e-4, ``tests/hub/test_tensorpack.py``);
 * one-step targeted PGD pixel agreement: the share of pixels of our ``PGD`` output (mapped to BGR
   [-1, 1]) within 1e-4 of the official ``pgd_adv_nchw``, with the exact gradients and with
   the speed layer of :mod:`featdenoise.accel` (acceptance 99.5%,
-  ``tests/test_attacks_reference.py``).
+  ``tests/attacks/test_reference.py``).
 
 Usage: ``python scripts/official_parity.py [FIXTURES_DIR]``.
 """

@@ -1,5 +1,7 @@
 """Fixtures shared by several test modules."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -25,17 +27,18 @@ def one_thread():
 
 # Test modules whose assertions are numbers that float rounding could change (parity with the
 # official code and with float64 references, expected records, attack strength, the speed
-# layer): `make test` runs them a second time under another CPU kernel set.
+# layer): `make test` runs them a second time under another CPU kernel set. Whole folders, then
+# single modules, relative to tests/.
 NUMERICS = {
-    "test_accel.py", "test_accel_pack.py", "test_accel_changes.py", "test_attacks.py",
-    "test_attacks_reference.py", "test_autoattack.py", "test_eval_autoattack.py",
-    "test_engine.py", "test_denoise_ops.py", "test_models.py", "test_pretrained.py",
-    "test_cheap_training.py", "test_autoattack_fashion_mnist.py", "test_surgery.py",
-    "test_hub_specs.py",
+    "accel", "attacks", "models",
+    "evaluation/test_engine.py", "evaluation/test_autoattack_columns.py",
+    "hub/test_tensorpack.py", "hub/test_specs.py", "training/test_cheap_recipes.py",
 }
+TESTS = Path(__file__).resolve().parent
 
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        if item.path.name in NUMERICS:
+        rel = item.path.resolve().relative_to(TESTS)
+        if rel.as_posix() in NUMERICS or rel.parts[0] in NUMERICS:
             item.add_marker(pytest.mark.numerics)

@@ -12,7 +12,7 @@ import sys
 import multi_gpu
 import pytest
 import torch
-from gloo import as_rank, free_port
+from helpers import as_rank, free_port
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
