@@ -39,7 +39,7 @@ def fmnist_subset(tmp_path):
     return str(root)
 
 
-def test_quick_demo_writes_report_with_all_networks(fmnist_subset, tmp_path, capsys):
+def test_quick_demo_writes_report_with_all_networks(fmnist_subset, tmp_path):
     budget = dataclasses.replace(demo.QUICK, train_images=128, batch_size=32, eval_images=16,
                                  eval_batch_size=16, eval_steps=(1, 2), viz_images=1,
                                  aa_images=8, aa_budget=(2, 2, 10))
@@ -70,7 +70,6 @@ def test_quick_demo_writes_report_with_all_networks(fmnist_subset, tmp_path, cap
             assert all(0 <= a["accuracy"] <= 1 for a in s["attacks"])
     # The denoising net's pictures include the maps right before/after each denoising op.
     assert "stage2_denoise.after" in res["feature_noise"]["adv-denoise"]
-    assert "report:" in capsys.readouterr().out
     # a rerun deletes every folder the demo wrote, each first recognised as the demo's own
     from featdenoise.runtime import outdir
 
@@ -97,7 +96,7 @@ def test_demo_names_the_missing_dataset(tmp_path):
         demo.run_demo(str(tmp_path / "r"), data_root=str(tmp_path), quick=True)
 
 
-def test_demo_command_options_reach_run_demo(monkeypatch, tmp_path):
+def test_demo_command_options_reach_run_demo(monkeypatch, tmp_path, capsys):
     from featdenoise import cli
 
     seen = {}
@@ -107,4 +106,5 @@ def test_demo_command_options_reach_run_demo(monkeypatch, tmp_path):
     assert rc == 0
     assert seen == {"out_dir": str(tmp_path), "quick": True, "data_root": None, "threads": 1,
                     "seed": 3, "progress": False}
+    assert capsys.readouterr().out.splitlines()[-1] == "report: report.md"  # printed last
     assert 1 <= demo.default_threads() <= 2

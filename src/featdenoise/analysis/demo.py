@@ -160,14 +160,13 @@ def run_demo(out_dir: str = "reports/demo", quick: bool = False, data_root: str 
         seed: seeds training, the image subsets, attack targets and random starts.
         budget: overrides the budget entirely (tests).
 
-    Progress is logged (``[demo] ...`` lines, INFO); the report's path is printed last, on
-    standard output (``report: PATH``).
+    Progress is logged (``[demo] ...`` lines, INFO). Returns the report's path
+    (``featdenoise demo`` prints it last, as ``report: PATH``).
     """
     run = _Run(out_dir, data_root or FMNIST_ROOT, budget or (QUICK if quick else FULL), seed,
                progress)
     with outdir.FolderLock(out_dir, "demo folder"):
         path = _run_demo(run, threads, quick)
-    print(f"report: {path}", flush=True)  # what the demo produces, for the user
     return path
 
 

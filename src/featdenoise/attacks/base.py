@@ -43,7 +43,7 @@ from featdenoise.runtime.finite import (
     check_finite_logits,
     list_some,
 )
-from featdenoise.runtime.modes import eval_mode, frozen
+from featdenoise.runtime.modes import bf16_autocast, eval_mode, frozen
 
 _RANGE_TOLERANCE = 1e-6  # images may exceed [0, 1] by this much (float rounding of x / 255)
 
@@ -316,9 +316,7 @@ class Attack:
 
     # -------------------------------------------------------------------------- internals
     def _autocast(self, x: torch.Tensor):
-        if not self.bf16:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=x.device.type, dtype=torch.bfloat16)
+        return bf16_autocast(self.bf16, x.device)
 
     def _use_channels_last(self, x: torch.Tensor) -> bool:
         if self.channels_last is not None:

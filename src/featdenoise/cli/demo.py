@@ -12,8 +12,9 @@ from featdenoise.cli.common import output_folder, positive_int
 
 def _run(args: argparse.Namespace) -> int:
     output_folder(args.out, "--out")
-    demo.run_demo(out_dir=args.out, quick=args.quick, data_root=args.data_root,
-                  threads=args.threads, seed=args.seed, progress=not args.no_progress)
+    path = demo.run_demo(out_dir=args.out, quick=args.quick, data_root=args.data_root,
+                         threads=args.threads, seed=args.seed, progress=not args.no_progress)
+    print(f"report: {path}", flush=True)
     return 0
 
 
