@@ -97,17 +97,16 @@ class Attack:
             Under autocast the accelerator steps aside (PyTorch's normal path).
         channels_last: run the attack on a channels-last (NHWC) copy of 4-D images (same
             values; the result is returned in the caller's layout). None (default) decides per
-            call where it was measured to pay: on a CPU running one thread with batches < 16,
-            where PyTorch computes 1x1 convolutions as GEMMs, much faster on NHWC data (ResNet-50:
-            ~1.5x); elsewhere it measured equal or slower, so images stay as given. With
-            ``exact=True`` None means never (NHWC kernels sum in another order).
+            call: NHWC on a CPU running one thread with batches < 16, where PyTorch computes 1x1
+            convolutions as GEMMs that are faster on NHWC data; elsewhere the images stay as
+            given. With ``exact=True`` None means never (NHWC kernels sum in another order).
+            Measurements: docs/benchmarks.md.
         exact: False (default): the attack's forward and input-gradient passes run inside
             :func:`featdenoise.accel.inference_grad` (BatchNorm folded into the convolutions,
             CPU convolutions on packed weights; each verified once per model and input kind,
-            the normal path elsewhere). The same function up to float rounding (~1e-7 relative
-            on logits), which can flip the sign of near-zero input gradients: on the official
-            fixtures (2 CPU threads) the pixel agreement with the authors' attacker is 99.96%
-            (plain) and 99.83% (denoise), against 99.92% and 99.84% with ``exact=True``.
+            the normal path elsewhere). The same function up to float rounding, which can flip
+            the sign of near-zero input gradients (the pixel agreement with the authors'
+            attacker either way: docs/results.md).
             True: PyTorch's normal path only, bit for bit the attack of earlier releases
             (which had these speed-ups off by default).
 
