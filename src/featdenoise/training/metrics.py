@@ -8,10 +8,13 @@ Only the main process writes (the caller passes ``enabled=distributed.is_main()`
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 
 from featdenoise.runtime import optional
+
+log = logging.getLogger(__name__)
 
 
 class MetricsLogger:
@@ -21,10 +24,14 @@ class MetricsLogger:
         self.enabled = enabled
         self.path = os.path.join(run_dir, "metrics.jsonl")
         self.writer = None
-        # TensorBoard is a dependency, but logging must not stop training: None if missing.
+        # TensorBoard is the `tensorboard` extra; without it the metrics still go to metrics.jsonl.
         writer = optional.summary_writer() if enabled and tensorboard else None
         if writer is not None:
             self.writer = writer(os.path.join(run_dir, "tensorboard"))
+        elif enabled and tensorboard:
+            log.warning("run.tensorboard is on but TensorBoard is not installed (pip install "
+                        "'featdenoise[tensorboard]', or set run.tensorboard=false); metrics go to "
+                        "%s only", self.path)
 
     def log(self, kind: str, step: int, epoch: int, values: dict) -> None:
         """Write one record; numbers also go to TensorBoard as ``kind/name``."""
