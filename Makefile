@@ -14,7 +14,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev,docs,timm,tensorboard]'
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev,docs,plots,timm,tensorboard]'
 	$(BIN)/pip install --quiet --no-deps -c constraints.txt torchattacks==3.5.1
 	touch $(STAMP)
 

@@ -135,6 +135,27 @@ def test_summarize_by_hand():
     assert u["attacks"][0]["success_rate"] == 0.75
 
 
+def test_report_without_matplotlib_writes_the_table_and_says_why_no_plot(tmp_path, monkeypatch,
+                                                                         caplog):
+    """matplotlib is the ``plots`` extra: without it the table is still written, the plot is
+    None and one warning names the extra; drawing a picture is one line naming it too."""
+    from featdenoise.runtime import optional
+
+    summary = {"name": "net", "num_images": 4, "targeted": True, "eps_255": 16, "attack": "pgd",
+               "clean": {"top1": 0.5, "top5": 1.0},
+               "attacks": [{"name": "pgd10", "steps": 10, "accuracy": 0.25, "success_rate": 0.5,
+                            "n": 4}]}
+    monkeypatch.setattr(optional, "installed", lambda module: module != "matplotlib")
+    with caplog.at_level("WARNING", logger="featdenoise"):
+        paths = report.write_report([summary], str(tmp_path))
+    assert paths["plot"] is None and not (tmp_path / report.PLOT_FILE).exists()
+    assert "| net |" in open(paths["table"]).read()
+    assert any("featdenoise[plots]" in r.getMessage() for r in caplog.records)
+    with pytest.raises(ValueError, match=r"^the pictures: no_such_plotting_lib is not installed; "
+                                         r"pip install x$"):
+        optional.require("no_such_plotting_lib", "the pictures", "pip install x")
+
+
 def test_report_merges_models_into_one_table_and_plot(tmp_path):
     def summ(name, steps, accs):
         return {"name": name, "num_images": 10, "targeted": True, "eps_255": 16, "attack": "pgd",

@@ -147,7 +147,7 @@ def plot_ablation(agg: dict[str, dict], steps: Sequence[int], path: str,
                   title: str | None = None) -> str:
     """Grouped bar plot like Fig. 7: accuracy (%) of every variant under each PGD strength, error
     bars = std over seeds. Diverged variants get no bar. Returns ``path`` (PNG, Agg backend)."""
-    plt = optional.pyplot()
+    plt = optional.pyplot("the ablation plot")
     names = list(agg)
     k = len(steps)
     width = 0.8 / max(k, 1)

@@ -164,7 +164,7 @@ def _map_pair(clean: torch.Tensor, adv: torch.Tensor) -> tuple[torch.Tensor, tor
     lo = float(torch.minimum(clean.min(), adv.min()))
     hi = float(torch.maximum(clean.max(), adv.max()))
     span = hi - lo if hi > lo else 1.0
-    cmap = optional.pyplot().colormaps["viridis"]
+    cmap = optional.pyplot("the feature-noise pictures").colormaps["viridis"]
 
     def paint(m: torch.Tensor) -> torch.Tensor:  # [H, W] -> [H, W, 3]
         rgba = cmap(((m.float() - lo) / span).clamp(0, 1).numpy())  # [H, W, 4]
@@ -176,7 +176,7 @@ def _map_pair(clean: torch.Tensor, adv: torch.Tensor) -> tuple[torch.Tensor, tor
 def _mosaic(rows: list[list[tuple[torch.Tensor, str]]], path: str, title: str | None) -> str:
     """Tile ``[H, W, 3]`` panels (any sizes, upscaled to one size) into one PNG with a caption
     above each panel: one axes and one image, so that drawing stays fast."""
-    plt = optional.pyplot()
+    plt = optional.pyplot("the feature-noise pictures")
     n_rows, n_cols = len(rows), max(len(r) for r in rows)
     cell_h, cell_w = _PANEL + _GAP + 14, _PANEL + _GAP  # 14 px of caption room above a panel
     canvas = torch.ones(n_rows * cell_h + _GAP, n_cols * cell_w + _GAP, 3)

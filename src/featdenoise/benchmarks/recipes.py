@@ -85,7 +85,7 @@ def _evaluate(run_dir: str, val_set: Dataset, out: str, p: dict) -> dict:
 
 
 def _plot(rows: list[dict], path: str) -> None:
-    plt = optional.pyplot()
+    plt = optional.pyplot("featdenoise bench recipes")
     fig, ax = plt.subplots(figsize=(6, 4))
     for net, marker in (("baseline", "o"), ("denoise", "s")):
         for r in (r for r in rows if r["network"] == net):

@@ -11,11 +11,15 @@ targeted and untargeted) go into one table and one plot.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Sequence
 
+from featdenoise.runtime import optional
 from featdenoise.runtime.atomic import PNG_STAMP, atomic_write, own_json, own_png, own_text
 from featdenoise.runtime.optional import pyplot
+
+log = logging.getLogger(__name__)
 
 TABLE_FILE = "table.md"
 PLOT_FILE = "accuracy_vs_iterations.png"
@@ -123,7 +127,7 @@ def plot_accuracy_vs_iterations(summaries: Sequence[dict], path: str,
     Untargeted runs are drawn dashed.
     Returns ``path`` (a PNG). Uses matplotlib's Agg backend (no display needed).
     """
-    plt = pyplot()
+    plt = pyplot("the accuracy plot")
     fig, ax = plt.subplots(figsize=(5.5, 4.0), dpi=120)
     all_steps: set[int] = set()
     for s in summaries:
@@ -163,15 +167,20 @@ def write_report(summaries: Sequence[dict], out_dir: str, title: str | None = No
     """Write ``table.md`` and ``accuracy_vs_iterations.png`` for ``summaries`` into ``out_dir``.
 
     Returns ``{"table": path, "plot": path}`` (``plot`` None when no summary has an iteration
-    sweep, e.g. AutoAttack alone).
+    sweep, e.g. AutoAttack alone, or when matplotlib, the ``plots`` extra, is not installed).
     """
     os.makedirs(out_dir, exist_ok=True)
     table = os.path.join(out_dir, TABLE_FILE)
     with atomic_write(table, ours=own_text("| model |")) as f:
         f.write(markdown_table(summaries))
     plot = None
-    if any(a.get("steps") is not None for s in summaries for a in s.get("attacks", [])):
-        plot = plot_accuracy_vs_iterations(summaries, os.path.join(out_dir, PLOT_FILE), title)
+    if not any(a.get("steps") is not None for s in summaries for a in s.get("attacks", [])):
+        return {"table": table, "plot": plot}
+    if not optional.installed("matplotlib"):
+        log.warning("%s: no plot, matplotlib is not installed (pip install "
+                    "'featdenoise[plots]'); the numbers are in %s", out_dir, table)
+        return {"table": table, "plot": plot}
+    plot = plot_accuracy_vs_iterations(summaries, os.path.join(out_dir, PLOT_FILE), title)
     return {"table": table, "plot": plot}
 
 

@@ -1,5 +1,5 @@
-"""The one place that imports packages lazily: optional or heavy packages a command may never
-need (matplotlib, timm, RobustBench, TensorBoard, torchattacks, the authors' AutoAttack).
+"""The one place that imports packages lazily: the optional extras (matplotlib, timm, RobustBench,
+TensorBoard, and the benchmarks' references torchattacks and the authors' AutoAttack).
 
 Every other module imports at its top, so the package's coupling can be read from its imports.
 Each function here imports on first call and, where the package is an optional extra, turns the
@@ -9,6 +9,7 @@ Each function here imports on first call and, where the package is an optional e
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from types import ModuleType
 
 
@@ -21,10 +22,15 @@ def require(module: str, what: str, install: str) -> ModuleType:
         raise ValueError(f"{what}: {module.split('.')[0]} is not installed; {install}") from None
 
 
-def pyplot() -> ModuleType:
-    """``matplotlib.pyplot`` on the Agg backend (PNG output, no display needed)."""
-    import matplotlib
+def installed(module: str) -> bool:
+    """Whether ``module`` can be imported (without importing it)."""
+    return importlib.util.find_spec(module) is not None
 
+
+def pyplot(what: str = "this plot") -> ModuleType:
+    """``matplotlib.pyplot`` on the Agg backend (PNG output, no display needed); matplotlib is
+    the ``plots`` extra."""
+    matplotlib = require("matplotlib", what, "pip install 'featdenoise[plots]'")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
