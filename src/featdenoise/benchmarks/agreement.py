@@ -46,7 +46,7 @@ from torch import nn
 from tqdm import tqdm
 
 from featdenoise import accel
-from featdenoise.attacks import AutoAttack, build_attack
+from featdenoise.attacks import AutoAttack, build_attack, registry
 from featdenoise.evaluation.paired import discordant, mean_interval
 from featdenoise.models import create_model
 
@@ -56,7 +56,8 @@ KERNEL_SETS = {
     "default": {"ATEN_CPU_CAPABILITY": "default", "ONEDNN_MAX_CPU_ISA": "SSE41"},
 }
 MODELS = ("maxpool_cnn", "strided_cnn", "small_resnet_denoise")
-ATTACKS = ("pgd", "ifgsm", "mifgsm", "apgd-ce", "apgd-dlr", "apgd-t", "fab-t", "square",
+# Every iterative attack of the registry (FGSM's one step has no path to compare) and the chain.
+ATTACKS = (*(name for name in registry.ATTACKS if name != "fgsm"), *registry.AUTOATTACK_ATTACKS,
            "autoattack")
 EPS = 16 / 255
 CLASSES = 10
