@@ -279,3 +279,18 @@ def test_blackbox_source_spec_with_weights(tmp_path, capsys):
     capsys.readouterr()
     argv[argv.index("--source") + 1] = f"torchvision:resnet34@{tmp_path / 'src.pt'}"
     assert main(argv) == 2 and "do not fit" in capsys.readouterr().err
+
+
+def test_blackbox_source_split_keeps_an_at_sign_inside_a_path(tmp_path):
+    from featdenoise.cli.inputs import split_source
+
+    odd = tmp_path / "v@2"
+    odd.mkdir()
+    (odd / "w@best.pt").write_bytes(b"")
+    weights = str(odd / "w@best.pt")
+    assert split_source(f"torchvision:resnet18@{weights}") == ("torchvision:resnet18", weights)
+    assert split_source(str(odd)) == (str(odd), None)  # a run folder named with an @
+    assert split_source(f"{odd}@{weights}") == (str(odd), weights)
+    assert split_source("timm:resnet18") == ("timm:resnet18", None)
+    # a weights file that is not there is still split off, so its absence is what is reported
+    assert split_source("timm:resnet18@missing.pt") == ("timm:resnet18", "missing.pt")

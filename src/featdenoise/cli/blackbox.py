@@ -23,6 +23,7 @@ from featdenoise.cli.inputs import (
     models_from_args,
     print_table,
     resolve_device,
+    split_source,
 )
 from featdenoise.data.files import labelled_folder
 from featdenoise.evaluation import blackbox as bb
@@ -55,7 +56,7 @@ def _run(args: argparse.Namespace) -> int:
         attackers: list[bb.TransferAttacker | bb.FolderAttacker] = []
         k = model_num_classes(model)
         for item in args.source:
-            spec, _, weights = item.partition("@")
+            spec, weights = split_source(item)
             kwargs = {"num_classes": k} if spec.split(":")[0] in ("torchvision", "timm") else None
             src_name, src, _ = load_model_spec(
                 spec, SpecOptions(kwargs=kwargs, weights=weights or None), num_classes=k,

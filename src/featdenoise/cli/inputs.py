@@ -110,6 +110,22 @@ def models_from_args(args: argparse.Namespace) -> list[tuple[str, nn.Module, dic
     return [(n, m, src) for n, (_, m, src) in zip(names, out, strict=True)]
 
 
+def split_source(item: str) -> tuple[str, str | None]:
+    """``--source SPEC[@WEIGHTS]`` -> ``(SPEC, WEIGHTS or None)``. An ``@`` inside a path is kept:
+    an existing file or folder named by the whole item is a spec without weights, and the split
+    is at the first ``@`` after which an existing file follows (else at the first ``@``, so a
+    missing weights file is reported as missing)."""
+    if os.path.exists(item):
+        return item, None
+    cuts = [i for i, c in enumerate(item) if c == "@" and 0 < i < len(item) - 1]
+    for i in cuts:
+        if os.path.isfile(item[i + 1:]):
+            return item[:i], item[i + 1:]
+    if cuts:
+        return item[:cuts[0]], item[cuts[0] + 1:]
+    return item, None
+
+
 def dataset_from_args(args: argparse.Namespace, channels: int = 3):
     """The evaluation dataset of ``--data`` (a named dataset, or ``folder`` + ``--labels``)."""
     return load_dataset(args.data, root=args.data_root, split=args.split, labels=args.labels,
