@@ -184,6 +184,14 @@ def test_blocks_inside_stages_nest_and_their_keys_map():
     with pytest.raises(ValueError, match="1 unexpected"):
         load_backbone_state(fresh, state, strict=True)
     assert "fc.bias" in load_backbone_state(fresh, state, strict=False)
+    # a state of another head is one line naming the tensor and both shapes; nothing is loaded
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    other = torchvision.models.resnet18(num_classes=7).state_dict()
+    with pytest.raises(ValueError, match=r"^load_backbone_state: 2 tensors .* e\.g\. fc\.weight "
+                                         r"\(7, 512\) vs \(10, 512\); fc\.bias \(7,\) vs "
+                                         r"\(10,\);[^\n]*$"):
+        load_backbone_state(fresh, other)
+    assert all(torch.equal(v, before[k]) for k, v in fresh.state_dict().items())
 
 
 def test_zero_gamma_blocks_learn():

@@ -235,12 +235,21 @@ def load_backbone_state(model: nn.Module, state: Mapping[str, torch.Tensor],
 
     Raises:
         ValueError: one line, when ``strict`` and a backbone key is missing or a key of
-            ``state`` is unexpected (with counts and the first three); shape mismatches are
-            ``load_state_dict``'s RuntimeError.
+            ``state`` is unexpected (with counts and the first three), and whenever a tensor's
+            shape differs from the model's (the count and the first three, with both shapes);
+            nothing is loaded then.
     """
     wrapped = {n for n, m in model.named_modules() if isinstance(m, Denoised)}
-    result = model.load_state_dict({_backbone_key(k, wrapped): v for k, v in state.items()},
-                                   strict=False)
+    mapped = {_backbone_key(k, wrapped): v for k, v in state.items()}
+    own = model.state_dict()
+    wrong = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in mapped.items()
+             if k in own and tuple(v.shape) != tuple(own[k].shape)]
+    if wrong:
+        raise ValueError(f"load_backbone_state: {len(wrong)} tensors of the state do not fit "
+                         f"{type(model).__name__} (state vs model shape), e.g. "
+                         f"{'; '.join(wrong[:3])}; was the state saved from another "
+                         "architecture or number of classes?")
+    result = model.load_state_dict(mapped, strict=False)
     blocks = tuple(f"{n}.denoise." for n in wrapped)
     missing = [k for k in result.missing_keys if not k.startswith(blocks)]
     if strict and (missing or result.unexpected_keys):
