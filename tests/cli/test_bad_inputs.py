@@ -15,10 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import png, write_idx_folder
+from helpers import png, run_cli, write_idx_folder
 from PIL import Image
-
-from featdenoise.cli import main
 
 
 def _one_line(err: BaseException) -> str:
@@ -28,9 +26,9 @@ def _one_line(err: BaseException) -> str:
 
 
 def _cli(capsys, *argv: str) -> tuple[int, str]:
-    """Run ``featdenoise ARGV`` in-process -> (exit status, stderr)."""
-    code = main(list(argv))
-    return code, capsys.readouterr().err
+    """Run ``featdenoise ARGV`` in-process -> (exit status, stderr), argparse's errors included."""
+    code, lines = run_cli(capsys, *argv)
+    return code, "\n".join(lines)
 
 
 # --------------------------------------------------------------------------- dataset folders
@@ -413,3 +411,12 @@ def test_a_batch_of_only_unreadable_files_trains_on_a_stand_in_without_a_collect
     job.train_set = Data(set())
     with pytest.raises(ValueError, match="no readable image"):
         _stand_in(job)
+
+
+@pytest.mark.parametrize("command", ["eval", "blackbox", "visualize", "ablate"])
+def test_every_eps_flag_is_bounded_where_it_is_parsed(capsys, command):
+    """--eps is refused as typed by argparse, before any model, data or folder is touched."""
+    code, lines = run_cli(capsys, command, "--eps", "300", "--out", "never-made")
+    assert code == 2 and len(lines) == 1, lines
+    assert lines[0].startswith(f"featdenoise {command}: error: --eps 300 is outside (0, 255]")
+    assert not Path("never-made").exists()

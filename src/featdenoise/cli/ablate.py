@@ -5,17 +5,18 @@ from __future__ import annotations
 import argparse
 
 from featdenoise.analysis import ablate
-from featdenoise.cli.common import Pixels255, int_list, output_folder, positive_int, str_list
+from featdenoise.cli.common import (
+    Budget255,
+    Step255,
+    int_list,
+    output_folder,
+    positive_int,
+    str_list,
+)
 from featdenoise.runtime.distributed import launched_as_main
 
 
 def _run(args: argparse.Namespace) -> int:
-    # --eps and --step-size arrive on the [0, 1] scale (Pixels255); messages quote the 0..255 value.
-    if args.eps is not None and not 0 < args.eps <= 1:
-        raise ValueError(f"--eps {args.eps * 255:g} is outside (0, 255]; eps is on the 0..255 "
-                         "scale")
-    if args.step_size <= 0:
-        raise ValueError(f"--step-size {args.step_size * 255:g} must be > 0 (0..255 scale)")
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit {args.limit} must be >= 1")
     output_folder(args.out, "--out")
@@ -47,9 +48,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="training/evaluation seeds (default 0)")
     p.add_argument("--steps", type=int_list, default=[10, 100], metavar="N,M",
                    help="PGD iterations of the evaluation (default 10,100)")
-    p.add_argument("--eps", action=Pixels255, default=None,
+    p.add_argument("--eps", action=Budget255, default=None,
                    help="evaluation eps, 0..255 scale (default: the config's training eps)")
-    p.add_argument("--step-size", action=Pixels255, default=1 / 255,
+    p.add_argument("--step-size", action=Step255, default=1 / 255,
                    help="evaluation PGD step, 0..255 scale (rule max(step, eps/steps); default 1)")
     p.add_argument("--untargeted", action="store_true", help="untargeted evaluation attack")
     p.add_argument("--limit", type=positive_int, default=1000,

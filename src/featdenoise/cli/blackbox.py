@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from featdenoise.cli.common import Pixels255, nonnegative_int, positive_int, str_list
+from featdenoise.cli.common import Budget255, Pixels255, nonnegative_int, positive_int, str_list
 from featdenoise.cli.inputs import (
     add_data_args,
     add_exact_arg,
@@ -116,7 +116,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     a.add_argument("--targeted", action="store_true",
                    help="targeted transfer attacks (default untargeted, the CAAD 2017 "
                         "non-targeted track the paper's attackers come from)")
-    a.add_argument("--eps", action=Pixels255, default=32 / 255,
+    a.add_argument("--eps", action=Budget255, default=32 / 255,
                    help="L-inf radius on the 0..255 scale (default 32, CAAD black-box setting)")
     a.add_argument("--adv-dirs", nargs="+", default=[], metavar="DIR",
                    help="folders of adversarial images named like the clean images")

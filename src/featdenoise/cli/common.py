@@ -81,11 +81,38 @@ class FiniteFloat(argparse.Action):
 class Pixels255(FiniteFloat):
     """``action=Pixels255``: a finite float flag given on the 0..255 scale (``--eps 16``) and
     stored on the library's [0, 1] scale (``16 / 255``). This is the one place where the CLI's
-    0..255 numbers become [0, 1] pixels; give ``default=`` on the [0, 1] scale too."""
+    0..255 numbers become [0, 1] pixels; give ``default=`` on the [0, 1] scale too.
+
+    Subclasses bound the value as typed (:class:`Budget255`, :class:`Step255`): a value outside
+    is one argparse line quoting the flag and the value as the user wrote them."""
+
+    def refuse(self, number: float) -> str | None:
+        """Why ``number`` (0..255 scale) is not accepted, or None."""
+        return None
 
     def __call__(self, parser, namespace, values, option_string=None):
         super().__call__(parser, namespace, values, option_string)
-        setattr(namespace, self.dest, getattr(namespace, self.dest) / 255)
+        number = getattr(namespace, self.dest)
+        why = self.refuse(number)
+        if why:
+            parser.error(f"{option_string} {values} {why}")
+        setattr(namespace, self.dest, number / 255)
+
+
+class Budget255(Pixels255):
+    """An L-inf budget (``--eps``) on the 0..255 scale: in (0, 255]."""
+
+    def refuse(self, number: float) -> str | None:
+        if 0 < number <= 255:
+            return None
+        return "is outside (0, 255]; eps is on the 0..255 pixel scale (the paper's 16)"
+
+
+class Step255(Pixels255):
+    """An attack step size (``--step-size``) on the 0..255 scale: > 0."""
+
+    def refuse(self, number: float) -> str | None:
+        return None if number > 0 else "must be > 0 (0..255 scale, e.g. 1)"
 
 
 def output_folder(path: str, flag: str = "--out") -> str:

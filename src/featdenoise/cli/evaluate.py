@@ -16,7 +16,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 from featdenoise.cli.common import (
-    Pixels255,
+    Budget255,
+    Step255,
     int_list,
     nonnegative_int,
     positive_int,
@@ -142,9 +143,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="attack iterations (default 10,100,1000)")
     g.add_argument("--restarts", type=positive_int, default=1,
                    help="random restarts per attack (PGD)")
-    g.add_argument("--eps", action=Pixels255, default=16 / 255,
+    g.add_argument("--eps", action=Budget255, default=16 / 255,
                    help="L-inf radius on the 0..255 scale (default 16, the paper's)")
-    g.add_argument("--step-size", action=Pixels255, default=1 / 255,
+    g.add_argument("--step-size", action=Step255, default=1 / 255,
                    help="step on the 0..255 scale (default 1; see --step-rule)")
     g.add_argument("--step-rule", default="paper", choices=["paper", "fixed"],
                    help="paper: step = max(step, eps/steps), i.e. 1.6 for 10 steps (Sec. 6.1)")

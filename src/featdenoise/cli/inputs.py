@@ -184,13 +184,7 @@ def print_table(path: str) -> None:
 
 def check_run_args(args: argparse.Namespace) -> None:
     """One clear error for an impossible option value, named as the user typed it."""
-    # --eps and --step-size are stored on the [0, 1] scale (Pixels255); quoted as typed.
-    if not 0 < args.eps <= 1:
-        raise ValueError(f"--eps {args.eps * 255:g} is outside (0, 255]; eps is on the 0..255 "
-                         "pixel scale (the paper's 16)")
-    if getattr(args, "step_size", 1.0) <= 0:
-        raise ValueError(f"--step-size {args.step_size * 255:g} must be > 0 (0..255 scale, "
-                         "e.g. 1)")
+    # --eps and --step-size are bounded where they are parsed (Budget255, Step255).
     for opt in ("steps",):
         values = getattr(args, opt, None) or []
         bad = [v for v in values if v < 1]

@@ -8,6 +8,7 @@ import torch
 
 from featdenoise.analysis import viz
 from featdenoise.cli.common import (
+    Budget255,
     Pixels255,
     int_list,
     nonnegative_int,
@@ -25,10 +26,6 @@ from featdenoise.models import model_in_channels
 
 
 def _run(args: argparse.Namespace) -> int:
-    # --eps and --step-size arrive on the [0, 1] scale (Pixels255); messages quote the 0..255 value.
-    if not 0 < args.eps <= 1:
-        raise ValueError(f"--eps {args.eps * 255:g} is outside (0, 255]; eps is on the 0..255 "
-                         "scale")
     if args.steps < 1:
         raise ValueError(f"--steps {args.steps} must be >= 1")
     output_folder(args.out, "--out")
@@ -70,7 +67,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="feature map to show (default res3 for ImageNet nets, stage2 for small)")
     p.add_argument("--channel", type=nonnegative_int, default=None,
                    help="channel to show (default: the one the attack changes most)")
-    p.add_argument("--eps", action=Pixels255, default=16 / 255,
+    p.add_argument("--eps", action=Budget255, default=16 / 255,
                    help="L-inf eps, 0..255 scale (default 16)")
     p.add_argument("--steps", type=positive_int, default=10, help="PGD iterations (default 10)")
     p.add_argument("--step-size", action=Pixels255, default=1 / 255,
