@@ -140,6 +140,24 @@ def logits_and_grad(model: nn.Module, x: torch.Tensor):
     return out.detach(), g
 
 
+def fit_with_noise(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int,
+                   batch: int, noise: float, lr: float, generator: torch.Generator) -> nn.Module:
+    """Adam on shuffled batches of ``x`` [N, C, H, W] in [0, 1], each with uniform noise of
+    +-``noise`` (a little robustness, so some images survive an attack); returns ``model`` in
+    eval mode. ``generator`` draws the order and the noise."""
+    opt = torch.optim.Adam(model.parameters(), lr)
+    for _ in range(epochs):
+        perm = torch.randperm(len(x), generator=generator)
+        for i in range(0, len(x), batch):
+            b = perm[i:i + batch]
+            shaken = (x[b] + (torch.rand(x[b].shape, generator=generator) * 2 - 1) * noise)
+            loss = nn.functional.cross_entropy(model(shaken.clamp(0, 1)), y[b])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return model.eval()
+
+
 QUADRANT_CLASSES = 4  # classes
 
 
@@ -285,6 +303,18 @@ def train_worker(rank, world, port, cfg_dict, out_dir):
 
     lp.evaluate = spy
     lp.train(from_dict(cfg_dict))
+
+
+def train_two_ranks(cfg, out_dir: Path) -> tuple[dict, dict]:
+    """Train ``cfg`` (a Config) on two gloo processes; each rank's final weights, as
+    :func:`train_worker` saved them into ``out_dir``."""
+    import torch.multiprocessing as mp
+
+    # fork: the children inherit the imported modules (spawn re-imports torch: much slower).
+    mp.start_processes(train_worker, args=(2, free_port(), cfg.to_dict(), str(out_dir)),
+                       nprocs=2, join=True, start_method="fork")
+    return (torch.load(out_dir / "rank0.pt", weights_only=True),
+            torch.load(out_dir / "rank1.pt", weights_only=True))
 
 
 class EvalNet(torch.nn.Module):

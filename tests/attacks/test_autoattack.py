@@ -16,6 +16,7 @@ import copy
 import numpy as np
 import pytest
 import torch
+from helpers import fit_with_noise
 from scipy.optimize import linprog
 from torch import nn
 
@@ -77,19 +78,8 @@ def trained(one_thread) -> nn.Module:
 def train_small_cnn() -> nn.Module:
     """:func:`small_cnn` trained 6 epochs on 1024 synthetic images with light noise (~1 s)."""
     x, y = synthetic(1024, seed=0)
-    model = small_cnn()
-    opt = torch.optim.Adam(model.parameters(), 3e-3)
-    g = torch.Generator().manual_seed(0)
-    for _ in range(6):
-        perm = torch.randperm(len(x), generator=g)
-        for i in range(0, len(x), 64):
-            b = perm[i:i + 64]
-            noisy = (x[b] + (torch.rand(x[b].shape, generator=g) * 2 - 1) * 0.05).clamp(0, 1)
-            loss = nn.functional.cross_entropy(model(noisy), y[b])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    return model.eval()
+    return fit_with_noise(small_cnn(), x, y, epochs=6, batch=64, noise=0.05, lr=3e-3,
+                          generator=torch.Generator().manual_seed(0))
 
 
 @pytest.fixture(scope="module")

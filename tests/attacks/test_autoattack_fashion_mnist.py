@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import fit_with_noise
 from torch import nn
 
 from featdenoise.attacks import AutoAttack
@@ -38,19 +39,10 @@ def model_and_images():
         nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),
         nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
         nn.Flatten(), nn.Linear(32 * 7 * 7, 10))
-    opt = torch.optim.Adam(model.parameters(), 2e-3)
-    for _ in range(2):
-        perm = torch.randperm(len(x), generator=g)
-        for i in range(0, len(x), 128):
-            b = perm[i:i + 128]
-            noisy = (x[b] + (torch.rand(x[b].shape, generator=g) * 2 - 1) * 0.1).clamp(0, 1)
-            loss = nn.functional.cross_entropy(model(noisy), y[b])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+    fit_with_noise(model, x, y, epochs=2, batch=128, noise=0.1, lr=2e-3, generator=g)
     xt = torch.stack([test[i][0] for i in range(100)])
     yt = torch.tensor([int(test[i][1]) for i in range(100)])
-    return model.eval(), xt, yt
+    return model, xt, yt
 
 
 def both_chains(model, x, y, eps):

@@ -295,14 +295,10 @@ def test_checkpoint_written_before_the_new_keys_still_resumes(tmp_path):
     ("attack.mode=fast", "optim.schedule=cyclic", "attack.check_images=8"),
 ])
 def test_two_process_cheap_modes_keep_ranks_identical(tmp_path, extra):
-    import torch.multiprocessing as mp
-    from helpers import free_port, train_worker
+    from helpers import train_two_ranks
 
     cfg = tiny_config(tmp_path, "optim.epochs=1", "run.eval_every=0", *extra)
-    mp.start_processes(train_worker, args=(2, free_port(), cfg.to_dict(), str(tmp_path)), nprocs=2,
-                       join=True, start_method="fork")
-    a = torch.load(tmp_path / "rank0.pt", weights_only=True)
-    b = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    a, b = train_two_ranks(cfg, tmp_path)
     for k in a:
         assert torch.equal(a[k], b[k]), k
     saved = ckpt.load_checkpoint(os.path.join(cfg.run.out_dir, ckpt.CHECKPOINT))

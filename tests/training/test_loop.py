@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import free_port, run_weights, tiny_config, train_worker
+from helpers import run_weights, tiny_config, train_two_ranks
 from torch import nn
 
 from featdenoise.hub import checkpoints as ckpt
@@ -157,8 +157,6 @@ def test_bn_inference_mode_during_attack_and_training_mode_for_update(tmp_path):
 
 # ---------------------------------------------------------------------------------------------
 # Runs, checkpoints, resume
-
-
 
 
 def test_resume_after_interruption_gives_identical_weights(tmp_path):
@@ -313,17 +311,9 @@ def test_single_process_helpers_are_no_ops():
     assert dist.unwrap(model) is model
 
 
-
-
 def test_two_process_gloo_training_keeps_ranks_identical(tmp_path):
-    import torch.multiprocessing as mp
-
     cfg = tiny_config(tmp_path, "optim.epochs=1", "run.eval_every=0")
-    # fork: the children inherit the imported modules (spawn re-imports torch: much slower).
-    mp.start_processes(train_worker, args=(2, free_port(), cfg.to_dict(), str(tmp_path)), nprocs=2,
-                       join=True, start_method="fork")
-    a = torch.load(tmp_path / "rank0.pt", weights_only=True)
-    b = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    a, b = train_two_ranks(cfg, tmp_path)
     for k in a:
         assert torch.equal(a[k], b[k]), k
     init = create_model("small_resnet", in_channels=1, width=4).state_dict()
