@@ -17,7 +17,6 @@ from collections.abc import Sequence
 
 from featdenoise.runtime import optional
 from featdenoise.runtime.atomic import PNG_STAMP, atomic_write, own_json, own_png, own_text
-from featdenoise.runtime.optional import pyplot
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +115,7 @@ def save_figure(fig, path: str, **savefig_kwargs) -> str:
             fig.savefig(f, format="png", metadata={"Software": f"{PNG_STAMP} (matplotlib)"},
                         **savefig_kwargs)
     finally:
-        pyplot().close(fig)
+        optional.pyplot().close(fig)
     return path
 
 
@@ -127,7 +126,7 @@ def plot_accuracy_vs_iterations(summaries: Sequence[dict], path: str,
     Untargeted runs are drawn dashed.
     Returns ``path`` (a PNG). Uses matplotlib's Agg backend (no display needed).
     """
-    plt = pyplot("the accuracy plot")
+    plt = optional.pyplot("the accuracy plot")
     fig, ax = plt.subplots(figsize=(5.5, 4.0), dpi=120)
     all_steps: set[int] = set()
     for s in summaries:
